@@ -1,0 +1,1 @@
+"""Face stack: detection (5 landmarks), differentiable alignment, PyTorch recognisers, FaceEnsembleLoss."""
