@@ -1,0 +1,213 @@
+"""A tiny, SD1-shaped Stable Diffusion built deterministically from a seed.
+
+Why: no real Stable Diffusion weights exist on test machines (and none may be downloaded), yet LoRA injection,
+DreamBooth fine-tuning, PGD and the single-file loaders must be exercised end to end. The tiny model keeps the
+SD 1.5 *topology* (4 UNet down/up blocks, cross-attention on the first three, mid block with attention, a
+4-block VAE that downsamples by 8, a CLIP text encoder, a byte-level CLIP BPE tokenizer) so every key name and
+module path that real code touches exists, but with widths of 32/64 channels and a 64 px native resolution so a
+training step costs milliseconds on CPU.
+
+``build_tiny_bundle(seed)`` builds it in memory; ``write_tiny_model(out_dir)`` writes it both as a diffusers
+folder and as a single-file ``.safetensors`` in the original SD key layout. The single file carries no
+tokenizer (neither do real SD checkpoints): load it with ``tokenizer=<diffusers folder>/tokenizer``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .offline import force_offline
+
+force_offline()
+
+import torch  # noqa: E402
+
+TINY_RESOLUTION = 64
+TINY_TITLE = "tiny"
+
+# Words the tiny tokenizer knows as whole tokens. The instance and class prompts of DreamBooth must tokenize
+# to one token per word (so "sks" is a single rare token, as with the real CLIP vocabulary).
+TINY_WORDS = (
+    "a", "photo", "of", "sks", "person", "man", "woman", "face", "portrait", "the", "in", "and", "with",
+    "high", "quality", "picture", "close", "up", "smiling", "background",
+)
+
+UNET_CONFIG = {
+    "sample_size": TINY_RESOLUTION // 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+}
+
+VAE_CONFIG = {
+    "sample_size": TINY_RESOLUTION,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "act_fn": "silu",
+    "scaling_factor": 0.18215,
+}
+
+TEXT_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+    "layer_norm_eps": 1e-05,
+}
+
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character.
+
+    Printable latin bytes map to themselves; the rest are shifted into the 256+ range so no vocabulary entry
+    is whitespace or a control character.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tiny_vocab_and_merges(words=TINY_WORDS) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style byte-level BPE vocabulary in which each of ``words`` is one end-of-word token.
+
+    Layout follows CLIP: the 256 byte symbols, the same symbols with the ``</w>`` end-of-word marker, the merge
+    products in merge order, then ``<|startoftext|>`` and ``<|endoftext|>``. Merges build each word left to
+    right; merges are deduplicated so a prefix shared by two words ("p"+"h", "p"+"e") is learned once.
+    """
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merge = f"{left} {right}"
+            if merge not in merges:
+                merges.append(merge)
+                tokens.append(left + right)
+            left = left + right
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    return vocab, merges
+
+
+def write_tiny_tokenizer(folder: str | os.PathLike) -> Path:
+    """Write ``vocab.json`` + ``merges.txt`` + tokenizer config, the files a CLIP tokenizer folder holds."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tiny_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
+              "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def build_tiny_tokenizer():
+    """The tiny CLIP tokenizer, built in memory (no files)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
+    tok.model_max_length = 77
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------ modules
+def _text_config(vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    # bos/eos ids are the last two vocabulary entries (CLIP layout); CLIPTextModel pools at the eos position.
+    return CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                          pad_token_id=vocab_size - 1, **TEXT_CONFIG)
+
+
+def build_tiny_modules(seed: int = 0):
+    """(unet, vae, text_encoder, tokenizer, scheduler) initialised from ``seed`` without touching global RNG."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        vae = AutoencoderKL(**VAE_CONFIG)
+        text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    for m in (unet, vae, text_encoder):
+        m.eval()
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def build_tiny_bundle(seed: int = 0):
+    """The tiny model as a :class:`~iddm_core.models.ModelBundle` (float32, CPU)."""
+    from .models import ModelBundle
+
+    unet, vae, text_encoder, tokenizer, scheduler = build_tiny_modules(seed)
+    return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       noise_scheduler=scheduler, kind="sd1", prediction_type="epsilon",
+                       resolution=TINY_RESOLUTION, title=TINY_TITLE)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
+    """Write the tiny model as ``out_dir/tiny`` (diffusers folder) and ``out_dir/tiny.safetensors``.
+
+    The single file uses the original SD key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.sd_keys.bundle_to_original`. Both are
+    written to temporary names and renamed at the end, so a failure leaves nothing half-written.
+    """
+    from .models import save_single_file, save_diffusers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = build_tiny_bundle(seed)
+    folder = save_diffusers(bundle, out_dir / TINY_TITLE)
+    single = save_single_file(bundle, out_dir / f"{TINY_TITLE}.safetensors")
+    return folder, single
