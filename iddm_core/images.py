@@ -50,24 +50,26 @@ def load_folder(folder: str | os.PathLike, min_count: int = 1) -> list[Photo]:
     return photos
 
 
-def square_crop_box(height: int, width: int, center: tuple[float, float] | None = None) -> tuple[int, int, int]:
-    """Largest square inside the image, centred on ``center`` (x, y) when given: returns (left, top, side)."""
-    side = min(height, width)
+def square_crop_box(height: int, width: int, center: tuple[float, float] | None = None,
+                    side: float | None = None) -> tuple[int, int, int]:
+    """A square inside the image (the largest one, or ``side`` pixels clamped to fit), centred on ``center`` (x, y)
+    when given and shifted to stay inside: returns (left, top, side)."""
+    side = int(round(min(side, height, width))) if side else min(height, width)
     cx, cy = center if center is not None else (width / 2, height / 2)
     left = int(round(min(max(cx - side / 2, 0), width - side)))
     top = int(round(min(max(cy - side / 2, 0), height - side)))
     return left, top, side
 
 
-def crop_resize(rgb: np.ndarray, size: int, center: tuple[float, float] | None = None):
-    """Square crop (optionally centred on a face) resized to ``size``.
+def crop_resize(rgb: np.ndarray, size: int, center: tuple[float, float] | None = None, side: float | None = None):
+    """Square crop (optionally centred on a face, optionally ``side`` pixels wide) resized to ``size``.
 
     Returns ``(image uint8 [size,size,3], (scale, left, top))``; a point (x, y) in the original maps to
     ((x - left) * scale, (y - top) * scale) in the result.
     """
     from PIL import Image
 
-    left, top, side = square_crop_box(rgb.shape[0], rgb.shape[1], center)
+    left, top, side = square_crop_box(rgb.shape[0], rgb.shape[1], center, side)
     crop = Image.fromarray(rgb[top:top + side, left:left + side])
     out = np.array(crop.resize((size, size), Image.BICUBIC if side < size else Image.LANCZOS))
     return out, (size / side, left, top)

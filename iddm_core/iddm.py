@@ -1,0 +1,199 @@
+"""Algorithm 1 of IDDM: alternate personalisation and two-stage PGD, then write the LoRA.
+
+    split photos X into Xc (reference) and X0 (protection)                  -> refs.PrivateRefs
+    for k in 1..K:
+        Θ'_k <- FT(Θ_{k-1}; Xc)          short DreamBooth-LoRA burst on the references (the "temporary model")
+        X'   <- PGDTwoStage(Θ'_k; X0)    Stage I (L_rec) for floor(ρT) steps, then Stage II (L_id)
+        Θ_k  <- FT(Θ'_k; X')             IDDM continues from the temporary model
+        X0   <- X'
+    write Θ_K as a kohya LoRA
+
+One set of LoRA adapters lives in the UNet for the whole run: "temporary" and "main" model are successive
+states of it, so nothing is deep-copied or reloaded. Class images and prompt embeddings are made once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .events import Emitter
+from .pgd import PGDConfig, pgd_two_stage
+
+PRESETS = {"privacy": 0.1, "balanced": 0.3, "fidelity": 0.5}   # rho; smaller = more privacy
+
+
+@dataclass
+class IDDMConfig:
+    K: int = 10                     # outer iterations
+    pgd: PGDConfig = field(default_factory=PGDConfig)
+    tau: float = 0.03               # softmax temperature of the recogniser ensemble
+    surrogates: tuple = ("dlib",)
+    ft_steps: int = 40              # DreamBooth-LoRA steps per fine-tune burst (2 bursts per iteration)
+    rank: int = 4
+    lora_alpha: float | None = None  # default: = rank
+    lr: float = 1e-4
+    resolution: int | None = None   # default: the model's native resolution
+    seed: int = 0
+    prior_preservation: bool = True
+    num_class_images: int = 8
+    train_text_encoder: bool = False
+
+    def validate(self) -> "IDDMConfig":
+        self.pgd.validate()
+        if not isinstance(self.K, int) or self.K < 1:
+            raise InputError(f"K={self.K!r}: the number of outer iterations must be an integer >= 1 (paper 10)")
+        if not self.tau > 0:
+            raise InputError(f"tau={self.tau!r} must be > 0 (paper 0.03)")
+        if not isinstance(self.ft_steps, int) or self.ft_steps < 1:
+            raise InputError(f"ft_steps={self.ft_steps!r} must be an integer >= 1")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise InputError(f"rank={self.rank!r} must be an integer >= 1")
+        if not self.lr > 0:
+            raise InputError(f"lr={self.lr!r} must be > 0")
+        if self.resolution is not None and (self.resolution < 32 or self.resolution % 8):
+            raise InputError(f"resolution={self.resolution!r} must be a multiple of 8 and at least 32")
+        if not self.surrogates:
+            raise InputError("surrogates: name at least one face recogniser (e.g. dlib)")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["surrogates"] = [s.split(":", 1)[0] for s in self.surrogates]   # names only: no paths in reports
+        return d
+
+
+@dataclass
+class IDDMResult:
+    lora_path: Path | None
+    report: dict
+    protected: torch.Tensor          # the final X' batch, in [0, 1] (kept in memory; written only when asked)
+
+
+def total_steps(config: IDDMConfig) -> int:
+    return config.K * (2 * config.ft_steps + config.pgd.T)
+
+
+def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "iddm_lora", ensemble=None,
+             report_path=None, checkpoint_dir=None, resume: bool = False, overwrite: bool = False,
+             callback=None, class_images=None, class_cache_dir=None, stop_after: int | None = None) -> IDDMResult:
+    """Run IDDM on prepared ``refs`` (refs.PrivateRefs) and write the kohya LoRA to ``out_path``.
+
+    ``callback(Event)`` is called after every step and may raise to cancel: then no LoRA is written (the resume
+    state of the last finished iteration stays in ``checkpoint_dir`` if one was given). ``stop_after=k`` ends the
+    run after iteration k without writing a LoRA (tests use it to simulate an interruption).
+    """
+    from . import checkpoint as ckpt
+    from .atomic import check_writable, write_text_atomic
+    from .finetune import DreamBoothTrainer, FinetuneConfig
+    from .lora import LoraSpec, save_kohya_lora
+
+    config.validate()
+    if out_path is not None:
+        check_writable(out_path, overwrite)      # fail before hours of work, not after
+    device = bundle.unet.device
+    resolution = refs.resolution
+    timings = {"finetune": 0.0, "pgd": 0.0}
+    t_start = time.perf_counter()
+    emit = Emitter(callback, total=total_steps(config))
+
+    if ensemble is None:
+        ensemble = build_ensemble(config.surrogates, config.tau, device)
+    x_ref, lm_ref = (t.to(device) for t in refs.reference())
+    x_prot, lm_prot = (t.to(device) for t in refs.protect())
+    ensemble.set_references(x_ref, lm_ref)
+
+    spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
+    ft_config = FinetuneConfig(lr=config.lr, seed=config.seed, resolution=resolution,
+                               prior_preservation=config.prior_preservation, num_class_images=config.num_class_images)
+    trainer = DreamBoothTrainer(bundle, spec, ft_config, class_images=class_images, class_cache_dir=class_cache_dir)
+    embeds = trainer.instance_embeddings()
+    generator = torch.Generator().manual_seed(config.seed + 1)
+
+    report = {"config": config.to_dict(), "resolution": resolution,
+              "n_reference": len(refs.split.reference), "n_protect": len(refs.split.protect), "iterations": []}
+    fp = ckpt.fingerprint(report["config"], refs.images)
+    start_k = 1
+    if checkpoint_dir is not None and resume:
+        state = ckpt.load_state(checkpoint_dir, fp)
+        if state is not None:
+            trainer.load_state_dict(state["trainer"])
+            x_prot = state["x_protect"].to(device)
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            report["iterations"] = state["iterations"]
+            timings = state["timings"]
+            start_k = state["k"] + 1
+            emit.done = (start_k - 1) * (2 * config.ft_steps + config.pgd.T)
+
+    def finetune(images, k, which):
+        t0 = time.perf_counter()
+        relay = lambda ev: emit("finetune", k=k, loss=ev.loss, message=which)  # noqa: E731
+        losses = trainer.train(images, config.ft_steps, callback=relay, k=k)
+        timings["finetune"] += _elapsed(t0, device)
+        return [float(v) for v in losses]
+
+    for k in range(start_k, config.K + 1):
+        record = {"k": k, "pgd": []}
+        record["finetune_reference"] = finetune(x_ref, k, "reference")          # Θ'_k = FT(Θ_{k-1}; Xc)
+
+        def on_pgd_step(step, k=k, record=record):
+            step = {"k": k, **step}
+            record["pgd"].append(step)
+            emit("pgd", k=k, t=step["t"], stage=step["stage"], loss=step["loss"],
+                 similarity=step["similarity"], linf=step["linf"])
+
+        t0 = time.perf_counter()
+        x_prot = pgd_two_stage(bundle, ensemble, x_prot, lm_prot, embeds, config.pgd,
+                               generator, on_step=on_pgd_step, autocast=trainer.autocast)  # X' <- PGD(Θ'_k; X0)
+        timings["pgd"] += _elapsed(t0, device)
+        record["finetune_protected"] = finetune(x_prot, k, "protected")         # Θ_k = FT(Θ'_k; X')
+        report["iterations"].append(record)
+        if checkpoint_dir is not None:
+            ckpt.save_state(checkpoint_dir, {
+                "fingerprint": fp, "k": k, "trainer": trainer.state_dict(), "x_protect": x_prot.cpu(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "iterations": report["iterations"], "timings": timings})
+        if stop_after is not None and k >= stop_after:
+            return IDDMResult(None, report, x_prot.cpu())
+
+    total = time.perf_counter() - t_start
+    report["timings"] = {**timings, "other": max(0.0, total - timings["finetune"] - timings["pgd"]), "total": total}
+    report["final_similarity"] = _final_similarity(ensemble, x_prot, lm_prot)
+    lora_path = None
+    if out_path is not None:
+        emit("save", advance=0, message="writing LoRA")
+        comment = (f"IDDM identity-decoupled LoRA: K={config.K} T={config.pgd.T} rho={config.pgd.rho} "
+                   f"eta={config.pgd.eta} alpha={config.pgd.alpha} tau={config.tau}")
+        lora_path = save_kohya_lora(out_path, bundle, spec, output_name=lora_name, comment=comment, overwrite=overwrite)
+    if report_path is not None:
+        import json
+
+        write_text_atomic(report_path, json.dumps(report, indent=2))
+    if checkpoint_dir is not None:
+        ckpt.clear_state(checkpoint_dir)
+    emit("done", advance=0, message="finished")
+    return IDDMResult(lora_path, report, x_prot.cpu())
+
+
+def build_ensemble(surrogates, tau: float, device):
+    from .face.ensemble import FaceEnsembleLoss
+    from .face.registry import load_recognizer, parse_surrogates
+
+    specs = parse_surrogates(",".join(surrogates) if not isinstance(surrogates, str) else surrogates)
+    return FaceEnsembleLoss([load_recognizer(s, device) for s in specs], tau=tau).to(device)
+
+
+@torch.no_grad()
+def _final_similarity(ensemble, x, landmarks) -> dict:
+    _, sims = ensemble(x, landmarks)
+    return {name: float(s.mean()) for name, s in sims.items()}
+
+
+def _elapsed(t0: float, device) -> float:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
