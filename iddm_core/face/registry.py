@@ -1,0 +1,150 @@
+"""Which face recognisers can be used as surrogates here, and how to load one.
+
+The pack ships no recogniser weights except dlib's (the ``face_recognition_models`` package). The others are
+files the user downloads; :func:`discover` looks for them where ComfyUI keeps models (``models/insightface``,
+the layout of ComfyUI's insightface nodes, and ``models/facerecognition``) so nothing has to be configured,
+and for every missing one says exactly which file to put where.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import InputError, ModelError
+
+# kind "dlib": face/dlib_resnet.py; "zoo": face/zoo.py (.pth face-zoo models); "onnx": face/onnx_iresnet.py.
+# name -> (kind, candidate paths relative to a models directory, first found wins)
+KNOWN = {
+    "dlib": ("dlib", ()),
+    "arcface": ("onnx", ("insightface/models/buffalo_l/w600k_r50.onnx",)),
+    "glintr100": ("onnx", ("insightface/models/antelopev2/glintr100.onnx",)),
+    "irse50": ("zoo", ("facerecognition/irse50.pth",)),
+    "ir152": ("zoo", ("facerecognition/ir152.pth",)),
+    "mobileface": ("zoo", ("facerecognition/mobile_face.pth",)),
+    "facenet": ("zoo", ("facerecognition/facenet.pth", "facerecognition/20180402-114759-vggface2.pt")),
+}
+ALIASES = {"w600k_r50": "arcface", "buffalo_l": "arcface", "antelopev2": "glintr100", "mobile_face": "mobileface",
+           "ir_se50": "irse50", "ir-se50": "irse50"}
+ENV_DIRS = "IDDM_MODEL_DIRS"
+
+
+@dataclass(frozen=True)
+class RecognizerSpec:
+    name: str                 # registry name, also the Recognizer's ``name`` in reports
+    kind: str                 # "dlib" | "onnx" | "zoo"
+    path: Optional[str]       # weights file; None for dlib's packaged model
+    available: bool
+    hint: str = ""            # what to do when not available
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_search_dirs() -> list[str]:
+    """Model directories from ``$IDDM_MODEL_DIRS`` (os.pathsep separated). The ComfyUI nodes add ComfyUI's own
+    models directory; the CLI adds ``--dir``."""
+    return [d for d in os.environ.get(ENV_DIRS, "").split(os.pathsep) if d]
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in KNOWN:
+        raise InputError(f"unknown recogniser {name!r}; known: {', '.join(KNOWN)}")
+    return key
+
+
+def _missing_hint(name: str, rel_paths: tuple[str, ...], search_dirs: list[str]) -> str:
+    where = search_dirs[0] if search_dirs else "<ComfyUI>/models"
+    target = Path(where) / rel_paths[0]
+    alternatives = "" if len(rel_paths) == 1 else " (or " + ", ".join(Path(p).name for p in rel_paths[1:]) + ")"
+    return f"put {Path(rel_paths[0]).name}{alternatives} at {target} to enable {name!r}"
+
+
+def find(name: str, search_dirs: list[str]) -> RecognizerSpec:
+    """The spec of one known recogniser: the first of its files found under ``search_dirs``."""
+    name = canonical_name(name)
+    kind, rel_paths = KNOWN[name]
+    if kind == "dlib":
+        return RecognizerSpec(name, kind, None, True, "")
+    for d in search_dirs:
+        for rel in rel_paths:
+            candidate = Path(d) / rel
+            if candidate.is_file():
+                return RecognizerSpec(name, kind, str(candidate), True, "")
+    return RecognizerSpec(name, kind, None, False, _missing_hint(name, rel_paths, search_dirs))
+
+
+def discover(search_dirs: list[str] | None = None) -> list[RecognizerSpec]:
+    """Every known recogniser, installed or not, in a fixed order ("dlib" first, always available)."""
+    dirs = list(search_dirs) if search_dirs is not None else default_search_dirs()
+    return [find(name, dirs) for name in KNOWN]
+
+
+def _kind_for_path(name: str, path: Path) -> str:
+    kind = KNOWN[name][0]
+    if kind == "dlib" and path.suffix.lower() != ".dat":
+        raise InputError(f"surrogate 'dlib:{path}': expected dlib's .dat recognition model")
+    if kind == "onnx" and path.suffix.lower() != ".onnx":
+        raise InputError(f"surrogate '{name}:{path}': expected an insightface .onnx file")
+    if kind == "zoo" and path.suffix.lower() not in (".pth", ".pt"):
+        raise InputError(f"surrogate '{name}:{path}': expected a PyTorch .pth/.pt file")
+    return kind
+
+
+def parse_surrogates(text: str, search_dirs: list[str] | None = None) -> list[RecognizerSpec]:
+    """``"dlib,irse50:PATH,arcface"`` -> specs. ``name:PATH`` names a file explicitly (only the first colon
+    splits, so Windows paths work); a bare name is looked up with :func:`discover`'s rules and must be installed.
+    Errors name the offending token or path."""
+    dirs = list(search_dirs) if search_dirs is not None else default_search_dirs()
+    tokens = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not tokens:
+        raise InputError("surrogates: give at least one recogniser, e.g. 'dlib' or 'dlib,irse50:/path/irse50.pth'")
+    specs, seen = [], set()
+    for token in tokens:
+        raw_name, sep, raw_path = token.partition(":")
+        try:
+            name = canonical_name(raw_name)
+        except InputError as exc:
+            raise InputError(f"surrogates: bad token {token!r}: {exc}") from None
+        if name in seen:
+            raise InputError(f"surrogates: {name!r} is listed twice")
+        seen.add(name)
+        if sep:
+            if not raw_path.strip():
+                raise InputError(f"surrogates: token {token!r} has an empty path")
+            path = Path(raw_path.strip()).expanduser()
+            if not path.is_file():
+                raise InputError(f"surrogates: model file for {name!r} not found: {path}")
+            specs.append(RecognizerSpec(name, _kind_for_path(name, path), str(path), True, ""))
+        else:
+            spec = find(name, dirs)
+            if not spec.available:
+                raise InputError(f"surrogates: {name!r} is not installed; {spec.hint}, or write {name}:PATH")
+            specs.append(spec)
+    return specs
+
+
+def load_recognizer(spec: RecognizerSpec, device="cpu"):
+    """Build the :class:`~iddm_core.face.base.Recognizer` of ``spec`` on ``device``, frozen and in eval mode."""
+    import torch
+
+    if not spec.available:
+        raise ModelError(f"recogniser {spec.name!r} is not installed: {spec.hint}")
+    if spec.kind == "dlib":
+        from .dlib_resnet import load_dlib_recognizer
+        model = load_dlib_recognizer(spec.path)
+    elif spec.kind == "zoo":
+        from .zoo import load_zoo_recognizer
+        model = load_zoo_recognizer(spec.name, spec.path)
+    elif spec.kind == "onnx":
+        from .onnx_iresnet import load_onnx_recognizer
+        model = load_onnx_recognizer(spec.path, spec.name)
+    else:
+        raise ModelError(f"recogniser {spec.name!r}: unknown kind {spec.kind!r}")
+    model = model.to(torch.device(device)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
