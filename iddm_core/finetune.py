@@ -1,0 +1,343 @@
+"""DreamBooth-LoRA fine-tuning in short, repeatable bursts on one loaded model.
+
+IDDM alternates "perturb the photos" and "fine-tune on the perturbed photos" thousands of times, so the trainer
+is built once per model: adapters injected once, AdamW created once, prompt embeddings and prior-preservation
+class images computed once; :meth:`DreamBoothTrainer.train` then runs ``steps`` optimisation steps on whatever
+images it is given. All randomness (batch choice, noise, timesteps, VAE sampling) comes from one CPU generator
+owned by the trainer, so ``train(x, 3); train(x, 3)`` equals ``train(x, 6)`` and the same seed gives the same
+LoRA on CPU. The loss follows diffusers' ``train_dreambooth_lora.py``: MSE to the noise (epsilon models) or to
+the velocity (v-prediction), plus ``prior_loss_weight`` times the same loss on class images.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .events import Emitter, Event
+from .lora import LoraSpec, add_lora, get_lora_state, lora_disabled, lora_parameters, set_lora_state
+
+
+@dataclass
+class FinetuneConfig:
+    instance_prompt: str = "a photo of sks person"
+    class_prompt: str = "a photo of person"
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 4          # tiny default; real runs use 50-200 (diffusers' default is 100)
+    class_sampler_steps: int = 20      # DDIM steps per generated class image
+    class_guidance_scale: float = 7.5
+    lr: float = 1e-4
+    weight_decay: float = 1e-2         # AdamW, as in diffusers' DreamBooth script
+    batch_size: int = 1
+    resolution: Optional[int] = None   # None: the model's native resolution
+    seed: int = 0
+    mixed_precision: str = "auto"      # "auto" | "no" | "fp16" | "bf16"; autocast only on CUDA
+    gradient_checkpointing: str = "auto"  # "auto" (CUDA only) | "yes" | "no"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise InputError(f"mixed_precision={self.mixed_precision!r}: use auto, no, fp16 or bf16")
+        if self.gradient_checkpointing not in ("auto", "yes", "no"):
+            raise InputError(f"gradient_checkpointing={self.gradient_checkpointing!r}: use auto, yes or no")
+        for name in ("lr", "batch_size", "num_class_images", "class_sampler_steps"):
+            if getattr(self, name) <= 0 and not (name == "num_class_images" and not self.prior_preservation):
+                raise InputError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InputError(f"resolution must be a multiple of 8 (got {self.resolution})")
+
+
+# ---------------------------------------------------------------- small pure helpers
+
+def encode_prompts(bundle, prompts: list[str]) -> torch.Tensor:
+    """CLIP hidden states ``[len(prompts), 77, D]`` (padded to the tokenizer's max length, as SD expects)."""
+    tok = bundle.tokenizer(prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+    return bundle.text_encoder(tok.input_ids.to(bundle.device))[0]
+
+
+def _autocast(device: torch.device, mode: str):
+    """Mixed precision only where it pays (CUDA); on CPU training stays in float32 and bit-repeatable."""
+    if device.type != "cuda" or mode == "no":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()) \
+        else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+@torch.no_grad()
+def encode_latents(bundle, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """VAE latents of ``images`` in [0, 1], sampled from the posterior with the trainer's generator."""
+    vae = bundle.vae
+    x = (images * 2 - 1).to(bundle.device, next(vae.parameters()).dtype)
+    dist = vae.encode(x).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
+    return ((dist.mean + dist.std * noise) * bundle.scaling_factor).float()
+
+
+@torch.no_grad()
+def generate_images(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
+                    resolution: Optional[int] = None, batch: int = 4) -> torch.Tensor:
+    """Sample ``n`` images ``[n, 3, H, W]`` in [0, 1] from the bundle with deterministic DDIM (eta = 0) and
+    classifier-free guidance. Runs whatever adapters are active: wrap in :func:`lora_disabled` for the base."""
+    from diffusers import DDIMScheduler
+
+    res = resolution or bundle.resolution
+    sched = DDIMScheduler.from_config(bundle.noise_scheduler.config)
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    cond = encode_prompts(bundle, [prompt]).float()
+    uncond = encode_prompts(bundle, [""]).float()
+    dtype = next(bundle.unet.parameters()).dtype
+    size = res // bundle.vae_scale_factor
+    out = []
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        latents = torch.randn((m, bundle.unet.config.in_channels, size, size), generator=gen)
+        latents = latents.to(bundle.device) * sched.init_noise_sigma
+        ctx = torch.cat([uncond.expand(m, -1, -1), cond.expand(m, -1, -1)]).to(dtype)
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([latents] * 2), t).to(dtype)
+            pred_u, pred_c = bundle.unet(inp, t, encoder_hidden_states=ctx).sample.float().chunk(2)
+            pred = pred_u + guidance_scale * (pred_c - pred_u)
+            latents = sched.step(pred, t, latents).prev_sample
+        vae_dtype = next(bundle.vae.parameters()).dtype
+        decoded = bundle.vae.decode((latents / bundle.scaling_factor).to(vae_dtype)).sample.float()
+        out.append(((decoded + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def class_cache_key(title: str, prompt: str, n: int, resolution: int, seed: int, steps: int) -> str:
+    """File-name-safe key for cached class images (hashed: the title and prompt are not echoed to disk)."""
+    text = "\n".join([title, prompt, str(n), str(resolution), str(seed), str(steps)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def load_class_folder(folder, resolution: int) -> torch.Tensor:
+    """User-supplied class images: square-cropped and resized like the instance photos."""
+    from .images import crop_resize, load_folder, to_tensor
+
+    photos = load_folder(folder)
+    return torch.stack([to_tensor(crop_resize(p.rgb, resolution)[0]) for p in photos])
+
+
+def check_images(images, resolution: int, name: str = "images") -> torch.Tensor:
+    """Validate ``[N, 3, H, W]`` in [0, 1]; returns a detached float32 clone resized to ``resolution``."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InputError(f"{name} must be a tensor [N, 3, H, W] with N >= 1 (got {shape})")
+    x = images.detach().clone().float()
+    if not torch.isfinite(x).all() or x.min() < -1e-4 or x.max() > 1 + 1e-4:
+        raise InputError(f"{name} must hold values in [0, 1]")
+    if x.shape[-2:] != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
+
+
+# ---------------------------------------------------------------- the trainer
+
+class DreamBoothTrainer:
+    """Owns the LoRA, its AdamW state and the RNG of one DreamBooth-LoRA run on ``bundle``.
+
+    ``class_images``: a tensor ``[M, 3, H, W]`` in [0, 1], a folder of images, or None to sample
+    ``config.num_class_images`` from the base model once (cached on disk under ``class_cache_dir`` if given).
+    """
+
+    def __init__(self, bundle, lora_spec: LoraSpec, config: FinetuneConfig | None = None,
+                 class_images: torch.Tensor | str | None = None, class_cache_dir=None):
+        self.bundle, self.spec = bundle, lora_spec
+        self.config = config = config or FinetuneConfig()
+        self.resolution = int(config.resolution or bundle.resolution)
+        self.device = bundle.device
+        self.steps_done = 0
+        with torch.inference_mode(False), torch.enable_grad():
+            self.params = add_lora(bundle, lora_spec, seed=config.seed)
+            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.autocast, amp_dtype = _autocast(self.device, config.mixed_precision)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        use_ckpt = config.gradient_checkpointing == "yes" or \
+            (config.gradient_checkpointing == "auto" and self.device.type == "cuda")
+        if use_ckpt:
+            bundle.unet.enable_gradient_checkpointing()
+        self.input_ids = bundle.tokenizer(
+            [config.instance_prompt, config.class_prompt], padding="max_length", truncation=True,
+            max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
+        with torch.inference_mode(False), torch.no_grad(), lora_disabled(bundle):
+            self.prompt_embeds = bundle.text_encoder(self.input_ids)[0].detach().clone()
+        self.class_images = None
+        self.class_posterior = None
+        if config.prior_preservation:
+            self.class_images = self._class_images(class_images, class_cache_dir)
+            self.class_posterior = self._posterior(self.class_images)
+
+    # -- setup helpers
+
+    def _class_images(self, given, cache_dir) -> torch.Tensor:
+        cfg, res = self.config, self.resolution
+        if isinstance(given, torch.Tensor):
+            return check_images(given, res, "class_images")
+        if given is not None:
+            return load_class_folder(given, res)
+        key = class_cache_key(self.bundle.title, cfg.class_prompt, cfg.num_class_images, res, cfg.seed,
+                              cfg.class_sampler_steps)
+        path = Path(cache_dir) / f"class_{key}.safetensors" if cache_dir else None
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(path))["images"].float().div(255)
+        with torch.inference_mode(False), lora_disabled(self.bundle):
+            images = generate_images(self.bundle, cfg.class_prompt, cfg.num_class_images, seed=cfg.seed,
+                                     steps=cfg.class_sampler_steps, guidance_scale=cfg.class_guidance_scale,
+                                     resolution=res)
+        if path is not None:
+            from safetensors.torch import save_file
+
+            from .atomic import atomic_write
+
+            as_bytes = images.mul(255).round().to(torch.uint8).contiguous()
+            atomic_write(path, lambda tmp: save_file({"images": as_bytes}, tmp), overwrite=True)
+            images = as_bytes.float().div(255)  # identical whether generated now or read from the cache
+        return images
+
+    @torch.no_grad()
+    def _posterior(self, images: torch.Tensor):
+        """Class images never change, so their VAE posterior (mean, std) is computed once."""
+        x = (images * 2 - 1).to(self.device, next(self.bundle.vae.parameters()).dtype)
+        means, stds = [], []
+        for chunk in x.split(4):
+            dist = self.bundle.vae.encode(chunk).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    # -- training
+
+    def _pick(self, n: int) -> torch.Tensor:
+        return torch.randint(0, n, (self.config.batch_size,), generator=self.generator)
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(self.device)
+
+    def _batch(self, images: torch.Tensor):
+        """Latents and text conditioning for one step: instance images first, then class images."""
+        bs = self.config.batch_size
+        x = images[self._pick(images.shape[0])]
+        latents = encode_latents(self.bundle, x, self.generator)
+        cond = self.prompt_embeds[0:1].expand(bs, -1, -1)
+        if self.class_posterior is not None:
+            idx = self._pick(self.class_posterior[0].shape[0]).to(self.device)
+            mean, std = self.class_posterior[0][idx], self.class_posterior[1][idx]
+            class_latents = (mean + std * self._randn(mean.shape)) * self.bundle.scaling_factor
+            latents = torch.cat([latents, class_latents])
+            cond = torch.cat([cond, self.prompt_embeds[1:2].expand(bs, -1, -1)])
+        return latents, cond
+
+    def _text_conditioning(self, n_inst: int, n_class: int):
+        if not self.spec.train_text_encoder:
+            return None
+        ids = torch.cat([self.input_ids[0:1].expand(n_inst, -1), self.input_ids[1:2].expand(n_class, -1)])
+        return self.bundle.text_encoder(ids)[0]
+
+    def _loss(self, images: torch.Tensor) -> torch.Tensor:
+        bundle, sched = self.bundle, self.bundle.noise_scheduler
+        latents, cond = self._batch(images)
+        noise = self._randn(latents.shape)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],),
+                          generator=self.generator).to(self.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = sched.get_velocity(latents, noise, t) if bundle.prediction_type == "v_prediction" else noise
+        with self.autocast:
+            te_cond = self._text_conditioning(self.config.batch_size, latents.shape[0] - self.config.batch_size)
+            cond = te_cond if te_cond is not None else cond
+            unet_dtype = next(p for p in bundle.unet.parameters() if not p.requires_grad).dtype
+            pred = bundle.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype)).sample.float()
+        if self.class_posterior is None:
+            return F.mse_loss(pred, target)
+        pred_i, pred_c = pred.chunk(2)
+        target_i, target_c = target.chunk(2)
+        return F.mse_loss(pred_i, target_i) + self.config.prior_loss_weight * F.mse_loss(pred_c, target_c)
+
+    def _step(self, images: torch.Tensor) -> float:
+        loss = self._loss(images)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.max_grad_norm and self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return float(loss.detach())
+
+    def train(self, images: torch.Tensor, steps: int, callback: Optional[Callable[[Event], None]] = None,
+              k: Optional[int] = None) -> list[float]:
+        """Run ``steps`` optimisation steps on ``images`` ``[N, 3, H, W]`` in [0, 1]; returns the losses.
+
+        Works under ComfyUI's ``inference_mode`` (it is switched off here and inputs are cloned). A callback
+        that raises stops training after the current step; the raised exception propagates.
+        """
+        if int(steps) < 0:
+            raise InputError(f"steps must be >= 0 (got {steps})")
+        emit = Emitter(callback, total=int(steps))
+        losses = []
+        with torch.inference_mode(False), torch.enable_grad():
+            x = check_images(images, self.resolution).to(self.device)
+            unet, te = self.bundle.unet, self.bundle.text_encoder
+            modes = unet.training, te.training
+            unet.train()
+            if self.spec.train_text_encoder:
+                te.train()
+            try:
+                for _ in range(int(steps)):
+                    losses.append(self._step(x))
+                    emit("finetune", loss=losses[-1], k=k)
+            finally:
+                unet.train(modes[0])
+                te.train(modes[1])
+        return losses
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict:
+        """LoRA weights, AdamW moments and RNG state (cloned): enough to resume bit-identically on CPU."""
+        state = {
+            "lora": get_lora_state(self.bundle),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "generator": self.generator.get_state().clone(),
+            "steps_done": self.steps_done,
+            "lora_spec": asdict(self.spec),
+            "config": asdict(self.config),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("lora", "optimizer", "generator"):
+            if key not in state:
+                raise InputError(f"trainer state has no {key!r} entry")
+        set_lora_state(self.bundle, state["lora"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.generator.set_state(state["generator"].clone())
+        self.steps_done = int(state.get("steps_done", 0))
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    @property
+    def lora_parameters(self):
+        return lora_parameters(self.bundle)
