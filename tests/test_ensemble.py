@@ -133,7 +133,8 @@ def test_discover_lists_installed_and_missing(tmp_path):
     specs = {s.name: s for s in registry.discover([str(tmp_path / "nothing"), str(tmp_path)])}
     assert specs["dlib"].available and specs["dlib"].kind == "dlib"
     assert specs["arcface"].available and specs["arcface"].path.endswith("w600k_r50.onnx")
-    assert specs["facenet"].available and specs["facenet"].kind == "zoo"
+    assert specs["facenet_vggface2"].available and specs["facenet_vggface2"].kind == "zoo"
+    assert not specs["facenet"].available
     assert not specs["irse50"].available
     assert "irse50.pth" in specs["irse50"].hint and "facerecognition" in specs["irse50"].hint
     assert "antelopev2" in specs["glintr100"].hint
@@ -162,3 +163,21 @@ def test_load_unavailable_raises_model_error():
     spec = registry.find("ir152", [])
     with pytest.raises(ModelError, match="ir152"):
         registry.load_recognizer(spec)
+
+
+def test_load_recognizer_from_a_saved_zoo_checkpoint(tmp_path):
+    from iddm_core.face.zoo import build_zoo_model
+
+    torch.manual_seed(0)
+    original = build_zoo_model("mobileface")
+    path = tmp_path / "facerecognition" / "mobile_face.pth"
+    path.parent.mkdir()
+    torch.save(original.state_dict(), path)
+    (spec,) = registry.parse_surrogates("mobileface", search_dirs=[str(tmp_path)])
+    assert spec.path == str(path)
+    model = registry.load_recognizer(spec, "cpu")
+    assert model.name == "mobileface" and not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    crops = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.allclose(model(crops), original(crops), atol=1e-5)

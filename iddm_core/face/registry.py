@@ -23,10 +23,12 @@ KNOWN = {
     "irse50": ("zoo", ("facerecognition/irse50.pth",)),
     "ir152": ("zoo", ("facerecognition/ir152.pth",)),
     "mobileface": ("zoo", ("facerecognition/mobile_face.pth",)),
-    "facenet": ("zoo", ("facerecognition/facenet.pth", "facerecognition/20180402-114759-vggface2.pt")),
+    "facenet": ("zoo", ("facerecognition/facenet.pth",)),
+    "facenet_vggface2": ("zoo", ("facerecognition/20180402-114759-vggface2.pt",)),
 }
 ALIASES = {"w600k_r50": "arcface", "buffalo_l": "arcface", "antelopev2": "glintr100", "mobile_face": "mobileface",
-           "ir_se50": "irse50", "ir-se50": "irse50"}
+           "ir_se50": "irse50", "ir-se50": "irse50",
+           "vggface2": "facenet_vggface2", "facenet-vggface2": "facenet_vggface2"}
 ENV_DIRS = "IDDM_MODEL_DIRS"
 
 
@@ -57,10 +59,9 @@ def canonical_name(name: str) -> str:
 
 
 def _missing_hint(name: str, rel_paths: tuple[str, ...], search_dirs: list[str]) -> str:
-    where = search_dirs[0] if search_dirs else "<ComfyUI>/models"
-    target = Path(where) / rel_paths[0]
-    alternatives = "" if len(rel_paths) == 1 else " (or " + ", ".join(Path(p).name for p in rel_paths[1:]) + ")"
-    return f"put {Path(rel_paths[0]).name}{alternatives} at {target} to enable {name!r}"
+    where = Path(search_dirs[0]) if search_dirs else Path("<ComfyUI>/models")
+    targets = " or ".join(str(where / rel) for rel in rel_paths)
+    return f"put {Path(rel_paths[0]).name} at {targets} to enable {name!r}"
 
 
 def find(name: str, search_dirs: list[str]) -> RecognizerSpec:

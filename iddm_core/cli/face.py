@@ -1,0 +1,180 @@
+"""Face commands: ``face-attack`` (sign-PGD on one photo), ``face-embed`` (print a descriptor), ``face-models``.
+
+Heavy imports (torch, dlib, the recognisers) happen inside the handlers so ``--help`` stays instant. Nothing
+printed or written here contains a photo's name or path.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _add_model_dirs(p) -> None:
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a models folder to search for recognisers (ComfyUI layout: DIR/insightface/models/..., "
+                        "DIR/facerecognition/...); repeatable; $IDDM_MODEL_DIRS is searched too")
+
+
+def register(sub) -> None:
+    a = sub.add_parser("face-attack", help="protect one photo directly with sign-PGD against face recognisers")
+    a.add_argument("--refs", required=True, metavar="DIR", help="folder of clean photos of the person")
+    a.add_argument("--image", required=True, metavar="IMG", help="the photo to protect")
+    a.add_argument("--surrogates", default="dlib", help="recognisers, e.g. 'dlib,irse50:/path/irse50.pth,arcface'")
+    a.add_argument("--eta", type=float, default=0.08, help="L_inf budget in [0, 1] pixel scale")
+    a.add_argument("--alpha", type=float, default=0.008, help="step size")
+    a.add_argument("--steps", type=int, default=8)
+    a.add_argument("--tau", type=float, default=0.03, help="softmax temperature of the ensemble weights")
+    a.add_argument("--max-side", type=int, default=0, help="downscale the photo to this longest side first (0: keep)")
+    a.add_argument("--detector", default="dlib", help="face detector for the landmarks")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--out", required=True, metavar="OUT.png")
+    a.add_argument("--report", metavar="R.json", help="JSON report: per-step similarities, loss, L_inf, dlib distance")
+    a.add_argument("--overwrite", action="store_true")
+    _add_model_dirs(a)
+    a.set_defaults(func=run_attack)
+
+    e = sub.add_parser("face-embed", help="print a recogniser's L2-normalised descriptor of the face in a photo")
+    e.add_argument("image", metavar="IMG")
+    e.add_argument("--model", default="dlib", help="recogniser name or name:PATH (see face-models)")
+    e.add_argument("--detector", default="dlib")
+    e.add_argument("--device", default="auto")
+    _add_model_dirs(e)
+    e.set_defaults(func=run_embed)
+
+    m = sub.add_parser("face-models", help="list the face recognisers found (and how to install missing ones)")
+    m.add_argument("--dir", action="append", default=[], metavar="DIR", help="models folder to search; repeatable")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.set_defaults(func=run_models)
+
+
+def _search_dirs(dirs: list[str]) -> list[str]:
+    from ..face.registry import default_search_dirs
+
+    return list(dirs) + default_search_dirs()
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _downscale(rgb, max_side: int):
+    """Longest side at most ``max_side`` (LANCZOS); the attack then runs at that resolution."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return rgb
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.array(Image.fromarray(rgb).resize(size, Image.LANCZOS))
+
+
+def _print_event(ev) -> None:
+    sims = " ".join(f"{k}={v:.3f}" for k, v in ev.similarity.items())
+    print(f"step {ev.t}/{ev.total} loss={ev.loss:.4f} {sims} linf={ev.linf:.4f} {ev.elapsed:.1f}s", file=sys.stderr)
+
+
+def run_attack(args) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..atomic import atomic_write, check_writable, write_text_atomic
+    from ..face.attack import DLIB_MATCH_THRESHOLD, check_budget, dlib_distance, dlib_prototype, face_attack
+    from ..face.detect import detect_one, get_detector
+    from ..face.ensemble import FaceEnsembleLoss, build_references
+    from ..face.registry import load_recognizer, parse_surrogates
+    from ..images import load_folder, load_rgb, to_tensor, to_uint8
+
+    check_budget(args.eta, args.alpha, args.steps)
+    if args.tau <= 0:
+        raise_input(f"--tau must be > 0, got {args.tau}")
+    if not str(args.out).lower().endswith(".png"):
+        raise_input(f"--out must be a .png file (lossless, so the budget survives saving): {args.out}")
+    check_writable(args.out, args.overwrite)
+    if args.report:
+        check_writable(args.report, args.overwrite)
+    device = _device(args.device)
+    specs = parse_surrogates(args.surrogates, _search_dirs(args.models_dir))
+
+    detector = get_detector(args.detector)
+    photos = load_folder(args.refs)
+    ref_images, ref_landmarks = build_references(photos, detector)
+    rgb = _downscale(load_rgb(args.image), args.max_side)
+    face = detect_one(rgb, detector, str(args.image))
+
+    loss_fn = FaceEnsembleLoss([load_recognizer(s, device) for s in specs], tau=args.tau).to(device)
+    loss_fn.set_references(ref_images.to(device), ref_landmarks.to(device))
+    x0 = to_tensor(rgb)[None].to(device)
+    landmarks = torch.from_numpy(np.asarray(face.landmarks, dtype=np.float32))[None].to(device)
+    result = face_attack(x0, landmarks, loss_fn, args.eta, args.alpha, args.steps, callback=_print_event)
+
+    protected = to_uint8(result.image[0])
+    linf_png = float(np.abs(protected.astype(np.int16) - rgb.astype(np.int16)).max()) / 255.0
+    prototype = dlib_prototype([to_uint8(img) for img in ref_images])
+    report = {
+        "surrogates": loss_fn.names, "eta": args.eta, "alpha": args.alpha, "steps": args.steps, "tau": args.tau,
+        "size": [int(rgb.shape[1]), int(rgb.shape[0])], "references": len(photos),
+        "history": result.history, "final": result.final, "linf_png": linf_png,
+        "dlib_distance_before": dlib_distance(rgb, prototype),
+        "dlib_distance_after": dlib_distance(protected, prototype),
+        "dlib_threshold": DLIB_MATCH_THRESHOLD,
+    }
+    atomic_write(args.out, lambda tmp: Image.fromarray(protected).save(tmp, format="PNG"), args.overwrite)
+    if args.report:
+        write_text_atomic(args.report, json.dumps(report, indent=2), overwrite=args.overwrite)
+    before, after = report["dlib_distance_before"], report["dlib_distance_after"]
+    print(f"dlib distance to the references: before {_fmt(before)}, after {_fmt(after)} "
+          f"(> {DLIB_MATCH_THRESHOLD} = not matched); L_inf after PNG {linf_png:.4f}", file=sys.stderr)
+    return 0
+
+
+def raise_input(message: str):
+    from ..errors import InputError
+
+    raise InputError(message)
+
+
+def _fmt(d) -> str:
+    return "no face found" if d is None else f"{d:.3f}"
+
+
+def run_embed(args) -> int:
+    import numpy as np
+    import torch
+
+    from ..face.detect import detect_one, get_detector
+    from ..face.registry import load_recognizer, parse_surrogates
+    from ..images import load_rgb, to_tensor
+
+    specs = parse_surrogates(args.model, _search_dirs(args.models_dir))
+    if len(specs) != 1:
+        raise_input(f"--model takes one recogniser, got {args.model!r}")
+    device = _device(args.device)
+    model = load_recognizer(specs[0], device)
+    rgb = load_rgb(args.image)
+    face = detect_one(rgb, get_detector(args.detector), str(args.image))
+    landmarks = torch.from_numpy(np.asarray(face.landmarks, dtype=np.float32))[None].to(device)
+    with torch.no_grad():
+        emb = model.embed(to_tensor(rgb)[None].to(device), landmarks)[0].float().cpu()
+    print(json.dumps({"model": model.name, "dim": int(emb.numel()), "embedding": [round(float(v), 6) for v in emb]}))
+    return 0
+
+
+def run_models(args) -> int:
+    from ..face.registry import discover
+
+    specs = discover(_search_dirs(args.dir))
+    if args.json:
+        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        return 0
+    for s in specs:
+        state = "installed" if s.available else "missing"
+        where = s.path or ("packaged (face_recognition_models)" if s.kind == "dlib" else s.hint)
+        print(f"{s.name:<17} {s.kind:<5} {state:<9} {where}")
+    return 0
