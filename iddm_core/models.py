@@ -6,8 +6,12 @@ the model came from. Nothing here may reach a model hub: :func:`force_offline` r
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 from .offline import force_offline
 
@@ -16,6 +20,7 @@ force_offline()
 import torch  # noqa: E402
 
 from .errors import ModelError  # noqa: E402
+from .atomic import atomic_write, check_writable  # noqa: E402
 
 KINDS = ("sd1", "sd2", "sd2v")
 PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "epsilon", "sd2v": "v_prediction"}
@@ -87,8 +92,346 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
         if kind is not None and kind != "sd1":
             raise ModelError(f"kind={kind!r}: the tiny model is sd1-shaped")
         return bundle.to(device, dtype)
-    return _load_from_path(path, kind=kind, tokenizer=tokenizer).to(device, dtype)
+    p = Path(path)
+    if p.is_dir():
+        bundle = load_diffusers(p, kind=kind, tokenizer=tokenizer)
+    elif p.is_file():
+        bundle = load_single_file(p, kind=kind, tokenizer=tokenizer)
+    else:
+        raise ModelError(f"model not found: {path} (expected 'tiny', a diffusers folder or a .safetensors file)")
+    return bundle.to(device, dtype)
 
 
-def _load_from_path(path, kind=None, tokenizer=None) -> ModelBundle:
-    raise ModelError(f"{path}: loading model files is not implemented yet")
+
+# ------------------------------------------------------------------------------------------ kind detection
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIGS_METADATA_KEY = "iddm.configs"   # safetensors metadata: architecture of non-standard (e.g. tiny) files
+_CROSS_ATTN_K = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight$")
+_OUT_NORM1_BIAS = re.compile(r"model\.diffusion_model\.output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias$")
+# ComfyUI's SD2 heuristic: v-prediction fine-tunes move this LayerNorm bias far more than epsilon ones do
+V_PRED_STD_THRESHOLD = 0.09
+
+
+def _shape(value) -> tuple:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def detect_kind(state: Mapping[str, Any], source: str = "checkpoint", metadata: Mapping[str, str] | None = None) -> str:
+    """"sd1" | "sd2" | "sd2v" from an original-layout state dict (values: tensors, or shapes).
+
+    The family comes from real distinguishing tensors: the text encoder layout (HF CLIP under
+    ``cond_stage_model.transformer.`` = SD1, OpenCLIP under ``cond_stage_model.model.`` = SD2) and the UNet
+    cross-attention context width (768 = SD1, 1024 = SD2). SD2 files carry no prediction flag, so v-prediction
+    is inferred like ComfyUI/kohya do: an explicit ``v_pred`` key or modelspec metadata, else the spread of the
+    last output block's ``norm1.bias`` (> 0.09 for the 768-v models). Pass ``kind=`` to override a wrong guess.
+    """
+    keys = list(state.keys())
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ModelError(f"{source}: SDXL checkpoints are not supported (only SD 1.x / 2.x)")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelError(f"{source}: unknown checkpoint layout (no model.diffusion_model.* UNet weights); "
+                         "expected an original-layout Stable Diffusion 1.x/2.x checkpoint")
+    conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and _shape(conv_in)[1] != 4:
+        raise ModelError(f"{source}: UNet takes {_shape(conv_in)[1]} input channels; inpainting/depth models "
+                         "are not supported")
+    has_clip = any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    has_openclip = any(k.startswith("cond_stage_model.model.") for k in keys)
+    context = {_shape(state[k])[-1] for k in keys if _CROSS_ATTN_K.match(k)}
+    if has_openclip or (not has_clip and 1024 in context):
+        family = "sd2"
+    elif has_clip or 768 in context:
+        family = "sd1"
+    else:
+        raise ModelError(f"{source}: cannot tell SD1 from SD2 (no text encoder weights, cross-attention width "
+                         f"{sorted(context) or 'unknown'}); pass kind='sd1', 'sd2' or 'sd2v'")
+    if family == "sd1":
+        return "sd1"
+    return "sd2v" if _is_v_prediction(state, metadata or {}) else "sd2"
+
+
+def _is_v_prediction(state: Mapping[str, Any], metadata: Mapping[str, str]) -> bool:
+    if "v_pred" in state:
+        return True
+    declared = str(metadata.get("modelspec.prediction_type", metadata.get("prediction_type", ""))).lower()
+    if declared:
+        return declared.startswith("v")
+    norms = sorted(((int(m[1]), k) for k in state if (m := _OUT_NORM1_BIAS.match(k))))
+    if not norms or not isinstance(state[norms[-1][1]], torch.Tensor):
+        return False
+    bias = state[norms[-1][1]].float()
+    return bool(torch.std(bias, unbiased=False) > V_PRED_STD_THRESHOLD)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(state dict, metadata) of a single-file checkpoint, on CPU. Pickles load only with ``weights_only``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
+            raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from exc
+        return state, metadata
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: refused to load this pickle checkpoint: it does not load with "
+                             f"torch.load(weights_only=True) and could run code. Convert it to .safetensors "
+                             f"first. ({type(exc).__name__})") from exc
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ModelError(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    raise ModelError(f"{path}: unsupported model file type {suffix or '(none)'}; use .safetensors or a "
+                     "diffusers folder")
+
+
+def shipped_configs(kind: str) -> dict:
+    """The architecture JSONs in ``iddm_core/configs/<kind>/`` (unet, vae, text_encoder, scheduler)."""
+    folder = CONFIG_DIR / kind
+    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+            for name in ("unet", "vae", "text_encoder", "scheduler")}
+
+
+def _clean(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _load_strict(module, state: dict, source: str, part: str, kind: str) -> None:
+    """Load weights, ignoring only keys the module has no use for; a missing or misshapen tensor is an error."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+    if missing:
+        raise ModelError(f"{source}: the {part} does not match the {kind} architecture ({len(missing)} weights "
+                         f"missing, e.g. {missing[0]}); if the kind was guessed wrong pass kind=...")
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ModelError(f"{source}: the {part} does not match the {kind} architecture ({bad[0]} has shape "
+                         f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}); pass kind=...")
+    module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+def comfy_tokenizer_dir(kind: str) -> Path | None:
+    """ComfyUI's bundled CLIP tokenizer, when running inside ComfyUI.
+
+    ComfyUI ships one folder, ``comfy/sd1_tokenizer`` (vocab.json + merges.txt); its SD2 tokenizer
+    (``comfy/sd2_clip.py``) reuses it with padding token 0 instead of end-of-text, since OpenCLIP ViT-H uses
+    the same BPE vocabulary.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("comfy")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        folder = Path(root) / "sd1_tokenizer"
+        if (folder / "vocab.json").is_file():
+            return folder
+    return None
+
+
+def _tokenizer_files_present(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or \
+        ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+
+
+def resolve_tokenizer(kind: str, tokenizer: str | os.PathLike | None = None,
+                      model_folder: str | os.PathLike | None = None, source: str = "model"):
+    """Find and load the CLIP tokenizer: explicit folder, the diffusers folder's tokenizer/, ComfyUI's copy.
+
+    Single-file checkpoints carry no tokenizer, and none may be downloaded, so when all three are missing the
+    error says exactly which files to put where.
+    """
+    from transformers import CLIPTokenizer
+
+    candidates: list[Path] = []
+    if tokenizer is not None:
+        folder = Path(tokenizer)
+        if not _tokenizer_files_present(folder):
+            raise ModelError(f"tokenizer={tokenizer}: no vocab.json + merges.txt (or tokenizer.json) in this folder")
+        candidates.append(folder)
+    if model_folder is not None:
+        candidates.append(Path(model_folder) / "tokenizer")
+    comfy = comfy_tokenizer_dir(kind)
+    if comfy is not None:
+        candidates.append(comfy)
+    for folder in candidates:
+        if _tokenizer_files_present(folder):
+            tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+            if kind in ("sd2", "sd2v") and tokenizer is None and model_folder is None:
+                tok.pad_token = "!"   # SD2 pads with token 0, as ComfyUI's SD2 tokenizer does
+            return tok
+    raise ModelError(
+        f"{source}: no CLIP tokenizer found. Single-file checkpoints do not contain one. Put the CLIP tokenizer "
+        f"files vocab.json and merges.txt (from openai/clip-vit-large-patch14, shared by SD1 and SD2) in a "
+        f"folder and pass it with tokenizer=<folder> (CLI: --tokenizer <folder>), or load a diffusers folder "
+        f"that has tokenizer/, or run inside ComfyUI (which ships comfy/sd1_tokenizer)")
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+def _resolution(vae_config: Mapping, kind: str) -> int:
+    size = vae_config.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else RESOLUTIONS[kind]
+
+
+def _scheduler(config: dict, prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config({**_clean(config), "prediction_type": prediction_type})
+
+
+def load_single_file(path: str | os.PathLike, kind: str | None = None,
+                     tokenizer: str | os.PathLike | None = None) -> ModelBundle:
+    """An original-layout SD checkpoint -> :class:`ModelBundle` (float32, CPU).
+
+    Keys are converted with diffusers' public single-file conversion functions (pure functions on a dict; no
+    hub access). The architecture comes from the file's ``iddm.configs`` metadata when present (files written
+    by :func:`save_single_file`, e.g. the tiny model), else from ``iddm_core/configs/<kind>/``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    state, metadata = read_checkpoint(path)
+    kind = kind or detect_kind(state, str(path), metadata)
+    if CONFIGS_METADATA_KEY in metadata:
+        try:
+            configs = json.loads(metadata[CONFIGS_METADATA_KEY])
+        except ValueError as exc:
+            raise ModelError(f"{path}: corrupt {CONFIGS_METADATA_KEY} metadata") from exc
+    else:
+        configs = shipped_configs(kind)
+    tok = resolve_tokenizer(kind, tokenizer, None, str(path))
+
+    unet = UNet2DConditionModel.from_config(_clean(configs["unet"]))
+    try:
+        _load_strict(unet, convert_ldm_unet_checkpoint(state, dict(unet.config)), str(path), "UNet", kind)
+        vae = AutoencoderKL.from_config(_clean(configs["vae"]))
+        _load_strict(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), str(path), "VAE", kind)
+    except (KeyError, IndexError) as exc:  # the converters index keys blindly
+        raise ModelError(f"{path}: the UNet/VAE weights do not fit the {kind} layout (missing {exc})") from exc
+
+    text_config = dict(_clean(configs["text_encoder"]))
+    openclip = any(k.startswith("cond_stage_model.model.") for k in state)
+    if openclip:
+        blocks = {int(m[1]) for k in state
+                  if (m := re.match(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.", k))}
+        # SD2 conditions on the penultimate block: the text model has one block fewer than the file
+        text_config["num_hidden_layers"] = max(len(blocks) - 1, 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    if openclip:
+        converted = convert_open_clip_checkpoint(text_encoder, state)
+    else:
+        converted = convert_ldm_clip_checkpoint(state)
+    _load_strict(text_encoder, converted, str(path), "text encoder", kind)
+
+    prediction_type = PREDICTION_TYPES[kind]
+    return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,
+                       noise_scheduler=_scheduler(configs["scheduler"], prediction_type), kind=kind,
+                       prediction_type=prediction_type, resolution=_resolution(configs["vae"], kind),
+                       title=path.stem)
+
+
+def _folder_kind(unet_config: Mapping, text_config, scheduler_config: Mapping) -> str:
+    sd2 = unet_config.get("cross_attention_dim") == 1024 or getattr(text_config, "hidden_act", "") == "gelu"
+    if not sd2:
+        return "sd1"
+    return "sd2v" if scheduler_config.get("prediction_type") == "v_prediction" else "sd2"
+
+
+def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
+                   tokenizer: str | os.PathLike | None = None) -> ModelBundle:
+    """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        if not (folder / part).is_dir():
+            raise ModelError(f"{folder}: not a diffusers model folder (no {part}/ subfolder)")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
+        scheduler_config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}: cannot load the diffusers model ({exc})") from exc
+    kind = kind or _folder_kind(unet.config, text_encoder.config, scheduler_config)
+    prediction_type = PREDICTION_TYPES[kind] if kind else scheduler_config.get("prediction_type", "epsilon")
+    tok = resolve_tokenizer(kind, tokenizer, folder, str(folder))
+    return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,
+                       noise_scheduler=_scheduler(dict(scheduler_config), prediction_type), kind=kind,
+                       prediction_type=prediction_type, resolution=_resolution(vae.config, kind),
+                       title=folder.name)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def bundle_to_original(bundle: ModelBundle) -> dict:
+    """The bundle's weights in the original SD single-file key layout (SD1: HF CLIP; SD2: OpenCLIP)."""
+    from . import sd_keys
+
+    state = {}
+    state.update(sd_keys.unet_to_ldm(bundle.unet.state_dict(), bundle.unet.config))
+    state.update(sd_keys.vae_to_ldm(bundle.vae.state_dict(), bundle.vae.config))
+    text = bundle.text_encoder.state_dict()
+    if bundle.kind == "sd1":
+        state.update(sd_keys.clip_to_ldm(text))
+    else:
+        state.update(sd_keys.clip_to_openclip(text, bundle.text_encoder.config.projection_dim))
+    if bundle.prediction_type == "v_prediction":
+        state["v_pred"] = torch.tensor([])   # the marker ComfyUI/kohya read for v-prediction checkpoints
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_single_file(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``bundle`` as one original-layout ``.safetensors`` (atomically), architecture in its metadata."""
+    from safetensors.torch import save_file
+
+    state = bundle_to_original(bundle)
+    configs = {"unet": _clean(dict(bundle.unet.config)), "vae": _clean(dict(bundle.vae.config)),
+               "text_encoder": bundle.text_encoder.config.to_diff_dict(),
+               "scheduler": _clean(dict(bundle.noise_scheduler.config))}
+    configs["text_encoder"].pop("transformers_version", None)
+    metadata = {CONFIGS_METADATA_KEY: json.dumps(configs, default=list), "iddm.kind": bundle.kind}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata), overwrite=overwrite)
+
+
+def save_diffusers(bundle: ModelBundle, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``bundle`` as a diffusers folder: built under a temporary name, renamed into place at the end."""
+    import shutil
+    import tempfile
+
+    folder = check_writable(folder, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=str(folder.parent)))
+    try:
+        bundle.unet.save_pretrained(str(tmp / "unet"))
+        bundle.vae.save_pretrained(str(tmp / "vae"))
+        bundle.text_encoder.save_pretrained(str(tmp / "text_encoder"))
+        bundle.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        bundle.noise_scheduler.save_pretrained(str(tmp / "scheduler"))
+        index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None],
+                 "requires_safety_checker": False}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
