@@ -1,0 +1,186 @@
+"""kohya export: an independent reader (diffusers' own converter) must reproduce the trained model exactly."""
+import hashlib
+import json
+import re
+import struct
+
+import pytest
+import torch
+
+from iddm_core.errors import InputError
+from iddm_core.finetune import DreamBoothTrainer, FinetuneConfig
+from iddm_core.lora import (METADATA_KEYS, LoraSpec, add_lora, get_lora_state, inspect_lora, kohya_state_dict,
+                            lora_disabled, save_kohya_lora, set_lora_state)
+from iddm_core.tiny import build_tiny_bundle
+
+KOHYA_RE = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+SPEC = dict(rank=4, alpha=2.0, include_proj=True, include_ff=True, train_text_encoder=True)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Tiny model + LoRA on every supported target (incl. 1x1-conv proj_in/out and the text encoder)."""
+    bundle = build_tiny_bundle(0)
+    spec = LoraSpec(**SPEC)
+    trainer = DreamBoothTrainer(bundle, spec, FinetuneConfig(lr=3e-2, prior_preservation=False))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    trainer.train(x, 4)
+    return bundle, spec
+
+
+def fresh_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    f = build_tiny_bundle(0)
+    return StableDiffusionPipeline(vae=f.vae, text_encoder=f.text_encoder, tokenizer=f.tokenizer, unet=f.unet,
+                                   scheduler=f.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def fixed_inputs(bundle):
+    g = torch.Generator().manual_seed(123)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, 32, generator=g)
+    ids = bundle.tokenizer(["a photo of sks person"], padding="max_length", max_length=77,
+                           return_tensors="pt").input_ids
+    return latents, context, ids
+
+
+@torch.no_grad()
+def outputs(unet, text_encoder, inputs):
+    latents, context, ids = inputs
+    return unet(latents, torch.tensor([500, 20]), encoder_hidden_states=context).sample, text_encoder(ids)[0]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float16, 2e-2)])
+def test_diffusers_kohya_loader_reproduces_trained_model(trained, tmp_path, dtype, tol):
+    bundle, spec = trained
+    path = save_kohya_lora(tmp_path / "mine.safetensors", bundle, spec, "mine", dtype=dtype)
+    pipe = fresh_pipeline()
+    inputs = fixed_inputs(bundle)
+    base_unet, base_te = outputs(pipe.unet, pipe.text_encoder, inputs)
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+    ours_unet, ours_te = outputs(bundle.unet, bundle.text_encoder, inputs)
+    theirs_unet, theirs_te = outputs(pipe.unet, pipe.text_encoder, inputs)
+    # the LoRA must matter, otherwise equality proves nothing
+    assert (ours_unet - base_unet).abs().max() > 0.05
+    assert (ours_te - base_te).abs().max() > 0.05
+    assert (ours_unet - theirs_unet).abs().max() < tol
+    assert (ours_te - theirs_te).abs().max() < tol
+
+
+def test_keys_shapes_and_scale(trained):
+    bundle, spec = trained
+    sd = kohya_state_dict(bundle, spec)
+    assert all(KOHYA_RE.match(k) for k in sd), [k for k in sd if not KOHYA_RE.match(k)][:3]
+    assert not any(k.startswith("lora_te1_") or "lora_A" in k or "lora_B" in k for k in sd)
+    names = {k.split(".")[0] for k in sd}
+    te = sorted(n for n in names if n.startswith("lora_te_"))
+    assert te[0].startswith("lora_te_text_model_encoder_layers_0_self_attn_")
+    assert len(te) == 2 * 4  # 2 layers x q, k, v, out
+    conv = sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
+    assert conv.dim() == 4 and tuple(conv.shape[2:]) == (1, 1)
+    # kohya's delta (up @ down * alpha / dim) equals the PEFT layer's actual effect
+    layer = bundle.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    down, up, alpha = sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"], sd[f"{key}.alpha"]
+    assert float(alpha) == spec.alpha and down.shape[0] == spec.rank
+    x = torch.randn(3, down.shape[1])
+    with torch.no_grad():
+        effect = layer(x) - layer.base_layer(x)
+    kohya = x @ (up @ down).T * (float(alpha) / down.shape[0])
+    assert torch.allclose(effect, kohya, atol=1e-5) and effect.abs().max() > 1e-3
+
+
+def _independent_hashes(path):
+    """Re-derive kohya's sshs hashes: serialise tensors + ss_* metadata, hash bytes after the header."""
+    from safetensors.torch import load_file, save
+
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    ss_meta = {k: v for k, v in header["__metadata__"].items() if k.startswith("ss_")}
+    blob = save(load_file(str(path)), ss_meta)
+    (n,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(blob[8 + n:]).hexdigest(), hashlib.sha256(blob[1 << 20:(1 << 20) + (1 << 16)]).hexdigest()[:8]
+
+
+def test_metadata_and_hashes(tmp_path):
+    bundle = build_tiny_bundle(0)
+    spec = LoraSpec(rank=64, alpha=16, include_ff=True)  # big enough (> 1 MiB in fp32) for the legacy hash
+    add_lora(bundle, spec)
+    path = save_kohya_lora(tmp_path / "big.safetensors", bundle, spec, "big", comment="baseline", dtype=torch.float32)
+    assert path.stat().st_size > (1 << 20) + (1 << 16)
+    info = inspect_lora(path)
+    meta = info["metadata"]
+    assert sorted(meta) == sorted(METADATA_KEYS)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "64"
+    assert float(meta["ss_network_alpha"]) == 16.0 and meta["ss_v2"] == "False"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["ss_output_name"] == "big"
+    model_hash, legacy = _independent_hashes(path)
+    assert meta["sshs_model_hash"] == model_hash
+    assert meta["sshs_legacy_hash"] == legacy != hashlib.sha256(b"").hexdigest()[:8]
+    assert info["compatible"] and info["rank"] == 64 and info["alpha"] == 16.0
+    assert info["modules"] == {"unet": 10 * 10, "te": 0}  # 10 transformer blocks x (8 attn + 2 ff)
+
+
+def test_v_model_metadata(tmp_path):
+    bundle = build_tiny_bundle(0)
+    bundle.kind, bundle.prediction_type = "sd2v", "v_prediction"
+    spec = LoraSpec(rank=2)
+    add_lora(bundle, spec)
+    meta = inspect_lora(save_kohya_lora(tmp_path / "v.safetensors", bundle, spec, "v"))["metadata"]
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.prediction_type"]) == ("sd_v2_v", "True", "v")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+
+def test_refuses_overwrite_and_bad_name(trained, tmp_path):
+    bundle, spec = trained
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"keep")
+    with pytest.raises(InputError, match="x.safetensors"):
+        save_kohya_lora(target, bundle, spec, "x")
+    assert target.read_bytes() == b"keep"
+    save_kohya_lora(target, bundle, spec, "x", overwrite=True)
+    assert inspect_lora(target)["compatible"]
+    with pytest.raises(InputError):
+        save_kohya_lora(tmp_path / "y.safetensors", bundle, spec, "../y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+
+
+def test_inspect_flags_peft_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "peft.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 5)}, str(bad))
+    info = inspect_lora(bad)
+    assert not info["compatible"]
+    text = " ".join(info["problems"])
+    assert "not in kohya form" in text and "alpha missing" in text and "do not chain" in text and "metadata" in text
+
+
+def test_state_round_trip_and_disable(trained):
+    bundle, spec = trained
+    state = get_lora_state(bundle)
+    inputs = fixed_inputs(bundle)
+    before = outputs(bundle.unet, bundle.text_encoder, inputs)[0]
+    with torch.no_grad():
+        for p in bundle.unet.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    assert not torch.allclose(outputs(bundle.unet, bundle.text_encoder, inputs)[0], before)
+    set_lora_state(bundle, state)
+    assert torch.equal(outputs(bundle.unet, bundle.text_encoder, inputs)[0], before)
+    with lora_disabled(bundle):
+        base = outputs(bundle.unet, bundle.text_encoder, inputs)[0]
+    fresh = build_tiny_bundle(0)
+    assert torch.allclose(base, outputs(fresh.unet, fresh.text_encoder, inputs)[0], atol=1e-6)
+    from iddm_core.lora import lora_parameters
+
+    assert all(p.requires_grad for p in lora_parameters(bundle))  # trainable again after the context
+    assert sum(p.requires_grad for p in bundle.unet.parameters()) == 2 * 10 * 12  # 10 blocks x 12 targets
+    with pytest.raises(Exception, match="does not match"):
+        set_lora_state(bundle, {k: v for k, v in list(state.items())[1:]})
