@@ -78,7 +78,7 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
                device="cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Load a Stable Diffusion model for training.
 
-    ``path``: ``"tiny"`` (the built-in tiny model, seed 0), a diffusers folder, or a single-file checkpoint
+    ``path``: ``"tiny"`` (the built-in tiny model, seed 0, built in memory), a diffusers folder, or a single-file checkpoint
     (``.safetensors``; ``.ckpt``/``.pt`` only if ``torch.load(weights_only=True)`` accepts them) in the original
     SD key layout. ``kind`` overrides detection ("sd1" | "sd2" | "sd2v"). ``tokenizer`` is a folder holding
     ``vocab.json`` + ``merges.txt`` (needed for single files outside ComfyUI).
@@ -88,10 +88,8 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
     if str(path) == "tiny":
         from .tiny import build_tiny_bundle
 
-        bundle = build_tiny_bundle(0)
-        if kind is not None and kind != "sd1":
-            raise ModelError(f"kind={kind!r}: the tiny model is sd1-shaped")
-        return bundle.to(device, dtype)
+        # kind="sd2"/"sd2v" gives the SD2-flavoured tiny variant (e.g. to exercise v-prediction training)
+        return build_tiny_bundle(0, kind or "sd1").to(device, dtype)
     p = Path(path)
     if p.is_dir():
         bundle = load_diffusers(p, kind=kind, tokenizer=tokenizer)
@@ -203,6 +201,16 @@ def shipped_configs(kind: str) -> dict:
 
 def _clean(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _match_text_prefix(module, state: dict) -> dict:
+    """Make converted CLIP keys agree with the installed transformers on the ``text_model.`` level."""
+    prefixed = any(k.startswith("text_model.") for k in module.state_dict())
+    out = {}
+    for k, v in state.items():
+        bare = k[len("text_model."):] if k.startswith("text_model.") else k
+        out["text_model." + bare if prefixed else bare] = v
+    return out
 
 
 def _load_strict(module, state: dict, source: str, part: str, kind: str) -> None:
@@ -336,7 +344,7 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
         converted = convert_open_clip_checkpoint(text_encoder, state)
     else:
         converted = convert_ldm_clip_checkpoint(state)
-    _load_strict(text_encoder, converted, str(path), "text encoder", kind)
+    _load_strict(text_encoder, _match_text_prefix(text_encoder, converted), str(path), "text encoder", kind)
 
     prediction_type = PREDICTION_TYPES[kind]
     return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,

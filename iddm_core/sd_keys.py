@@ -122,9 +122,19 @@ def vae_to_ldm(state: dict, config) -> dict:
     return out
 
 
+def with_text_model_prefix(state: dict) -> dict:
+    """CLIPTextModel keys as SD files spell them (``text_model.embeddings...``).
+
+    transformers 5 dropped the ``text_model.`` level from CLIPTextModel's own state dict; SD checkpoints (and
+    diffusers' converters) keep it, so we normalise to the prefixed form when writing.
+    """
+    return {(k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k): v
+            for k, v in state.items()}
+
+
 def clip_to_ldm(state: dict) -> dict:
-    """SD1: the HF CLIPTextModel state dict under ``cond_stage_model.transformer.``."""
-    return {CLIP_PREFIX + k: v for k, v in state.items() if not k.endswith("position_ids")}
+    """SD1: the HF CLIPTextModel state dict under ``cond_stage_model.transformer.text_model.``."""
+    return {CLIP_PREFIX + k: v for k, v in with_text_model_prefix(state).items() if not k.endswith("position_ids")}
 
 
 _OPENCLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
@@ -138,6 +148,7 @@ def clip_to_openclip(state: dict, projection_dim: int | None = None, extra_last_
     final block (a copy of the last one) is appended, as SD2 files carry one block more than they use.
     """
     p = OPENCLIP_PREFIX
+    state = with_text_model_prefix(state)
     out: dict = {}
     layers = sorted({int(m[1]) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
     width = state["text_model.final_layer_norm.weight"].shape[0]

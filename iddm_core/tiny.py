@@ -160,16 +160,22 @@ def build_tiny_tokenizer():
 
 
 # ------------------------------------------------------------------------------------------------ modules
-def _text_config(vocab_size: int):
+def _text_config(vocab_size: int, kind: str = "sd1"):
     from transformers import CLIPTextConfig
 
     # bos/eos ids are the last two vocabulary entries (CLIP layout); CLIPTextModel pools at the eos position.
+    # SD2's OpenCLIP text tower uses exact GELU where OpenAI CLIP (SD1) uses quick-GELU.
+    config = dict(TEXT_CONFIG, hidden_act="gelu" if kind != "sd1" else TEXT_CONFIG["hidden_act"])
     return CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                          pad_token_id=vocab_size - 1, **TEXT_CONFIG)
+                          pad_token_id=vocab_size - 1, **config)
 
 
-def build_tiny_modules(seed: int = 0):
-    """(unet, vae, text_encoder, tokenizer, scheduler) initialised from ``seed`` without touching global RNG."""
+def build_tiny_modules(seed: int = 0, kind: str = "sd1"):
+    """(unet, vae, text_encoder, tokenizer, scheduler) initialised from ``seed`` without touching global RNG.
+
+    ``kind="sd2"``/``"sd2v"`` gives the same tiny UNet/VAE with an SD2-flavoured text encoder (GELU) and, for
+    sd2v, a v-prediction scheduler; these exist to test SD2 (OpenCLIP) single-file conversion and detection.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -178,20 +184,23 @@ def build_tiny_modules(seed: int = 0):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**UNET_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)
-        text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
-    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+        text_encoder = CLIPTextModel(_text_config(len(tokenizer), kind))
+    prediction = "v_prediction" if kind == "sd2v" else "epsilon"
+    scheduler = DDPMScheduler.from_config(dict(SCHEDULER_CONFIG, prediction_type=prediction))
     for m in (unet, vae, text_encoder):
         m.eval()
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
-def build_tiny_bundle(seed: int = 0):
-    """The tiny model as a :class:`~iddm_core.models.ModelBundle` (float32, CPU)."""
-    from .models import ModelBundle
+def build_tiny_bundle(seed: int = 0, kind: str = "sd1"):
+    """The tiny model as a :class:`~iddm_core.models.ModelBundle` (float32, CPU; SD1-shaped by default)."""
+    from .models import KINDS, ModelBundle
 
-    unet, vae, text_encoder, tokenizer, scheduler = build_tiny_modules(seed)
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    unet, vae, text_encoder, tokenizer, scheduler = build_tiny_modules(seed, kind)
     return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                       noise_scheduler=scheduler, kind="sd1", prediction_type="epsilon",
+                       noise_scheduler=scheduler, kind=kind, prediction_type=scheduler.config.prediction_type,
                        resolution=TINY_RESOLUTION, title=TINY_TITLE)
 
 
@@ -200,13 +209,16 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Path, P
     """Write the tiny model as ``out_dir/tiny`` (diffusers folder) and ``out_dir/tiny.safetensors``.
 
     The single file uses the original SD key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.sd_keys.bundle_to_original`. Both are
+    ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.models.bundle_to_original`. Both are
     written to temporary names and renamed at the end, so a failure leaves nothing half-written.
     """
+    from .atomic import check_writable
     from .models import save_single_file, save_diffusers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for target in (out_dir / TINY_TITLE, out_dir / f"{TINY_TITLE}.safetensors"):
+        check_writable(target)   # fail before writing either, so we never leave one of the pair behind
     bundle = build_tiny_bundle(seed)
     folder = save_diffusers(bundle, out_dir / TINY_TITLE)
     single = save_single_file(bundle, out_dir / f"{TINY_TITLE}.safetensors")
