@@ -1,3 +1,29 @@
-"""ComfyUI nodes: thin adapters over iddm_core (filled in by the node-pack work)."""
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""ComfyUI nodes: thin adapters over iddm_core.
+
+Importing this package must stay cheap (ComfyUI imports every custom node pack at start-up): the node modules
+import only the standard library at module level; torch-heavy code (diffusers, transformers, dlib, kornia) is
+imported inside the node functions when a workflow actually runs.
+"""
+from .comfy_env import register_model_folders
+from .loss_node import IDDMFaceEnsembleLoss
+from .pgd_node import IDDMPGDTwoStage
+from .refs_node import LoadPrivateRefs
+from .train_node import IDDMTrainLoRA
+
+register_model_folders()
+
+NODE_CLASS_MAPPINGS = {
+    "IDDMLoadPrivateRefs": LoadPrivateRefs,
+    "IDDMFaceEnsembleLoss": IDDMFaceEnsembleLoss,
+    "IDDMPGDTwoStage": IDDMPGDTwoStage,
+    "IDDMTrainLoRA": IDDMTrainLoRA,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "IDDMLoadPrivateRefs": "Load Private Refs (IDDM)",
+    "IDDMFaceEnsembleLoss": "Face Ensemble Loss (IDDM)",
+    "IDDMPGDTwoStage": "PGD Two-Stage (IDDM)",
+    "IDDMTrainLoRA": "IDDM Train LoRA",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

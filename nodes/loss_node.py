@@ -1,0 +1,78 @@
+"""FaceEnsembleLoss: which face recognisers the PGD attacks, and the softmax temperature tau -> IDDM_LOSS.
+
+One BOOLEAN per known recogniser (ComfyUI combos are single-choice, an ensemble is a set). The list and the
+tooltips are rebuilt every time the browser asks for node definitions, so a model dropped into
+``models/insightface`` or ``models/facerecognition`` shows up as "installed" after a page refresh.
+"""
+from __future__ import annotations
+
+from .specs import CATEGORY, LOSS, LossSpec
+
+
+def _discover():
+    from ..iddm_core.face.registry import discover
+    from .comfy_env import recogniser_search_dirs
+
+    return discover(recogniser_search_dirs())
+
+
+def _toggle_name(name: str) -> str:
+    return f"use_{name}"
+
+
+def selected_surrogates(specs, flags: dict, extra: str = "") -> tuple[str, ...]:
+    """Registry tokens for the chosen recognisers: "dlib" or "name:PATH" (the path found by discovery).
+
+    A chosen recogniser that is not installed is an error that says which file to put where."""
+    from ..iddm_core.errors import InputError
+
+    tokens = []
+    for spec in specs:
+        if not flags.get(_toggle_name(spec.name)):
+            continue
+        if not spec.available:
+            raise InputError(f"{_toggle_name(spec.name)}: recogniser {spec.name!r} is not installed; {spec.hint}")
+        tokens.append(spec.name if spec.path is None else f"{spec.name}:{spec.path}")
+    tokens += [t.strip() for t in (extra or "").split(",") if t.strip()]
+    if not tokens:
+        raise InputError("choose at least one face recogniser (dlib is always available)")
+    return tuple(tokens)
+
+
+class IDDMFaceEnsembleLoss:
+    DESCRIPTION = ("The identity loss of PGD Stage II: an ensemble of face recognisers whose similarity to your "
+                   "reference photos is pushed down (softmax-weighted, the most confident recogniser hardest).")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (LOSS,)
+    RETURN_NAMES = ("loss",)
+    OUTPUT_TOOLTIPS = ("Recogniser choice and tau; the models are loaded by the node that runs PGD.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {}
+        for spec in _discover():
+            status = "installed" if spec.available else f"not installed: {spec.hint}"
+            required[_toggle_name(spec.name)] = ("BOOLEAN", {
+                "default": spec.name == "dlib",
+                "tooltip": f"Attack the {spec.name} face recogniser ({status})."})
+        required["tau"] = ("FLOAT", {"default": 0.03, "min": 0.001, "max": 10.0, "step": 0.001, "round": 0.0001,
+                                     "tooltip": "Softmax temperature over recognisers: small = attack the one that "
+                                                "still recognises you best (paper 0.03)."})
+        return {
+            "required": required,
+            "optional": {
+                "extra_surrogates": ("STRING", {"default": "", "multiline": False,
+                                                "tooltip": "Optional: more recognisers as name:PATH, comma separated "
+                                                           "(e.g. irse50:/models/irse50.pth)."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tau):
+        if not tau > 0:
+            return f"tau must be > 0 (got {tau})"
+        return True
+
+    def build(self, tau, extra_surrogates="", **flags):
+        return (LossSpec(surrogates=selected_surrogates(_discover(), flags, extra_surrogates), tau=float(tau)),)

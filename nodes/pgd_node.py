@@ -1,0 +1,137 @@
+"""PGDTwoStage: the PGD numbers (T, rho, eta, alpha) -> IDDM_PGD, with an optional one-shot preview.
+
+The preview attacks the protected photos once against the *base* model (no fine-tuning), so a user can see
+the size of the perturbation and how far the recognisers' similarity falls before spending an hour training.
+"""
+from __future__ import annotations
+
+from .specs import CATEGORY, LOSS, PGD, REFS
+
+PRESET_CHOICES = ["privacy", "balanced", "fidelity", "custom"]
+NO_PREVIEW = "(none)"
+
+
+def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float):
+    """PGDConfig from the widgets: a preset other than "custom" decides rho (privacy 0.1, balanced 0.3,
+    fidelity 0.5); errors name the parameter."""
+    from ..iddm_core.errors import InputError
+    from ..iddm_core.iddm import PRESETS
+    from ..iddm_core.pgd import PGDConfig
+
+    if preset != "custom":
+        if preset not in PRESETS:
+            raise InputError(f"preset={preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
+        rho = PRESETS[preset]
+    return PGDConfig(T=int(T), rho=float(rho), eta=float(eta), alpha=float(alpha)).validate()
+
+
+def similarity_drop_text(before: dict, after: dict, linf: float) -> str:
+    """"dlib: 0.912 -> 0.640 (-0.272)" per recogniser: mean cosine similarity to the reference prototype."""
+    lines = [f"{name}: {before[name]:.3f} -> {after[name]:.3f} ({after[name] - before[name]:+.3f})" for name in before]
+    lines.append(f"max |delta| = {linf:.4f} ({linf * 255:.1f}/255)")
+    return "\n".join(lines)
+
+
+def _mean_sims(ensemble, images, landmarks) -> dict:
+    import torch
+
+    with torch.no_grad():
+        _, sims = ensemble(images, landmarks)
+    return {name: float(s.float().mean()) for name, s in sims.items()}
+
+
+def run_preview(handle, loss, config, ckpt_name: str, resolution: int, seed: int, node_id=None):
+    """X' of the protected photos after one PGDTwoStage against the base model, and the similarity drop."""
+    import torch
+
+    from ..iddm_core.finetune import FinetuneConfig, encode_prompts
+    from ..iddm_core.pgd import pgd_two_stage
+    from .comfy_env import NodeProgress
+    from .session import trainable_refs, training_model
+
+    progress = NodeProgress(node_id, config.T)
+    with torch.inference_mode(False), training_model(ckpt_name) as bundle:
+        device = bundle.device
+        refs = trainable_refs(handle.at(int(resolution) or bundle.resolution))
+        x_ref, lm_ref = (t.to(device) for t in refs.reference())
+        x0, lm0 = (t.to(device) for t in refs.protect())
+        ensemble = loss.build(device)
+        ensemble.set_references(x_ref, lm_ref)
+        with torch.no_grad():
+            embeds = encode_prompts(bundle, [FinetuneConfig().instance_prompt]).detach()
+        before = _mean_sims(ensemble, x0, lm0)
+
+        def on_step(record):
+            from ..iddm_core.events import Event
+
+            progress(Event(phase="pgd", done=record["t"], total=config.T, t=record["t"], stage=record["stage"],
+                           loss=record["loss"], similarity=record["similarity"], linf=record["linf"]))
+
+        generator = torch.Generator().manual_seed(int(seed))
+        x_adv = pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, generator, on_step=on_step)
+        after = _mean_sims(ensemble, x_adv, lm0)
+        linf = float((x_adv - x0).abs().max())
+        image = x_adv.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
+    return image, similarity_drop_text(before, after, linf)
+
+
+class IDDMPGDTwoStage:
+    DESCRIPTION = ("Two-stage sign-PGD settings. Stage I (first floor(rho*T) steps) keeps the photos easy to "
+                   "learn; Stage II pushes the face recognisers' similarity down. Optionally previews the attack "
+                   "on the protected photos against a base checkpoint.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (PGD, "IMAGE", "STRING")
+    RETURN_NAMES = ("pgd", "protected_preview", "similarity_drop")
+    OUTPUT_TOOLTIPS = ("PGD settings for IDDM Train LoRA.",
+                       "Preview only: the protected photos X' after one PGD run on the base model.",
+                       "Preview only: per recogniser, mean similarity to your references before -> after.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .comfy_env import checkpoint_choices
+
+        return {
+            "required": {
+                "preset": (PRESET_CHOICES, {"default": "privacy",
+                                            "tooltip": "Sets rho: privacy 0.1, balanced 0.3, fidelity 0.5; "
+                                                       "'custom' uses the rho below."}),
+                "T": ("INT", {"default": 8, "min": 1, "max": 1000,
+                              "tooltip": "PGD steps per outer iteration (paper 8)."}),
+                "rho": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 0.99, "step": 0.01,
+                                  "tooltip": "Share of Stage I (fidelity) steps, only with preset 'custom'. "
+                                             "Smaller = more privacy."}),
+                "eta": ("FLOAT", {"default": 0.08, "min": 0.001, "max": 1.0, "step": 0.001,
+                                  "tooltip": "L-inf budget of the perturbation, pixels in [0,1] (paper 0.08 "
+                                             "= 20/255)."}),
+                "alpha": ("FLOAT", {"default": 0.008, "min": 0.0001, "max": 1.0, "step": 0.0001,
+                                    "tooltip": "PGD step size, at most eta (paper 0.008 = 2/255)."}),
+            },
+            "optional": {
+                "refs": (REFS, {"tooltip": "Optional, for the preview: photos from Load Private Refs."}),
+                "loss": (LOSS, {"tooltip": "Optional, for the preview: recognisers from Face Ensemble Loss "
+                                           "(default dlib)."}),
+                "preview_ckpt": ([NO_PREVIEW] + checkpoint_choices(),
+                                 {"default": NO_PREVIEW,
+                                  "tooltip": "Base model for the preview; '(none)' = no preview (fast)."}),
+                "preview_resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
+                                               "tooltip": "Preview size in pixels; 0 = the model's native size."}),
+                "preview_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+                                         "tooltip": "Seed of the diffusion noise used by the preview."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def build(self, preset, T, rho, eta, alpha, refs=None, loss=None, preview_ckpt=NO_PREVIEW,
+              preview_resolution=0, preview_seed=0, unique_id=None):
+        import torch
+
+        config = pgd_config(preset, T, rho, eta, alpha)
+        if refs is None or not preview_ckpt or preview_ckpt == NO_PREVIEW:
+            return (config, torch.zeros(1, 64, 64, 3), "no preview (connect refs and choose preview_ckpt)")
+        if loss is None:
+            from .specs import LossSpec
+
+            loss = LossSpec(surrogates=("dlib",))
+        image, text = run_preview(refs, loss, config, preview_ckpt, preview_resolution, preview_seed, unique_id)
+        return (config, image, text)

@@ -1,0 +1,38 @@
+"""One Stable Diffusion model per run: free ComfyUI's memory, load, train or attack, release.
+
+Why not reuse ComfyUI's loaded MODEL/CLIP/VAE: IDDM differentiates through the UNet, the VAE encoder and
+decoder and trains PEFT LoRA adapters in place, which ComfyUI's patched, possibly low-VRAM-offloaded models do
+not support. So the training nodes load their own diffusers copy through iddm_core and give the memory back
+to ComfyUI at the end, whether the run finished, failed or was cancelled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+
+from .comfy_env import free_memory, release_memory, resolve_checkpoint, torch_device
+
+
+@contextmanager
+def training_model(ckpt_name: str):
+    """Yield a ModelBundle of ``ckpt_name`` on ComfyUI's torch device, loaded once, released after."""
+    from ..iddm_core.models import load_model
+
+    path = resolve_checkpoint(ckpt_name)          # a missing file fails before anything is unloaded
+    free_memory()
+    bundle = load_model(path, device=torch_device())
+    try:
+        yield bundle
+    finally:
+        for name in ("unet", "vae", "text_encoder"):
+            setattr(bundle, name, None)
+        del bundle
+        release_memory()
+
+
+def trainable_refs(refs):
+    """A copy of PrivateRefs whose tensors are ordinary (not inference-mode) tensors.
+
+    ComfyUI runs every node under ``torch.inference_mode()``; tensors made there cannot take part in autograd
+    later, so the training code works on clones made inside ``torch.inference_mode(False)``."""
+    return dataclasses.replace(refs, images=refs.images.clone(), landmarks=refs.landmarks.clone())

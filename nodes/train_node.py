@@ -1,0 +1,124 @@
+"""IDDMTrainLoRA: run IDDM (Algorithm 1) and write a kohya LoRA into ComfyUI's loras folder.
+
+The node returns the LoRA's file name as a combo-compatible value, so it can be wired into the stock
+LoraLoader's ``lora_name``. Progress goes three ways: ComfyUI's progress bar, Cancel (checked after every
+step; iddm_core then writes nothing), and ``iddm.progress`` websocket events drawn as a chart by web/iddm.js.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .specs import CATEGORY, LOSS, PGD, REFS, ComboName
+
+LORA_SUFFIX = ".safetensors"
+
+
+def lora_file_name(lora_name: str) -> str:
+    """"my_avatar" -> "my_avatar.safetensors"; a bare file name only (no folders, nothing outside loras/)."""
+    from ..iddm_core.errors import InputError
+
+    name = (lora_name or "").strip()
+    if name.lower().endswith(LORA_SUFFIX):
+        name = name[: -len(LORA_SUFFIX)]
+    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
+        raise InputError(f"lora_name={lora_name!r}: give a plain file name (letters, digits, _ -), no folders")
+    return name + LORA_SUFFIX
+
+
+def iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation, num_class_images):
+    from ..iddm_core.iddm import IDDMConfig
+
+    return IDDMConfig(K=int(K), pgd=dataclasses.replace(pgd), tau=float(loss.tau), surrogates=tuple(loss.surrogates),
+                      ft_steps=int(ft_steps), rank=int(rank), lr=float(lr), resolution=int(resolution) or None,
+                      seed=int(seed), prior_preservation=bool(prior_preservation),
+                      num_class_images=max(1, int(num_class_images))).validate()
+
+
+def result_summary(file_name: str, report: dict) -> str:
+    """Numbers only (no photo names): what was trained and how recognisable the protected photos still are."""
+    cfg = report.get("config", {})
+    pgd = cfg.get("pgd", {})
+    lines = [f"LoRA written: {file_name} (loras folder; refresh the LoRA list if it is not shown)",
+             f"K={cfg.get('K')} T={pgd.get('T')} rho={pgd.get('rho')} eta={pgd.get('eta')} ft_steps={cfg.get('ft_steps')} "
+             f"rank={cfg.get('rank')} at {report.get('resolution')}px, "
+             f"{report.get('n_reference')} reference + {report.get('n_protect')} protected photos"]
+    sims = report.get("final_similarity") or {}
+    if sims:
+        lines.append("final similarity of protected photos: " + ", ".join(f"{k} {v:.3f}" for k, v in sims.items()))
+    t = report.get("timings") or {}
+    if t:
+        lines.append(f"time {t.get('total', 0):.1f}s (fine-tune {t.get('finetune', 0):.1f}s, PGD {t.get('pgd', 0):.1f}s)")
+    return "\n".join(lines)
+
+
+class IDDMTrainLoRA:
+    DESCRIPTION = ("Trains a personal LoRA with IDDM: alternates DreamBooth-LoRA fine-tuning and two-stage PGD on "
+                   "your protected photos, so portraits made with the LoRA are hard to link to you by face "
+                   "recognition. Writes a kohya LoRA into models/loras.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (ComboName("COMBO"), "STRING")
+    RETURN_NAMES = ("lora_name", "summary")
+    OUTPUT_TOOLTIPS = ("File name of the new LoRA in the loras folder: connect to LoraLoader's lora_name.",
+                       "What was trained, final similarities and timings (no photo names).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .comfy_env import checkpoint_choices
+
+        return {
+            "required": {
+                "ckpt_name": (checkpoint_choices(), {"tooltip": "Base Stable Diffusion 1.x/2.x checkpoint (models/"
+                                                                "checkpoints) or diffusers folder (models/diffusers)."}),
+                "refs": (REFS, {"tooltip": "Your photos, from Load Private Refs."}),
+                "loss": (LOSS, {"tooltip": "Face recognisers to attack, from Face Ensemble Loss."}),
+                "pgd": (PGD, {"tooltip": "PGD settings, from PGD Two-Stage."}),
+                "K": ("INT", {"default": 10, "min": 1, "max": 1000,
+                              "tooltip": "Outer IDDM iterations (paper 10)."}),
+                "ft_steps": ("INT", {"default": 40, "min": 1, "max": 100000,
+                                     "tooltip": "DreamBooth-LoRA steps per fine-tune burst (2 bursts per iteration)."}),
+                "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (alpha = rank)."}),
+                "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5, "round": 1e-7,
+                                 "tooltip": "Learning rate of the LoRA (AdamW)."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
+                                       "tooltip": "Training size in pixels; 0 = the model's native resolution "
+                                                  "(512 SD1/SD2-base, 768 SD2-v)."}),
+                "train_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+                                       "tooltip": "Seed for noise, timesteps and LoRA initialisation (fixed: "
+                                                  "a new seed would retrain)."}),
+                "lora_name": ("STRING", {"default": "iddm_lora", "multiline": False,
+                                         "tooltip": "File name of the LoRA written to models/loras "
+                                                    "(.safetensors is added)."}),
+                "overwrite": ("BOOLEAN", {"default": False,
+                                          "tooltip": "Replace an existing LoRA of the same name; off = stop before "
+                                                     "training if it exists."}),
+                "prior_preservation": ("BOOLEAN", {"default": True,
+                                                   "tooltip": "DreamBooth prior preservation with class images made "
+                                                              "once by the base model (cached in ComfyUI's temp)."}),
+                "num_class_images": ("INT", {"default": 8, "min": 1, "max": 1000,
+                                             "tooltip": "How many class images prior preservation generates."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, ckpt_name, refs, loss, pgd, K, ft_steps, rank, lr, resolution, train_seed, lora_name, overwrite,
+              prior_preservation=True, num_class_images=8, unique_id=None):
+        import torch
+
+        from ..iddm_core.atomic import check_writable
+        from ..iddm_core.iddm import run_iddm, total_steps
+        from .comfy_env import NodeProgress, class_cache_dir, loras_dir
+        from .session import trainable_refs, training_model
+
+        config = iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, train_seed, prior_preservation, num_class_images)
+        file_name = lora_file_name(lora_name)
+        out_path = loras_dir() / file_name
+        check_writable(out_path, bool(overwrite))          # before loading anything
+        progress = NodeProgress(unique_id, total_steps(config))
+        with torch.inference_mode(False), training_model(ckpt_name) as bundle:
+            prepared = trainable_refs(refs.at(config.resolution or bundle.resolution))
+            result = run_iddm(bundle, prepared, config, out_path=out_path, lora_name=file_name[: -len(LORA_SUFFIX)],
+                              overwrite=bool(overwrite), callback=progress, class_cache_dir=class_cache_dir())
+        summary = result_summary(file_name, result.report)
+        return {"ui": {"text": [summary]}, "result": (file_name, summary)}

@@ -1,0 +1,397 @@
+"""A stand-in for the parts of ComfyUI the IDDM node pack touches, and a tiny executor for API-format workflows.
+
+No ComfyUI is installed in CI, so this module builds the four modules the pack uses (``folder_paths``,
+``comfy.utils``, ``comfy.model_management``, ``server``) over a temporary ComfyUI-like folder tree, records
+what the pack does with them (progress updates, websocket messages, memory calls), loads the pack the way
+ComfyUI's ``load_custom_node`` does (``spec_from_file_location`` on the pack's ``__init__.py`` under a fresh
+module name) and runs the pack's own nodes of a workflow in dependency order under ``torch.inference_mode()``.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STUB_NAMES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "server")
+SUPPORTED_PT_EXTENSIONS = {".ckpt", ".pt", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+WIDGET_OPTION_KEYS = {
+    "INT": {"default", "min", "max", "step", "tooltip", "display", "control_after_generate", "forceInput",
+            "lazy", "advanced"},
+    "FLOAT": {"default", "min", "max", "step", "round", "tooltip", "display", "forceInput", "lazy", "advanced"},
+    "STRING": {"default", "multiline", "placeholder", "tooltip", "dynamicPrompts", "forceInput", "lazy", "advanced"},
+    "BOOLEAN": {"default", "label_on", "label_off", "tooltip", "forceInput", "lazy", "advanced"},
+}
+
+
+class InterruptProcessingException(Exception):
+    """Same name and role as ComfyUI's: raised by throw_exception_if_processing_interrupted after Cancel."""
+
+
+class ComfyStubs:
+    """A temporary ComfyUI tree (models/, input/, temp/, comfy/) plus recording stub modules.
+
+    ``interrupt_after``: after that many progress-bar updates the interrupt flag is raised, as if the user
+    pressed Cancel mid-run.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.models = self.root / "models"
+        self.input = self.root / "input"
+        self.temp = self.root / "temp"
+        self.comfy_dir = self.root / "comfy"
+        for d in (self.models / "checkpoints", self.models / "loras", self.models / "diffusers", self.input,
+                  self.temp, self.comfy_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.progress: list[tuple] = []        # (node_id, value, total)
+        self.messages: list[tuple] = []        # (event, data, sid)
+        self.memory_calls: list[str] = []
+        self.interrupted = False
+        self.interrupt_after: int | None = None
+        self._saved: dict = {}
+        self.modules = self._build_modules()
+
+    # ---------------------------------------------------------------- stub modules
+    def _build_modules(self) -> dict:
+        return {"folder_paths": self._folder_paths(), "comfy": self._comfy_package(),
+                "comfy.utils": self._comfy_utils(), "comfy.model_management": self._model_management(),
+                "server": self._server()}
+
+    def _folder_paths(self):
+        fp = types.ModuleType("folder_paths")
+        fp.models_dir = str(self.models)
+        fp.supported_pt_extensions = set(SUPPORTED_PT_EXTENSIONS)
+        fp.folder_names_and_paths = {
+            "checkpoints": ([str(self.models / "checkpoints")], set(SUPPORTED_PT_EXTENSIONS)),
+            "loras": ([str(self.models / "loras")], set(SUPPORTED_PT_EXTENSIONS)),
+            "diffusers": ([str(self.models / "diffusers")], ["folder"]),
+        }
+
+        def add_model_folder_path(folder_name, full_folder_path, is_default=False):
+            entry = fp.folder_names_and_paths.setdefault(folder_name, ([], set()))
+            if full_folder_path in entry[0]:
+                return
+            entry[0].insert(0, full_folder_path) if is_default else entry[0].append(full_folder_path)
+
+        def get_folder_paths(folder_name):
+            return list(fp.folder_names_and_paths[folder_name][0])
+
+        def get_filename_list(folder_name):
+            paths, exts = fp.folder_names_and_paths[folder_name]
+            out = set()
+            for base in paths:
+                for dirpath, _, files in os.walk(base):
+                    for f in files:
+                        if not exts or os.path.splitext(f)[1].lower() in exts:
+                            out.add(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
+            return sorted(out)
+
+        def get_full_path(folder_name, filename):
+            if folder_name not in fp.folder_names_and_paths:
+                return None
+            filename = os.path.relpath(os.path.join("/", filename), "/")
+            for base in fp.folder_names_and_paths[folder_name][0]:
+                candidate = os.path.join(base, filename)
+                if os.path.isfile(candidate):
+                    return candidate
+            return None
+
+        def get_full_path_or_raise(folder_name, filename):
+            path = get_full_path(folder_name, filename)
+            if path is None:
+                raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+            return path
+
+        fp.add_model_folder_path = add_model_folder_path
+        fp.get_folder_paths = get_folder_paths
+        fp.get_filename_list = get_filename_list
+        fp.get_full_path = get_full_path
+        fp.get_full_path_or_raise = get_full_path_or_raise
+        fp.get_input_directory = lambda: str(self.input)
+        fp.get_temp_directory = lambda: str(self.temp)
+        fp.get_output_directory = lambda: str(self.root / "output")
+        return fp
+
+    def _comfy_package(self):
+        # A real package spec pointing at comfy_dir, so importlib.util.find_spec("comfy") finds
+        # comfy/sd1_tokenizer like inside ComfyUI.
+        spec = importlib.machinery.ModuleSpec("comfy", None, is_package=True)
+        spec.submodule_search_locations = [str(self.comfy_dir)]
+        pkg = importlib.util.module_from_spec(spec)
+        pkg.__path__ = [str(self.comfy_dir)]
+        return pkg
+
+    def _comfy_utils(self):
+        utils = types.ModuleType("comfy.utils")
+        stubs = self
+
+        class ProgressBar:
+            def __init__(self, total, node_id=None):
+                self.total, self.current, self.node_id = total, 0, node_id
+
+            def update_absolute(self, value, total=None, preview=None):
+                if total is not None:
+                    self.total = total
+                self.current = min(value, self.total)
+                stubs._record_progress(self.node_id, self.current, self.total)
+
+            def update(self, value):
+                self.update_absolute(self.current + value)
+
+        utils.ProgressBar = ProgressBar
+        return utils
+
+    def _record_progress(self, node_id, value, total):
+        self.progress.append((node_id, value, total))
+        if self.interrupt_after is not None and len(self.progress) >= self.interrupt_after:
+            self.interrupted = True
+
+    def _model_management(self):
+        import torch
+
+        mm = types.ModuleType("comfy.model_management")
+        stubs = self
+        mm.InterruptProcessingException = InterruptProcessingException
+
+        def throw_exception_if_processing_interrupted():
+            if stubs.interrupted:
+                stubs.interrupted = False
+                raise InterruptProcessingException()
+
+        def interrupt_current_processing(value=True):
+            stubs.interrupted = value
+
+        mm.get_torch_device = lambda: torch.device("cpu")
+        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+        mm.interrupt_current_processing = interrupt_current_processing
+        mm.processing_interrupted = lambda: stubs.interrupted
+        mm.unload_all_models = lambda: stubs.memory_calls.append("unload_all_models")
+        mm.soft_empty_cache = lambda force=False: stubs.memory_calls.append("soft_empty_cache")
+        return mm
+
+    def _server(self):
+        server = types.ModuleType("server")
+        stubs = self
+
+        class PromptServer:
+            instance = None
+
+            def __init__(self):
+                self.client_id = "test-client"
+
+            def send_sync(self, event, data, sid=None):
+                stubs.messages.append((event, data, sid))
+
+        PromptServer.instance = PromptServer()
+        server.PromptServer = PromptServer
+        return server
+
+    # ---------------------------------------------------------------- install / load
+    def install(self) -> "ComfyStubs":
+        for name in STUB_NAMES:
+            self._saved[name] = sys.modules.get(name)
+            sys.modules[name] = self.modules[name]
+        self.modules["comfy"].utils = self.modules["comfy.utils"]
+        self.modules["comfy"].model_management = self.modules["comfy.model_management"]
+        return self
+
+    def uninstall(self) -> None:
+        for name, old in self._saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+        self._saved.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
+
+def load_pack(module_name: str = "comfyui-iddm", repo: Path = REPO):
+    """Import the pack as ComfyUI does: the folder's __init__.py under the folder's name, as a package."""
+    for key in [k for k in sys.modules if k == module_name or k.startswith(module_name + ".")]:
+        del sys.modules[key]
+    init = Path(repo) / "__init__.py"
+    spec = importlib.util.spec_from_file_location(module_name, str(init), submodule_search_locations=[str(repo)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+# -------------------------------------------------------------------- node definition rules
+def _is_type(t) -> bool:
+    return isinstance(t, str) and bool(t) or (isinstance(t, (list, tuple)) and all(isinstance(x, str) for x in t))
+
+
+def node_problems(name: str, cls) -> list[str]:
+    """What ComfyUI (server validation + frontend widget creation) would reject or show badly."""
+    problems = []
+    try:
+        spec = cls.INPUT_TYPES()
+    except Exception as exc:     # noqa: BLE001 - reported as a problem
+        return [f"{name}: INPUT_TYPES() raised {exc!r}"]
+    if not isinstance(spec, dict) or "required" not in spec:
+        return [f"{name}: INPUT_TYPES must return a dict with 'required'"]
+    for section, entries in spec.items():
+        if section not in ("required", "optional", "hidden"):
+            problems.append(f"{name}: unknown INPUT_TYPES section {section!r}")
+            continue
+        for inp, entry in entries.items():
+            if section == "hidden":
+                if not isinstance(entry, str):
+                    problems.append(f"{name}.{inp}: hidden inputs are strings like 'UNIQUE_ID'")
+                continue
+            problems += _input_problems(f"{name}.{inp}", entry)
+    rt = getattr(cls, "RETURN_TYPES", None)
+    if not isinstance(rt, tuple) or not all(_is_type(t) for t in rt):
+        problems.append(f"{name}: RETURN_TYPES must be a tuple of type strings")
+    rn = getattr(cls, "RETURN_NAMES", None)
+    if rn is not None and (len(rn) != len(rt or ()) or not all(isinstance(n, str) for n in rn)):
+        problems.append(f"{name}: RETURN_NAMES must match RETURN_TYPES in length")
+    tips = getattr(cls, "OUTPUT_TOOLTIPS", None)
+    if tips is not None and len(tips) != len(rt or ()):
+        problems.append(f"{name}: OUTPUT_TOOLTIPS must match RETURN_TYPES in length")
+    fn = getattr(cls, "FUNCTION", None)
+    if not isinstance(fn, str) or not callable(getattr(cls, fn, None)):
+        problems.append(f"{name}: FUNCTION must name a method")
+    if not isinstance(getattr(cls, "CATEGORY", None), str):
+        problems.append(f"{name}: CATEGORY must be a string")
+    if not isinstance(getattr(cls, "OUTPUT_NODE", False), bool):
+        problems.append(f"{name}: OUTPUT_NODE must be a bool")
+    return problems
+
+
+def _input_problems(where: str, entry) -> list[str]:
+    if not isinstance(entry, tuple) or not entry or len(entry) > 2:
+        return [f"{where}: an input is a tuple (type,) or (type, options)"]
+    t = entry[0]
+    opts = entry[1] if len(entry) == 2 else {}
+    problems = []
+    if not _is_type(t):
+        problems.append(f"{where}: type must be a string or a list of strings (combo)")
+    if not isinstance(opts, dict):
+        return problems + [f"{where}: options must be a dict"]
+    if not opts.get("tooltip"):
+        problems.append(f"{where}: no tooltip")
+    if isinstance(t, (list, tuple)):
+        if "default" in opts and opts["default"] not in t:
+            problems.append(f"{where}: combo default {opts['default']!r} is not a choice")
+    elif t in WIDGET_TYPES:
+        unknown = set(opts) - WIDGET_OPTION_KEYS[t]
+        if unknown:
+            problems.append(f"{where}: unknown {t} options {sorted(unknown)}")
+        d = opts.get("default")
+        if t in ("INT", "FLOAT"):
+            if not isinstance(d, (int, float)) or isinstance(d, bool) or (t == "INT" and not isinstance(d, int)):
+                problems.append(f"{where}: {t} default must be a number")
+            elif not opts.get("min", d) <= d <= opts.get("max", d):
+                problems.append(f"{where}: default {d} outside [min, max]")
+        if t == "BOOLEAN" and not isinstance(d, bool):
+            problems.append(f"{where}: BOOLEAN default must be a bool")
+        if t == "STRING" and not isinstance(d, str):
+            problems.append(f"{where}: STRING default must be a string")
+    return problems
+
+
+def linked_type_ok(received_type, input_type) -> bool:
+    """ComfyUI's link rule (comfy_execution.validation.validate_node_input): equal under ``!=``, or overlapping
+    comma-separated unions, or a "*" wildcard."""
+    if not received_type != input_type:
+        return True
+    if not isinstance(received_type, str) or not isinstance(input_type, str):
+        return False
+    if "*" in (received_type, input_type):
+        return True
+    return bool(set(received_type.split(",")) & set(input_type.split(",")))
+
+
+# ------------------------------------------------------------------------------------- executor
+def execution_order(workflow: dict) -> list[str]:
+    """Topological order of an API-format workflow (links are [node_id, output_index])."""
+    order, state = [], {}
+
+    def visit(nid):
+        if state.get(nid) == "done":
+            return
+        if state.get(nid) == "visiting":
+            raise ValueError(f"cycle at node {nid}")
+        state[nid] = "visiting"
+        for value in workflow[nid]["inputs"].values():
+            if _is_link(value):
+                visit(str(value[0]))
+        state[nid] = "done"
+        order.append(nid)
+
+    for nid in workflow:
+        visit(nid)
+    return order
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def run_workflow(pack, workflow: dict, only_pack_nodes: bool = True) -> dict:
+    """Execute the pack's nodes of ``workflow`` (API format) in order, under ``torch.inference_mode()`` as
+    ComfyUI's executor does. Returns {node_id: outputs tuple}; for other nodes (ComfyUI core nodes absent here)
+    returns {node_id: {"resolved": {input: value from a pack node}}} so callers can check what they would get.
+    Link types into pack nodes are checked with ComfyUI's rule first.
+    """
+    import torch
+
+    mapping = pack.NODE_CLASS_MAPPINGS
+    results: dict = {}
+    for nid in execution_order(workflow):
+        node = workflow[nid]
+        cls = mapping.get(node["class_type"])
+        kwargs = {}
+        for name, value in node["inputs"].items():
+            if _is_link(value):
+                src = str(value[0])
+                src_out = results.get(src)
+                if isinstance(src_out, tuple):
+                    _check_link(workflow, mapping, src, value[1], nid, name)
+                    kwargs[name] = src_out[value[1]]
+            else:
+                kwargs[name] = value
+        if cls is None:
+            results[nid] = {"resolved": kwargs}
+            continue
+        hidden = cls.INPUT_TYPES().get("hidden", {})
+        if "unique_id" in hidden:
+            kwargs["unique_id"] = nid
+        with torch.inference_mode():
+            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if isinstance(out, dict):
+            out = out["result"]
+        if len(out) != len(cls.RETURN_TYPES):
+            raise AssertionError(f"{node['class_type']} returned {len(out)} values for {len(cls.RETURN_TYPES)} outputs")
+        results[nid] = tuple(out)
+    return results
+
+
+def _check_link(workflow, mapping, src, index, dst, input_name) -> None:
+    src_cls = mapping[workflow[src]["class_type"]]
+    received = src_cls.RETURN_TYPES[index]
+    dst_cls = mapping.get(workflow[dst]["class_type"])
+    if dst_cls is None:
+        return
+    spec = dst_cls.INPUT_TYPES()
+    entry = spec.get("required", {}).get(input_name) or spec.get("optional", {}).get(input_name)
+    if entry is None:
+        raise AssertionError(f"node {dst} has no input {input_name!r}")
+    if not linked_type_ok(received, entry[0]):
+        raise AssertionError(f"link {src}:{index} -> {dst}.{input_name}: {received!r} does not fit {entry[0]!r}")
