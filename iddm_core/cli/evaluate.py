@@ -1,0 +1,196 @@
+"""`evaluate` command: generate portraits with a (LoRA-adapted) model and measure how much identity leaks.
+
+    python -m iddm_core evaluate --model tiny --lora my.safetensors --refs photos/ --out-json r.json --sheet s.png
+
+N images per prompt are sampled with the same fixed seed for every prompt (so two LoRAs evaluated with the same
+seed see the same initial noise), scored by :func:`iddm_core.evaluate.evaluate`, and written as a JSON report
+and a contact sheet (rows = prompts), both atomically and only at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# The IDDM paper's evaluation prompts. "sks" is DreamBooth's rare identifier token for the user; the sentences
+# read as ordinary captions ("a photo of <someone> wearing a hat") with the identifier standing in for a name.
+PAPER_PROMPTS = (
+    "a photo of sks person",
+    "a dslr portrait of sks person",
+    "a photo of sks person wearing a hat",
+    "a photo of sks person with glasses",
+    "a photo of sks person with red hair",
+)
+REF_RESOLUTION = 256     # face-centred crops of the clean photos used for the identity prototype
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="SD checkpoint (.safetensors), diffusers folder, or 'tiny'")
+    p.add_argument("--kind", choices=["sd1", "sd2", "sd2v"], default=None, help="override model-kind detection")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (for single-file checkpoints)")
+    p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS), help="prompts (default: the paper's five)")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every prompt (default 0)")
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's native)")
+    p.add_argument("--eval-recognizers", default="dlib",
+                   help="comma-separated held-out recognisers: dlib, arcface:PATH.onnx, ... (default dlib)")
+    p.add_argument("--surrogates", default="",
+                   help="recognisers the protection was optimised against (names; only checked for overlap)")
+    p.add_argument("--gallery", default=None, help="folder of distractor identities for top-k retrieval "
+                                                   "(sub-folder per identity, or files named identity[_N].jpg)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="generate portraits and measure identity leakage (FSR, ISM, BRISQUE)",
+                       description="Sample N images per prompt from a model (+ optional LoRA), then report the face "
+                                   "detection rate (FSR), identity similarity to your clean photos (ISM) per "
+                                   "held-out recogniser, optional gallery retrieval, and BRISQUE quality.")
+    p.add_argument("--lora", default=None, help="kohya LoRA .safetensors to apply (default: the base model)")
+    p.add_argument("--refs", required=True, help="folder with your clean photos (the identity to look for)")
+    p.add_argument("--out-json", required=True, help="JSON report to write")
+    p.add_argument("--sheet", default=None, help="contact-sheet PNG to write (rows = prompts)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def split_names(text: str) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def check_generation_args(args) -> None:
+    from ..errors import InputError
+
+    if args.n < 1:
+        raise InputError(f"--n={args.n}: give at least one image per prompt")
+    if args.steps < 1:
+        raise InputError(f"--steps={args.steps} must be >= 1")
+    if not args.prompts or not all(p.strip() for p in args.prompts):
+        raise InputError("--prompts: give at least one non-empty prompt")
+    if not split_names(args.eval_recognizers):
+        raise InputError("--eval-recognizers: name at least one recogniser, e.g. dlib")
+
+
+def apply_lora_file(bundle, path) -> None:
+    """Load a kohya LoRA file into ``bundle``'s UNet/text encoder in place, with diffusers' kohya reader (the same
+    conversion front ends use), by wrapping the bundle's modules in a StableDiffusionPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ..errors import InputError, ModelError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--lora: file not found: {path}")
+    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+                                   unet=bundle.unet, scheduler=DDIMScheduler.from_config(bundle.noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    except Exception as exc:   # diffusers raises ValueError/KeyError/RuntimeError for foreign layouts
+        raise ModelError(f"cannot apply LoRA {path}: {exc.__class__.__name__}: {exc}") from exc
+
+
+def generate_for_prompts(bundle, prompts, n: int, seed: int, steps: int, guidance: float = 7.5,
+                         resolution: int | None = None, callback=None):
+    """``(images [len(prompts) * n, 3, H, W], prompt index per image)``, every prompt sampled with ``seed``."""
+    import torch
+
+    from ..events import Emitter
+    from ..finetune import generate_images
+
+    emit = Emitter(callback, total=len(prompts))
+    out, labels = [], []
+    for i, prompt in enumerate(prompts):
+        out.append(generate_images(bundle, prompt, n, seed=seed, steps=steps, guidance_scale=guidance,
+                                   resolution=resolution))
+        labels += [i] * n
+        emit("generate", message=f"prompt {i + 1}/{len(prompts)}")
+    return torch.cat(out), labels
+
+
+def load_clean_refs(folder, detector, resolution: int = REF_RESOLUTION):
+    """Face-centred crops + landmarks of every clean photo with a face (photos without one are skipped)."""
+    from ..images import load_folder
+    from ..refs import prepare_photos
+
+    images, landmarks, _, _ = prepare_photos(load_folder(folder), resolution, detector)
+    return images, landmarks
+
+
+def sheet_tiles(images, result: dict) -> list:
+    """Generated images as uint8 tiles labelled with the first evaluation recogniser's similarity."""
+    from ..evaluate import _uint8
+    from ..leak_render import annotate, enlarge, label_text, verdict_color
+
+    name = result["eval_recognizers"][0]
+    entry = result["recognizers"][name]
+    return [annotate(enlarge(rgb), label_text(s, name), verdict_color(s, entry["threshold"]))
+            for rgb, s in zip(_uint8(images), entry["similarity"])]
+
+
+def write_outputs(result: dict, images, n_columns: int, json_path, sheet_path=None, overwrite: bool = False) -> None:
+    """Write the JSON report and (optionally) the contact sheet, each atomically."""
+    from PIL import Image
+
+    from ..atomic import atomic_write, check_writable, write_text_atomic
+    from ..leak_render import contact_sheet
+
+    check_writable(json_path, overwrite)
+    if sheet_path is not None:
+        check_writable(sheet_path, overwrite)
+        sheet = contact_sheet(sheet_tiles(images, result), n_columns)
+        atomic_write(sheet_path, lambda tmp: Image.fromarray(sheet).save(tmp, "PNG"), overwrite=overwrite)
+    write_text_atomic(json_path, json.dumps(result, indent=2), overwrite=overwrite)
+
+
+def evaluate_bundle(bundle, clean, args, detector, callback=None) -> tuple[dict, "torch.Tensor"]:
+    """Generate with ``bundle`` (whatever adapters are active) and score; shared by the CLI and ``bench paper``."""
+    from ..evaluate import evaluate
+
+    images, labels = generate_for_prompts(bundle, args.prompts, args.n, args.seed, args.steps, args.guidance,
+                                          args.resolution, callback)
+    result = evaluate(images, clean, eval_recognizers=split_names(args.eval_recognizers),
+                      surrogates=split_names(args.surrogates), detector=detector, gallery=args.gallery,
+                      labels=[str(i) for i in labels], device=bundle.device, callback=callback)
+    result["prompts"] = list(args.prompts)
+    result["settings"] = {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+                          "resolution": int(images.shape[-1]), "model": bundle.title}
+    return result, images
+
+
+def cmd_evaluate(args) -> int:
+    from ..atomic import check_writable
+    from ..face.detect import get_detector
+    from ..models import load_model
+    from ._common import ConsoleProgress, pick_device
+
+    check_generation_args(args)
+    check_writable(args.out_json, args.overwrite)
+    if args.sheet:
+        check_writable(args.sheet, args.overwrite)
+    detector = get_detector("dlib")
+    clean = load_clean_refs(args.refs, detector)
+    bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=pick_device(args.device))
+    if args.lora:
+        apply_lora_file(bundle, args.lora)
+    result, images = evaluate_bundle(bundle, clean, args, detector, ConsoleProgress())
+    result["settings"]["lora"] = bool(args.lora)
+    write_outputs(result, images, args.n, args.out_json, args.sheet, args.overwrite)
+    print(summary_line(result))
+    for w in result["warnings"]:
+        print(f"WARNING: {w}")
+    return 0
+
+
+def summary_line(result: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    parts = [f"FSR {result['fsr']:.2f}"]
+    parts += [f"ISM[{name}] {fmt(e['ism'])}" for name, e in result["recognizers"].items()]
+    if result.get("brisque") is not None:
+        parts.append(f"BRISQUE {result['brisque']:.1f}")
+    return "  ".join(parts)
