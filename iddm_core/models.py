@@ -213,9 +213,22 @@ def _match_text_prefix(module, state: dict) -> dict:
     return out
 
 
-def _load_strict(module, state: dict, source: str, part: str, kind: str) -> None:
-    """Load weights, ignoring only keys the module has no use for; a missing or misshapen tensor is an error."""
+def _build_loaded(factory, state: dict, source: str, part: str, kind: str):
+    """``factory()`` with ``state`` loaded; the weights are checked on a meta-device copy first.
+
+    Why meta first: a wrong guess of the architecture would otherwise allocate and randomly initialise a
+    full-size network (seconds and gigabytes) only to fail.
+    """
+    with torch.device("meta"):
+        _check_state(factory().state_dict(), state, source, part, kind)
+    module = factory()
     own = module.state_dict()
+    module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    return module.eval()
+
+
+def _check_state(own: dict, state: dict, source: str, part: str, kind: str) -> None:
+    """A missing or misshapen tensor is an error; keys the module has no use for are ignored."""
     missing = [k for k in own if k not in state and not k.endswith("position_ids")]
     if missing:
         raise ModelError(f"{source}: the {part} does not match the {kind} architecture ({len(missing)} weights "
@@ -224,7 +237,6 @@ def _load_strict(module, state: dict, source: str, part: str, kind: str) -> None
     if bad:
         raise ModelError(f"{source}: the {part} does not match the {kind} architecture ({bad[0]} has shape "
                          f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}); pass kind=...")
-    module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
@@ -324,11 +336,12 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
         configs = shipped_configs(kind)
     tok = resolve_tokenizer(kind, tokenizer, None, str(path))
 
-    unet = UNet2DConditionModel.from_config(_clean(configs["unet"]))
+    unet_config, vae_config = _clean(configs["unet"]), _clean(configs["vae"])
     try:
-        _load_strict(unet, convert_ldm_unet_checkpoint(state, dict(unet.config)), str(path), "UNet", kind)
-        vae = AutoencoderKL.from_config(_clean(configs["vae"]))
-        _load_strict(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), str(path), "VAE", kind)
+        unet = _build_loaded(lambda: UNet2DConditionModel.from_config(unet_config),
+                             convert_ldm_unet_checkpoint(state, unet_config), str(path), "UNet", kind)
+        vae = _build_loaded(lambda: AutoencoderKL.from_config(vae_config),
+                            convert_ldm_vae_checkpoint(state, vae_config), str(path), "VAE", kind)
     except (KeyError, IndexError) as exc:  # the converters index keys blindly
         raise ModelError(f"{path}: the UNet/VAE weights do not fit the {kind} layout (missing {exc})") from exc
 
@@ -339,15 +352,18 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
                   if (m := re.match(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.", k))}
         # SD2 conditions on the penultimate block: the text model has one block fewer than the file
         text_config["num_hidden_layers"] = max(len(blocks) - 1, 1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_cfg = CLIPTextConfig(**text_config)
+    with torch.device("meta"):
+        probe = CLIPTextModel(text_cfg)
     if openclip:
-        converted = convert_open_clip_checkpoint(text_encoder, state)
+        converted = convert_open_clip_checkpoint(probe, state)
     else:
         converted = convert_ldm_clip_checkpoint(state)
-    _load_strict(text_encoder, _match_text_prefix(text_encoder, converted), str(path), "text encoder", kind)
+    text_encoder = _build_loaded(lambda: CLIPTextModel(text_cfg), _match_text_prefix(probe, converted),
+                                 str(path), "text encoder", kind)
 
     prediction_type = PREDICTION_TYPES[kind]
-    return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,
+    return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                        noise_scheduler=_scheduler(configs["scheduler"], prediction_type), kind=kind,
                        prediction_type=prediction_type, resolution=_resolution(configs["vae"], kind),
                        title=path.stem)

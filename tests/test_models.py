@@ -283,3 +283,23 @@ def test_cli_writes_both_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "m")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before   # no temp leftovers
+
+
+@pytest.mark.parametrize("kind,unet_m,text_m", [("sd1", 859, 123), ("sd2", 865, 340), ("sd2v", 865, 340)])
+def test_shipped_configs_describe_the_real_architectures(kind, unet_m, text_m):
+    """Built on the meta device (no memory): parameter counts match the published SD models (millions)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = models_mod.shipped_configs(kind)
+    clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(clean(cfg["unet"]))
+        vae = AutoencoderKL.from_config(clean(cfg["vae"]))
+        text = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    assert count(unet) == pytest.approx(unet_m, abs=2)
+    assert count(vae) == pytest.approx(83.65, abs=0.5)
+    assert count(text) == pytest.approx(text_m, abs=2)
+    assert cfg["scheduler"]["prediction_type"] == models_mod.PREDICTION_TYPES[kind]
+    assert cfg["vae"]["sample_size"] == models_mod.RESOLUTIONS[kind]
