@@ -87,3 +87,94 @@ def test_face_models_cli_lists_dlib_and_hints(tmp_path):
     specs = {s["name"]: s for s in json.loads(out.stdout)}
     assert specs["dlib"]["available"]
     assert not specs["irse50"]["available"] and str(tmp_path / "facerecognition" / "irse50.pth") in specs["irse50"]["hint"]
+
+
+# --- end to end with dlib on real photos -----------------------------------------------------------------------
+
+def native_dlib_descriptor(rgb: np.ndarray) -> np.ndarray:
+    """dlib's own C++ pipeline (HOG detector, 5-point predictor, ResNet) written out here, independent of the
+    package, as the judge of the attack."""
+    import dlib
+
+    from iddm_core.face.dlib_files import RESNET, SHAPE_5, require_model
+
+    rgb = np.ascontiguousarray(rgb)
+    rects = dlib.get_frontal_face_detector()(rgb, 1)
+    assert len(rects) >= 1, "dlib finds no face"
+    rect = max(rects, key=lambda r: r.width() * r.height())
+    shape = dlib.shape_predictor(str(require_model(SHAPE_5)))(rgb, rect)
+    model = dlib.face_recognition_model_v1(str(require_model(RESNET)))
+    return np.array(model.compute_face_descriptor(rgb, shape))
+
+
+def test_face_attack_cli_fools_dlib_on_real_photos(tmp_path, small_faces_dir):
+    from iddm_core.cli.face import _downscale
+    from iddm_core.images import load_rgb
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copy(small_faces_dir / "obama.jpg", refs / "obama.jpg")
+    out, report = tmp_path / "protected.png", tmp_path / "report.json"
+    eta, steps, max_side = 0.08, 8, 288
+    cmd = [sys.executable, "-m", "iddm_core", "face-attack", "--refs", str(refs),
+           "--image", str(small_faces_dir / "obama2.jpg"), "--surrogates", "dlib", "--eta", str(eta),
+           "--alpha", "0.008", "--steps", str(steps), "--tau", "0.03", "--max-side", str(max_side),
+           "--device", "cpu", "--out", str(out), "--report", str(report)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    source = _downscale(load_rgb(small_faces_dir / "obama2.jpg"), max_side)
+    protected = load_rgb(out)
+    assert protected.shape == source.shape and max(source.shape[:2]) == max_side
+    linf = np.abs(protected.astype(int) - source.astype(int)).max() / 255.0
+    assert 0 < linf <= eta + 1e-9
+
+    prototype = native_dlib_descriptor(load_rgb(refs / "obama.jpg"))
+    before = np.linalg.norm(native_dlib_descriptor(source) - prototype)
+    after = np.linalg.norm(native_dlib_descriptor(protected) - prototype)
+    print(f"dlib distance before {before:.3f} after {after:.3f}")
+    assert before < 0.6 < after
+
+    text = report.read_text()
+    assert "obama" not in text and str(tmp_path) not in text
+    data = json.loads(text)
+    assert [h["t"] for h in data["history"]] == list(range(1, steps + 1))
+    sims = [h["similarity"]["dlib"] for h in data["history"]] + [data["final"]["similarity"]["dlib"]]
+    print("dlib similarity per step", [round(s, 3) for s in sims])
+    assert sims[-1] < sims[0] - 0.1
+    assert all(h["linf"] <= eta + 1e-6 for h in data["history"])
+    assert data["linf_png"] == pytest.approx(linf)
+    assert data["dlib_distance_after"] > 0.6 > data["dlib_distance_before"]
+    assert "obama" not in run.stderr
+
+
+def test_face_embed_cli_matches_dlib(small_faces_dir):
+    from iddm_core.images import load_rgb
+
+    image = small_faces_dir / "obama.jpg"
+    run = subprocess.run([sys.executable, "-m", "iddm_core", "face-embed", "--model", "dlib", "--device", "cpu",
+                          str(image)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    emb = np.array(data["embedding"])
+    assert data["model"] == "dlib" and data["dim"] == 128 == emb.size
+    assert np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-4)
+    native = native_dlib_descriptor(load_rgb(image))
+    assert float(emb @ native / np.linalg.norm(native)) > 0.98
+
+
+def test_face_attack_cli_errors_name_the_input(tmp_path, small_faces_dir):
+    blank = tmp_path / "refs"
+    blank.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (200, 200), (120, 130, 140)).save(blank / "wall.png")
+    run = subprocess.run([sys.executable, "-m", "iddm_core", "face-attack", "--refs", str(blank), "--image",
+                          str(small_faces_dir / "obama2.jpg"), "--out", str(tmp_path / "o.png")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "wall.png" in run.stderr
+    assert not (tmp_path / "o.png").exists()
+    run = subprocess.run([sys.executable, "-m", "iddm_core", "face-attack", "--refs", str(blank), "--image",
+                          str(small_faces_dir / "obama2.jpg"), "--surrogates", "dlib,nope",
+                          "--out", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "nope" in run.stderr
