@@ -142,3 +142,12 @@ def test_bad_models_and_images(models, tmp_path):
         det.detect(np.zeros((10, 10), np.uint8))
     faces = det.detect(torch.zeros(3, 240, 320))  # tensors in [0, 1] are accepted too
     assert len(faces) == 2
+
+
+def test_detect_module_finds_this_detector(models):
+    """face/detect.py's get_detector(path.onnx) builds this class (it looks it up by name)."""
+    from iddm_core.face.detect import get_detector
+
+    det = get_detector(str(models[0]))
+    assert isinstance(det, ScrfdDetector)
+    assert len(det.detect(np.zeros((SIDE, SIDE, 3), np.uint8))) == 2

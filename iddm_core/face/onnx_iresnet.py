@@ -374,6 +374,21 @@ class OnnxGraph(nn.Module):
             self._nodes.append((node.op_type, list(node.input), list(node.output), at))
         self.input_names = [i.name for i in graph.input if i.name not in self._const]
         self.output_names = [o.name for o in graph.output]
+        self._release = self._release_plan()
+
+    def _release_plan(self) -> list[list[str]]:
+        """For each node, the intermediate values read for the last time there. Dropping them from the
+        environment lets inference without gradients run in the memory of a few layers, not of all of them."""
+        last_use = {}
+        for index, (_, names_in, _, _) in enumerate(self._nodes):
+            for name in names_in:
+                last_use[name] = index
+        keep = set(self.output_names) | set(self._const)
+        plan = [[] for _ in self._nodes]
+        for name, index in last_use.items():
+            if name and name not in keep:
+                plan[index].append(name)
+        return plan
 
     def _add_constant(self, name: str, value: torch.Tensor) -> None:
         attr = f"const_{len(self._const)}"
@@ -386,12 +401,14 @@ class OnnxGraph(nn.Module):
         env = dict(zip(self.input_names, inputs))
         for name, attr in self._const.items():
             env[name] = getattr(self, attr)
-        for op_type, names_in, names_out, at in self._nodes:
+        for (op_type, names_in, names_out, at), release in zip(self._nodes, self._release):
             result = OPS[op_type]([env[n] if n else None for n in names_in], at)
             if isinstance(result, tuple):
                 env.update(zip(names_out, result))
             else:
                 env[names_out[0]] = result
+            for name in release:
+                env.pop(name, None)
         outs = tuple(env[n] for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
 

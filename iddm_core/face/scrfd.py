@@ -185,3 +185,7 @@ class ScrfdDetector:
         keep = nms(boxes, scores, self.nms_threshold)[: max_faces or None]
         return [Face(tuple(float(v) for v in boxes[i] / scale), (points[i] / scale).astype(np.float32),
                      float(scores[i])) for i in keep]
+
+
+# The name face/detect.py looks up (insightface calls its class SCRFD).
+SCRFDDetector = ScrfdDetector
