@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import InputError
+
 
 def _add_model_dirs(p) -> None:
     p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
@@ -53,14 +55,6 @@ def _search_dirs(dirs: list[str]) -> list[str]:
     return list(dirs) + default_search_dirs()
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _downscale(rgb, max_side: int):
     """Longest side at most ``max_side`` (LANCZOS); the attack then runs at that resolution."""
     import numpy as np
@@ -74,17 +68,13 @@ def _downscale(rgb, max_side: int):
     return np.array(Image.fromarray(rgb).resize(size, Image.LANCZOS))
 
 
-def _print_event(ev) -> None:
-    sims = " ".join(f"{k}={v:.3f}" for k, v in ev.similarity.items())
-    print(f"step {ev.t}/{ev.total} loss={ev.loss:.4f} {sims} linf={ev.linf:.4f} {ev.elapsed:.1f}s", file=sys.stderr)
-
-
 def run_attack(args) -> int:
     import numpy as np
     import torch
     from PIL import Image
 
     from ..atomic import atomic_write, check_writable, write_text_atomic
+    from ._common import ConsoleProgress, pick_device
     from ..face.attack import DLIB_MATCH_THRESHOLD, check_budget, dlib_distance, dlib_prototype, face_attack
     from ..face.detect import detect_one, get_detector
     from ..face.ensemble import FaceEnsembleLoss, build_references
@@ -93,13 +83,13 @@ def run_attack(args) -> int:
 
     check_budget(args.eta, args.alpha, args.steps)
     if args.tau <= 0:
-        raise_input(f"--tau must be > 0, got {args.tau}")
+        raise InputError(f"--tau must be > 0, got {args.tau}")
     if not str(args.out).lower().endswith(".png"):
-        raise_input(f"--out must be a .png file (lossless, so the budget survives saving): {args.out}")
+        raise InputError(f"--out must be a .png file (lossless, so the budget survives saving): {args.out}")
     check_writable(args.out, args.overwrite)
     if args.report:
         check_writable(args.report, args.overwrite)
-    device = _device(args.device)
+    device = pick_device(args.device)
     specs = parse_surrogates(args.surrogates, _search_dirs(args.models_dir))
 
     detector = get_detector(args.detector)
@@ -112,14 +102,14 @@ def run_attack(args) -> int:
     loss_fn.set_references(ref_images.to(device), ref_landmarks.to(device))
     x0 = to_tensor(rgb)[None].to(device)
     landmarks = torch.from_numpy(np.asarray(face.landmarks, dtype=np.float32))[None].to(device)
-    result = face_attack(x0, landmarks, loss_fn, args.eta, args.alpha, args.steps, callback=_print_event)
+    result = face_attack(x0, landmarks, loss_fn, args.eta, args.alpha, args.steps, callback=ConsoleProgress())
 
     protected = to_uint8(result.image[0])
     linf_png = float(np.abs(protected.astype(np.int16) - rgb.astype(np.int16)).max()) / 255.0
     prototype = dlib_prototype([to_uint8(img) for img in ref_images])
     report = {
         "surrogates": loss_fn.names, "eta": args.eta, "alpha": args.alpha, "steps": args.steps, "tau": args.tau,
-        "size": [int(rgb.shape[1]), int(rgb.shape[0])], "references": len(photos),
+        "width_height": [int(rgb.shape[1]), int(rgb.shape[0])], "references": len(photos),
         "history": result.history, "final": result.final, "linf_png": linf_png,
         "dlib_distance_before": dlib_distance(rgb, prototype),
         "dlib_distance_after": dlib_distance(protected, prototype),
@@ -134,12 +124,6 @@ def run_attack(args) -> int:
     return 0
 
 
-def raise_input(message: str):
-    from ..errors import InputError
-
-    raise InputError(message)
-
-
 def _fmt(d) -> str:
     return "no face found" if d is None else f"{d:.3f}"
 
@@ -151,11 +135,12 @@ def run_embed(args) -> int:
     from ..face.detect import detect_one, get_detector
     from ..face.registry import load_recognizer, parse_surrogates
     from ..images import load_rgb, to_tensor
+    from ._common import pick_device
 
     specs = parse_surrogates(args.model, _search_dirs(args.models_dir))
     if len(specs) != 1:
-        raise_input(f"--model takes one recogniser, got {args.model!r}")
-    device = _device(args.device)
+        raise InputError(f"--model takes one recogniser, got {args.model!r}")
+    device = pick_device(args.device)
     model = load_recognizer(specs[0], device)
     rgb = load_rgb(args.image)
     face = detect_one(rgb, get_detector(args.detector), str(args.image))
