@@ -86,14 +86,24 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     state of the last finished iteration stays in ``checkpoint_dir`` if one was given). ``stop_after=k`` ends the
     run after iteration k without writing a LoRA (tests use it to simulate an interruption).
     """
-    from . import checkpoint as ckpt
-    from .atomic import check_writable, write_text_atomic
-    from .finetune import DreamBoothTrainer, FinetuneConfig
-    from .lora import LoraSpec, save_kohya_lora
+    from .atomic import check_writable
 
     config.validate()
     if out_path is not None:
         check_writable(out_path, overwrite)      # fail before hours of work, not after
+    # ComfyUI runs nodes under inference_mode: switch it off and work on clones of the inputs.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume,
+                    overwrite, callback, class_images, class_cache_dir, stop_after)
+
+
+def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume, overwrite,
+         callback, class_images, class_cache_dir, stop_after) -> IDDMResult:
+    from . import checkpoint as ckpt
+    from .atomic import write_text_atomic
+    from .finetune import DreamBoothTrainer, FinetuneConfig
+    from .lora import LoraSpec, save_kohya_lora
+
     device = bundle.unet.device
     resolution = refs.resolution
     timings = {"finetune": 0.0, "pgd": 0.0}
@@ -102,15 +112,15 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
 
     if ensemble is None:
         ensemble = build_ensemble(config.surrogates, config.tau, device)
-    x_ref, lm_ref = (t.to(device) for t in refs.reference())
-    x_prot, lm_prot = (t.to(device) for t in refs.protect())
+    x_ref, lm_ref = (t.to(device).clone() for t in refs.reference())
+    x_prot, lm_prot = (t.to(device).clone() for t in refs.protect())
     ensemble.set_references(x_ref, lm_ref)
 
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
     ft_config = FinetuneConfig(lr=config.lr, seed=config.seed, resolution=resolution,
                                prior_preservation=config.prior_preservation, num_class_images=config.num_class_images)
     trainer = DreamBoothTrainer(bundle, spec, ft_config, class_images=class_images, class_cache_dir=class_cache_dir)
-    embeds = trainer.instance_embeddings()
+    embeds = trainer.prompt_embeds[0:1]          # instance prompt, computed once by the trainer
     generator = torch.Generator().manual_seed(config.seed + 1)
 
     report = {"config": config.to_dict(), "resolution": resolution,
@@ -148,7 +158,7 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
 
         t0 = time.perf_counter()
         x_prot = pgd_two_stage(bundle, ensemble, x_prot, lm_prot, embeds, config.pgd,
-                               generator, on_step=on_pgd_step, autocast=trainer.autocast)  # X' <- PGD(Θ'_k; X0)
+                               generator, on_step=on_pgd_step, autocast=lambda: trainer.autocast)  # X' <- PGD(Θ'_k; X0)
         timings["pgd"] += _elapsed(t0, device)
         record["finetune_protected"] = finetune(x_prot, k, "protected")         # Θ_k = FT(Θ'_k; X')
         report["iterations"].append(record)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import InputError
+from .face.attack import sign_pgd_step
 
 STAGE_REC = "rec"
 STAGE_ID = "id"
@@ -52,13 +53,6 @@ class PGDConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sign_pgd_descent(x0: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha: float, eta: float) -> torch.Tensor:
-    """One descent step: x - alpha*sign(grad), projected onto |x - x0|_inf <= eta and onto [0, 1]."""
-    x = x - alpha * grad.sign()
-    x = x0 + (x - x0).clamp(-eta, eta)
-    return x.clamp(0.0, 1.0)
 
 
 # ---- small pieces of diffusion math --------------------------------------------------------------------------
@@ -131,13 +125,16 @@ def frozen(*modules):
 # ---- the two-stage attack ------------------------------------------------------------------------------------
 
 def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, embeds: torch.Tensor,
-                  config: PGDConfig, generator: torch.Generator, on_step=None, autocast=None) -> torch.Tensor:
+                  config: PGDConfig, generator: torch.Generator, on_step=None, autocast=None,
+                  predict_clean=None) -> torch.Tensor:
     """Run T sign-PGD steps on the batch ``x0`` (all protected images at once) and return X'.
 
     ``ensemble`` is a FaceEnsembleLoss whose references are already set; ``landmarks`` are those of the clean x0.
     ``embeds`` are the instance-prompt embeddings (batch 1 or N). ``on_step(record)`` is called after every step
-    with {t, stage, loss, similarity, linf}; it may raise to cancel.
+    with {t, stage, loss, similarity, linf}; it may raise to cancel. ``predict_clean(bundle, x, embeds, generator,
+    t_max)`` replaces the one-step clean prediction (default :func:`predict_clean_image`; tests use x0_hat := x').
     """
+    predict_clean = predict_clean or predict_clean_image
     config.validate()
     x0 = x0.detach()
     x = x0.clone()
@@ -155,10 +152,10 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
                     if stage == STAGE_REC:
                         loss, sims = rec_loss(bundle, x, embeds, generator, config.id_t_max), {}
                     else:
-                        x0_hat = predict_clean_image(bundle, x, embeds, generator, config.id_t_max)
+                        x0_hat = predict_clean(bundle, x, embeds, generator, config.id_t_max)
                         loss, sims = ensemble(x0_hat.float(), landmarks)
                 grad, = torch.autograd.grad(loss.float(), x)
-                x = sign_pgd_descent(x0, x.detach(), grad, config.alpha, config.eta)
+                x = sign_pgd_step(x0, x.detach(), grad, config.alpha, config.eta)
                 if on_step is not None:
                     on_step({
                         "t": t, "stage": stage, "loss": float(loss.detach()),
