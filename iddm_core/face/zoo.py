@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,7 +81,6 @@ class IRUnit(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int, se: bool):
         super().__init__()
-        self.stride = stride
         if c_in == c_out:
             self.shortcut_layer = nn.MaxPool2d(1, stride)
         else:
@@ -222,10 +220,6 @@ class BasicConv(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-def _chain(*convs) -> nn.Sequential:
-    return nn.Sequential(*convs)
-
-
 class InceptionResidual(nn.Module):
     """Residual inception block: parallel branches, concatenated, 1x1 ``conv2d`` (with bias), scaled, added.
 
@@ -239,19 +233,19 @@ class InceptionResidual(nn.Module):
         if kind == "35":
             c, b = 256, 32
             self.branch0 = BasicConv(c, b, 1)
-            self.branch1 = _chain(BasicConv(c, b, 1), BasicConv(b, b, 3, 1, 1))
-            self.branch2 = _chain(BasicConv(c, b, 1), BasicConv(b, b, 3, 1, 1), BasicConv(b, b, 3, 1, 1))
+            self.branch1 = nn.Sequential(BasicConv(c, b, 1), BasicConv(b, b, 3, 1, 1))
+            self.branch2 = nn.Sequential(BasicConv(c, b, 1), BasicConv(b, b, 3, 1, 1), BasicConv(b, b, 3, 1, 1))
             cat = 3 * b
         elif kind == "17":
             c, b = 896, 128
             self.branch0 = BasicConv(c, b, 1)
-            self.branch1 = _chain(BasicConv(c, b, 1), BasicConv(b, b, (1, 7), 1, (0, 3)),
+            self.branch1 = nn.Sequential(BasicConv(c, b, 1), BasicConv(b, b, (1, 7), 1, (0, 3)),
                                   BasicConv(b, b, (7, 1), 1, (3, 0)))
             cat = 2 * b
         elif kind == "8":
             c, b = 1792, 192
             self.branch0 = BasicConv(c, b, 1)
-            self.branch1 = _chain(BasicConv(c, b, 1), BasicConv(b, b, (1, 3), 1, (0, 1)),
+            self.branch1 = nn.Sequential(BasicConv(c, b, 1), BasicConv(b, b, (1, 3), 1, (0, 1)),
                                   BasicConv(b, b, (3, 1), 1, (1, 0)))
             cat = 2 * b
         else:
@@ -276,11 +270,11 @@ class Reduction(nn.Module):
         super().__init__()
         if kind == "6a":
             self.branch0 = BasicConv(256, 384, 3, 2)
-            self.branch1 = _chain(BasicConv(256, 192, 1), BasicConv(192, 192, 3, 1, 1), BasicConv(192, 256, 3, 2))
+            self.branch1 = nn.Sequential(BasicConv(256, 192, 1), BasicConv(192, 192, 3, 1, 1), BasicConv(192, 256, 3, 2))
         elif kind == "7a":
-            self.branch0 = _chain(BasicConv(896, 256, 1), BasicConv(256, 384, 3, 2))
-            self.branch1 = _chain(BasicConv(896, 256, 1), BasicConv(256, 256, 3, 2))
-            self.branch2 = _chain(BasicConv(896, 256, 1), BasicConv(256, 256, 3, 1, 1), BasicConv(256, 256, 3, 2))
+            self.branch0 = nn.Sequential(BasicConv(896, 256, 1), BasicConv(256, 384, 3, 2))
+            self.branch1 = nn.Sequential(BasicConv(896, 256, 1), BasicConv(256, 256, 3, 2))
+            self.branch2 = nn.Sequential(BasicConv(896, 256, 1), BasicConv(256, 256, 3, 1, 1), BasicConv(256, 256, 3, 2))
         else:
             raise ValueError(f"unknown reduction block kind {kind!r}")
 
@@ -366,6 +360,9 @@ def build_zoo_model(name: str, num_classes: int | None = None) -> Recognizer:
     return model.eval()
 
 
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+
+
 def read_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     """Tensors of a checkpoint file, unwrapped from ``{"state_dict": ...}`` / ``{"model": ...}`` and with a
     ``module.`` (DataParallel) prefix removed. Only tensors are accepted (``weights_only`` unpickling), so a
@@ -382,9 +379,8 @@ def read_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and safetensors errors all mean "not a readable state dict"
         raise ModelError(f"cannot read recogniser checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    while isinstance(obj, dict) and len(obj) <= 4:
-        inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj.get(k), dict)),
-                     None)
+    while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
         obj = inner
