@@ -89,7 +89,8 @@ def test_wrapped_prefixed_and_old_checkpoints_load(tmp_path):
     _randomise_norm_stats(model, 4)
     # DataParallel prefix, {"state_dict": ...} wrapper, and no num_batches_tracked (pre-0.4.1 files)
     state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "wrapped.pth")
+    torch.save({"epoch": 3, "arch": "mobilefacenet", "best_acc": 0.9, "optimizer": {"lr": 0.1}, "state_dict": state},
+               tmp_path / "wrapped.pth")
     loaded = load_zoo_recognizer("mobileface", tmp_path / "wrapped.pth")
     crops = torch.rand(1, 3, 112, 112)
     with torch.no_grad():
