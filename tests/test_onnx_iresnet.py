@@ -11,6 +11,11 @@ from torch import nn
 from iddm_core.errors import ModelError
 from iddm_core.face.onnx_iresnet import OnnxGraph, input_normalisation, load_onnx_recognizer
 
+# The stand-in models are exported with the TorchScript exporter (no onnxscript here); its deprecation
+# notice is expected.
+pytestmark = [pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")]
+
 
 class IBlock(nn.Module):
     """insightface's IBasicBlock: BN-Conv-BN-PReLU-Conv(stride)-BN plus a (strided 1x1 conv + BN) shortcut."""

@@ -7,6 +7,11 @@ from torch import nn
 from iddm_core.errors import InputError, ModelError
 from iddm_core.face.scrfd import ScrfdDetector, anchor_centers, letterbox, nms
 
+# The stand-in models are exported with the TorchScript exporter (no onnxscript here); its deprecation
+# notice is expected.
+pytestmark = [pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")]
+
 SIDE = 160  # canvas of the stand-in model
 STRIDES = (8, 16, 32)
 
