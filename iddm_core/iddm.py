@@ -5,7 +5,7 @@
         Θ'_k <- FT(Θ_{k-1}; Xc)          short DreamBooth-LoRA burst on the references (the "temporary model")
         X'   <- PGDTwoStage(Θ'_k; X0)    Stage I (L_rec) for floor(ρT) steps, then Stage II (L_id)
         Θ_k  <- FT(Θ'_k; X')             IDDM continues from the temporary model
-        X0   <- X'
+        X0   <- X'                        (the next PGD starts from X'; its budget stays |X' - clean| <= eta)
     write Θ_K as a kohya LoRA
 
 One set of LoRA adapters lives in the UNet for the whole run: "temporary" and "main" model are successive
@@ -113,7 +113,8 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     if ensemble is None:
         ensemble = build_ensemble(config.surrogates, config.tau, device)
     x_ref, lm_ref = (t.to(device).clone() for t in refs.reference())
-    x_prot, lm_prot = (t.to(device).clone() for t in refs.protect())
+    x_clean, lm_prot = (t.to(device).clone() for t in refs.protect())
+    x_prot = x_clean
     ensemble.set_references(x_ref, lm_ref)
 
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
@@ -157,8 +158,8 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
                  similarity=step["similarity"], linf=step["linf"])
 
         t0 = time.perf_counter()
-        x_prot = pgd_two_stage(bundle, ensemble, x_prot, lm_prot, embeds, config.pgd,
-                               generator, on_step=on_pgd_step, autocast=lambda: trainer.autocast)  # X' <- PGD(Θ'_k; X0)
+        x_prot = pgd_two_stage(bundle, ensemble, x_clean, lm_prot, embeds, config.pgd, generator,   # X' <- PGD(Θ'_k; X0)
+                               on_step=on_pgd_step, autocast=lambda: trainer.autocast, x_init=x_prot)
         timings["pgd"] += _elapsed(t0, device)
         record["finetune_protected"] = finetune(x_prot, k, "protected")         # Θ_k = FT(Θ'_k; X')
         report["iterations"].append(record)

@@ -126,8 +126,12 @@ def frozen(*modules):
 
 def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, embeds: torch.Tensor,
                   config: PGDConfig, generator: torch.Generator, on_step=None, autocast=None,
-                  predict_clean=None) -> torch.Tensor:
+                  predict_clean=None, x_init: torch.Tensor | None = None) -> torch.Tensor:
     """Run T sign-PGD steps on the batch ``x0`` (all protected images at once) and return X'.
+
+    ``x_init`` (default ``x0``) is where the steps start: IDDM passes the previous iteration's X' ("X0 <- X'"),
+    while ``x0`` stays the clean photos, so the budget |X' - clean|_inf <= eta holds over the whole run instead of
+    growing by eta per outer iteration (the same choice as Anti-DreamBooth's ASPL).
 
     ``ensemble`` is a FaceEnsembleLoss whose references are already set; ``landmarks`` are those of the clean x0.
     ``embeds`` are the instance-prompt embeddings (batch 1 or N). ``on_step(record)`` is called after every step
@@ -137,7 +141,7 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
     predict_clean = predict_clean or predict_clean_image
     config.validate()
     x0 = x0.detach()
-    x = x0.clone()
+    x = (x0 if x_init is None else x_init.detach()).clone()
     if embeds.shape[0] != x.shape[0]:
         embeds = embeds.expand(x.shape[0], *embeds.shape[1:])
     autocast = autocast or _no_autocast
