@@ -50,23 +50,22 @@ class IDDMFaceEnsembleLoss:
 
     @classmethod
     def INPUT_TYPES(cls):
-        required = {}
+        # dlib (always installed) and tau are required; the other recognisers are optional toggles, so a saved
+        # API-format workflow stays valid when a later version knows more recognisers.
+        required, optional = {}, {}
         for spec in _discover():
             status = "installed" if spec.available else f"not installed: {spec.hint}"
-            required[_toggle_name(spec.name)] = ("BOOLEAN", {
+            target = required if spec.name == "dlib" else optional
+            target[_toggle_name(spec.name)] = ("BOOLEAN", {
                 "default": spec.name == "dlib",
                 "tooltip": f"Attack the {spec.name} face recogniser ({status})."})
         required["tau"] = ("FLOAT", {"default": 0.03, "min": 0.001, "max": 10.0, "step": 0.001, "round": 0.0001,
                                      "tooltip": "Softmax temperature over recognisers: small = attack the one that "
                                                 "still recognises you best (paper 0.03)."})
-        return {
-            "required": required,
-            "optional": {
-                "extra_surrogates": ("STRING", {"default": "", "multiline": False,
-                                                "tooltip": "Optional: more recognisers as name:PATH, comma separated "
-                                                           "(e.g. irse50:/models/irse50.pth)."}),
-            },
-        }
+        optional["extra_surrogates"] = ("STRING", {"default": "", "multiline": False,
+                                                   "tooltip": "Optional: more recognisers as name:PATH, comma "
+                                                              "separated (e.g. irse50:/models/irse50.pth)."})
+        return {"required": required, "optional": optional}
 
     @classmethod
     def VALIDATE_INPUTS(cls, tau):
@@ -74,5 +73,6 @@ class IDDMFaceEnsembleLoss:
             return f"tau must be > 0 (got {tau})"
         return True
 
-    def build(self, tau, extra_surrogates="", **flags):
+    def build(self, tau, use_dlib=True, extra_surrogates="", **flags):
+        flags["use_dlib"] = use_dlib
         return (LossSpec(surrogates=selected_surrogates(_discover(), flags, extra_surrogates), tau=float(tau)),)
