@@ -1,0 +1,317 @@
+"""Identity-leak evaluation: metrics on known cases, dlib on real public-domain faces, CLI and benchmark runs."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+from iddm_core import evaluate as ev
+
+
+# ------------------------------------------------------------------------------------------ fixtures (real dlib)
+
+@pytest.fixture(scope="module")
+def detector():
+    from iddm_core.face.detect import get_detector
+
+    return get_detector("dlib")
+
+
+@pytest.fixture(scope="module")
+def dlib_rec():
+    from iddm_core.face.registry import load_recognizer, parse_surrogates
+
+    return load_recognizer(parse_surrogates("dlib")[0])
+
+
+@pytest.fixture(scope="module")
+def photos(small_faces_dir):
+    from iddm_core.images import load_rgb
+
+    return {p.stem: load_rgb(p) for p in sorted(small_faces_dir.glob("*.jpg"))}
+
+
+@pytest.fixture(scope="module")
+def crops(photos, detector):
+    """Face-centred 160 px crops of the four sample photos + their landmarks, keyed by person."""
+    from iddm_core.images import Photo
+    from iddm_core.refs import prepare_photos
+
+    names = ["obama", "obama2", "biden", "astronaut"]
+    images, landmarks, _, skipped = prepare_photos([Photo(n, None, photos[n]) for n in names], 160, detector)
+    assert not skipped
+    return {n: (images[i:i + 1], landmarks[i:i + 1]) for i, n in enumerate(names)}
+
+
+# ------------------------------------------------------------------------------------------------ pure metrics
+
+def test_fsr_and_ism_helpers():
+    assert ev.face_success_rate([True, False, True, True]) == 0.75
+    assert ev.face_success_rate([]) == 0.0
+    assert ev.identity_score([0.5, None, 0.7]) == pytest.approx(0.6)
+    assert ev.identity_score([None, None]) is None
+    assert ev.match_rate([0.95, 0.5, None], 0.9) == 0.5
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    proto = ev.prototype(emb)
+    assert torch.allclose(proto, torch.tensor([2 ** -0.5, 2 ** -0.5]))
+    assert ev.cosine_to(emb, proto).tolist() == pytest.approx([2 ** -0.5] * 2)
+
+
+def test_retrieval_ranks_and_top_k():
+    protos = torch.eye(3)
+    probes = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.9, 0.0], [0.1, 0.3, 0.8]])
+    ranks = ev.retrieval_ranks(probes, protos, target=0)
+    assert ranks == [1, 2, 3]
+    assert ev.top_k_rate(ranks, 1) == pytest.approx(1 / 3)
+    assert ev.top_k_rate(ranks, 2) == pytest.approx(2 / 3)
+    assert ev.top_k_rate([], 1) is None
+
+
+def test_gallery_layouts(tmp_path, small_faces_dir):
+    assert ev.identity_from_stem("obama2") == "obama"
+    assert ev.identity_from_stem("Biden_03") == "biden"
+    assert ev.identity_from_stem("2024") == "2024"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+        shutil.copy(small_faces_dir / n, flat / n)
+    layout = ev.gallery_layout(flat)
+    assert {k: len(v) for k, v in layout.items()} == {"obama": 2, "biden": 1}
+    nested = tmp_path / "nested"
+    (nested / "person_a").mkdir(parents=True)
+    (nested / "person_b").mkdir()
+    shutil.copy(small_faces_dir / "obama.jpg", nested / "person_a" / "x1.jpg")
+    shutil.copy(small_faces_dir / "biden.jpg", nested / "person_b" / "x1.jpg")
+    assert sorted(ev.gallery_layout(nested)) == ["person_a", "person_b"]
+    with pytest.raises(ev.InputError, match="missing_gallery"):
+        ev.gallery_layout(tmp_path / "missing_gallery")
+
+
+def test_psnr_known_cases():
+    g = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(2, 3, 32, 32, generator=g)
+    assert torch.isinf(ev.psnr(x, x)).all()
+    d = 0.05
+    sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
+    y = x + d * sign                                   # |error| = d everywhere -> MSE = d^2
+    assert ev.psnr(y, x).tolist() == pytest.approx([-20 * math.log10(d)] * 2, abs=1e-4)
+    # half the pixels off by d, the rest exact: MSE = d^2 / 2
+    mask = (torch.arange(32 * 32).reshape(32, 32) % 2).float()
+    z = x + d * mask
+    assert ev.psnr(z, x).tolist() == pytest.approx([10 * math.log10(2 / d ** 2)] * 2, abs=1e-4)
+    with pytest.raises(ev.InputError, match="psnr"):
+        ev.psnr(x, x[:, :, :16])
+
+
+def test_ssim_known_cases():
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 40, 40, generator=g)
+    assert ev.ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
+    # two flat images: variances and covariance vanish, SSIM = luminance term only
+    a, b = (torch.full((1, 1, 16, 16), v, dtype=torch.float64) for v in (0.5, 0.6))
+    c1 = (0.01) ** 2
+    assert ev.ssim(a, b).item() == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1), abs=1e-9)
+    # an independent implementation with the same (Gaussian 11x11, sigma 1.5, population covariance) settings
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    ref = structural_similarity(x[0].numpy(), y[0].numpy(), data_range=1.0, channel_axis=0, gaussian_weights=True,
+                                sigma=1.5, use_sample_covariance=False)
+    ours = ev.ssim(y, x).item()
+    assert ours == pytest.approx(ref, abs=1e-6)
+    assert 0.3 < ours < 0.95
+    w = ev.gaussian_window()
+    assert w.shape == (11, 11) and w.sum().item() == pytest.approx(1.0)
+
+
+def test_fidelity_report_handles_identical_images():
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    y = x.clone()
+    y[1] = (y[1] + 0.02).clamp(0, 1)
+    rep = ev.fidelity_report(y, x)
+    assert rep["identical"] == 1 and rep["psnr_per_image"][0] is None
+    assert rep["psnr"] == pytest.approx(rep["psnr_per_image"][1]) and 30 < rep["psnr"] < 40
+    json.dumps(rep)
+
+
+# --------------------------------------------------------------------------------------------------- BRISQUE
+
+def test_brisque_matches_package_features_and_ranks_noise(monkeypatch, photos):
+    """Our features equal the `brisque` package's (given the same half-scale resize; the package itself needs
+    OpenCV, replaced here by a stand-in), and added noise makes the score clearly worse."""
+    fake_cv2 = types.ModuleType("cv2")
+    fake_cv2.INTER_CUBIC = 2
+    fake_cv2.resize = lambda img, dsize, fx, fy, interpolation: ev.half_scale(img)
+    monkeypatch.setitem(sys.modules, "cv2", fake_cv2)
+    monkeypatch.delitem(sys.modules, "brisque.brisque", raising=False)
+    from brisque.brisque import BRISQUE
+
+    package = BRISQUE(url=False)
+    scorer = ev.BrisqueScorer()
+    rgb = photos["astronaut"]
+    gray = ev.to_gray(rgb)
+    theirs = np.concatenate([[float(np.ravel(v)[0]) for v in package.calculate_brisque_features(g, 7, 7 / 6)]
+                             for g in (gray, ev.half_scale(gray))])
+    ours = scorer.features(rgb)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+    assert scorer.score_features(ours) == pytest.approx(package.calculate_image_quality_score(theirs), abs=0.05)
+    clean = scorer(rgb)
+    noisy = np.clip(rgb + np.random.default_rng(0).normal(0, 25, rgb.shape), 0, 255).astype(np.uint8)
+    assert clean < 30 < scorer(noisy)
+
+
+# ------------------------------------------------------------------------------------------ dlib on real faces
+
+def test_fsr_real_faces_and_blank_images(faces_dir, crops, detector):
+    from iddm_core.images import list_images, load_rgb, to_tensor
+
+    found = [ev.scan_faces(to_tensor(load_rgb(p))[None], detector).found[0] for p in list_images(faces_dir)]
+    assert len(found) == 4 and ev.face_success_rate(found) == 1.0          # full-size photos, one at a time
+    batch = torch.cat([crops[n][0] for n in ("obama", "obama2", "biden", "astronaut")])
+    assert ev.face_success_rate(ev.scan_faces(batch, detector).found) == 1.0
+    blank = torch.cat([torch.zeros(1, 3, 256, 256), torch.full((1, 3, 256, 256), 0.5), torch.ones(1, 3, 256, 256)])
+    scan = ev.scan_faces(blank, detector)
+    assert ev.face_success_rate(scan.found) == 0.0 and scan.landmarks.shape == (0, 5, 2)
+
+
+def test_ism_equals_hand_computation_and_dlib_cpp(crops, detector, dlib_rec):
+    from iddm_core.face.attack import dlib_native_descriptor
+
+    ref_images = torch.cat([crops["obama"][0], crops["obama"][0].flip(-1)])
+    ref_landmarks = torch.cat([crops["obama"][1], crops["obama"][1]])
+    ref_landmarks[1, :, 0] = 159 - ref_landmarks[1, :, 0]          # mirror: x -> W - 1 - x, and swap sides
+    ref_landmarks[1] = ref_landmarks[1][[1, 0, 2, 4, 3]]
+    probes = torch.cat([crops[n][0] for n in ("obama2", "biden", "astronaut")] + [torch.zeros(1, 3, 160, 160)])
+    result = ev.evaluate(probes, (ref_images, ref_landmarks), eval_recognizers=[dlib_rec], detector=detector,
+                         quality=False, device="cpu")
+    sims = result["recognizers"]["dlib"]["similarity"]
+    assert result["faces_found"] == [True, True, True, False] and result["fsr"] == 0.75
+    assert sims[3] is None
+
+    # by hand, from the same recogniser: prototype = normalise(mean(embeddings)), ISM = mean over faces of cosines
+    with torch.no_grad():
+        proto = torch.nn.functional.normalize(dlib_rec.embed(ref_images, ref_landmarks).mean(0), dim=0)
+        scan = ev.scan_faces(probes, detector)
+        hand = (dlib_rec.embed(probes[scan.index], scan.landmarks) @ proto).tolist()
+    assert sims[:3] == pytest.approx(hand, abs=1e-5)
+    assert result["recognizers"]["dlib"]["ism"] == pytest.approx(sum(hand) / 3, abs=1e-5)
+    assert sims[0] > 0.907 > max(sims[1], sims[2])                   # same person above dlib's threshold only
+
+    # dlib's own C++ pipeline (its detector, chip and descriptor): same cosines within 0.03
+    def native(img):
+        d = dlib_native_descriptor(ev._uint8(img[None])[0])
+        return d / np.linalg.norm(d)
+
+    native_proto = sum(native(x) for x in ref_images)
+    native_proto /= np.linalg.norm(native_proto)
+    native_sims = [float(native(probes[i]) @ native_proto) for i in range(3)]
+    assert sims[:3] == pytest.approx(native_sims, abs=0.03)
+
+
+def test_retrieval_ranks_obama2_with_obama(tmp_path, photos, small_faces_dir, detector, dlib_rec, crops):
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for n in ("obama.jpg", "biden.jpg", "astronaut.jpg"):
+        shutil.copy(small_faces_dir / n, gallery / n)
+    layout = ev.gallery_layout(gallery)
+    names = sorted(layout)
+    protos = torch.stack([ev.prototype(ev.embed_photos(dlib_rec, [photos[n]], detector)) for n in names])
+    probe = ev.embed_photos(dlib_rec, [photos["obama2"]], detector)
+    sims = ev.cosine_to(protos, probe[0])
+    assert names[int(sims.argmax())] == "obama"
+    assert ev.retrieval_ranks(probe, protos, names.index("obama")) == [1]
+    assert ev.retrieval_ranks(probe, protos, names.index("biden"))[0] > 1
+
+    # through evaluate(): user = obama (refs), distractors = biden + astronaut; probes = obama2 and biden
+    (gallery / "obama.jpg").unlink()
+    probes = torch.cat([crops["obama2"][0], crops["biden"][0]])
+    result = ev.evaluate(probes, crops["obama"], eval_recognizers=[dlib_rec], detector=detector, gallery=gallery,
+                         quality=False, device="cpu")
+    r = result["recognizers"]["dlib"]["retrieval"]
+    assert r["identities"] == 3 and r["top1"] == 0.5 and r["mean_rank"] > 1.5
+    assert "gallery" not in json.dumps(result) and "biden" not in json.dumps(result)
+
+
+def test_held_out_warning(crops, detector, dlib_rec):
+    images, landmarks = crops["obama2"]
+    with pytest.warns(UserWarning, match="also an attack surrogate"):
+        result = ev.evaluate(images, crops["obama"], eval_recognizers=[dlib_rec], surrogates=["dlib"],
+                             detector=detector, quality=False, device="cpu")
+    assert len(result["warnings"]) == 1 and "dlib" in result["warnings"][0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = ev.evaluate(images, crops["obama"], eval_recognizers=[dlib_rec], surrogates=["arcface"],
+                            detector=detector, quality=False, device="cpu")
+    assert clean["warnings"] == []
+
+
+# ------------------------------------------------------------------------------------------ rendering and CLIs
+
+def test_render_colours_and_chart():
+    from iddm_core.leak_render import GREEN, GREY, RED, annotate, bar_chart, verdict_color
+
+    assert verdict_color(0.95, 0.9) == RED and verdict_color(0.5, 0.9) == GREEN and verdict_color(None, 0.9) == GREY
+    img = annotate(np.zeros((64, 64, 3), np.uint8), "sim 0.950", RED)
+    assert img.shape == (64, 64, 3) and tuple(img[-1, -1]) == RED and img[:40].max() == 0
+    chart = bar_chart([0.95, 0.2, None], 0.9, "dlib")
+    assert chart.shape == (256, 512, 3)
+    assert (chart == np.array(RED)).all(-1).sum() > 100 and (chart == np.array(GREEN)).all(-1).sum() > 100
+
+
+def _run(args, timeout=240):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_evaluate_cli_writes_json_and_sheet(tmp_path, small_faces_dir):
+    from PIL import Image
+
+    refs = tmp_path / "my_private_photos"
+    refs.mkdir()
+    shutil.copy(small_faces_dir / "obama.jpg", refs / "secret_name.jpg")
+    out, sheet = tmp_path / "r.json", tmp_path / "s.png"
+    proc = _run(["-m", "iddm_core", "evaluate", "--model", "tiny", "--refs", str(refs), "--n", "2", "--steps", "2",
+                 "--prompts", "a photo of sks person", "a photo of sks person with glasses",
+                 "--surrogates", "dlib", "--out-json", str(out), "--sheet", str(sheet)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 4 and len(result["faces_found"]) == 4 and result["labels"] == ["0", "0", "1", "1"]
+    assert result["fsr"] == 0.0 and result["recognizers"]["dlib"]["ism"] is None   # random tiny model: no faces
+    assert result["warnings"] and "WARNING" in proc.stdout                          # dlib was a surrogate
+    assert math.isfinite(result["brisque"])
+    with Image.open(sheet) as im:
+        assert im.size == (4 + 2 * 132, 4 + 2 * 132)                             # 2 x 2 tiles of 128 px + gaps
+    text = out.read_text() + proc.stdout + proc.stderr
+    assert "secret_name" not in text and "my_private_photos" not in text
+    again = _run(["-m", "iddm_core", "evaluate", "--model", "tiny", "--refs", str(refs), "--out-json", str(out)])
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_bench_paper_runs_end_to_end(tmp_path, small_faces_dir):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for n in ("obama.jpg", "obama2.jpg"):
+        shutil.copy(small_faces_dir / n, refs / n)
+        shutil.copy(small_faces_dir / n, refs / ("b_" + n))
+    out = tmp_path / "bench.json"
+    proc = _run(["-m", "iddm_core.bench", "paper", "--refs", str(refs), "--model", "tiny", "--tiny-settings",
+                 "--out-json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| method"))
+    assert "FSR" in header and "ISM dlib" in header and "BRISQUE" in header and "peak" in header
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")
+            and not line.startswith("|--")]
+    assert [r.split("|")[1].strip() for r in rows] == ["DreamBooth (no defense)", "IDDM rho=0.1", "IDDM rho=0.3",
+                                                       "IDDM rho=0.5"]
+    data = json.loads(out.read_text())
+    assert len(data["methods"]) == 4 and all(m["time_s"] > 0 for m in data["methods"])
+    assert all("fidelity" in m for m in data["methods"][1:])           # X' vs X0 for the IDDM runs
