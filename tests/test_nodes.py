@@ -312,3 +312,26 @@ def test_web_extension_parses():
         pytest.skip("node is not installed")
     out = subprocess.run([node, "--check", str(REPO / "web" / "iddm.js")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+# --------------------------------------------------------------------------------------------- packaging
+def test_pyproject_and_install_script_agree_with_requirements(monkeypatch):
+    import importlib.util
+    import tomllib
+
+    spec = importlib.util.spec_from_file_location("iddm_install", REPO / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    reqs = install.requirements()
+    assert project["project"]["dependencies"] == reqs and project["project"]["name"] == "comfyui-iddm"
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])
+    names = {install.requirement_name(r) for r in reqs}
+    assert not names & {"torch", "torchvision", "onnxruntime", "onnxruntime-gpu"} and "numpy" in reqs
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert install.onnxruntime_package() == "onnxruntime-gpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert install.onnxruntime_package() == "onnxruntime"
+    assert install.install_command(["a"])[:4] == [sys.executable, "-m", "pip", "install"]
