@@ -315,3 +315,41 @@ def test_bench_paper_runs_end_to_end(tmp_path, small_faces_dir):
     data = json.loads(out.read_text())
     assert len(data["methods"]) == 4 and all(m["time_s"] > 0 for m in data["methods"])
     assert all("fidelity" in m for m in data["methods"][1:])           # X' vs X0 for the IDDM runs
+
+
+# ----------------------------------------------------------------------------------------------- ComfyUI node
+
+def test_leak_meter_node(tmp_path, crops):
+    """Loaded as ComfyUI loads the pack (stub ComfyUI): no heavy import (torch is ComfyUI's own), tooltips, and
+    a real measurement."""
+    import importlib
+
+    from comfy_harness import ComfyStubs, load_pack, node_problems
+
+    code = ("import sys, tempfile; sys.path.insert(0, %r)\n"
+            "from comfy_harness import ComfyStubs, load_pack\n"
+            "ComfyStubs(tempfile.mkdtemp()).install(); load_pack('comfyui-iddm-lm')\n"
+            "import importlib; importlib.import_module('comfyui-iddm-lm.nodes.leak_meter')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'dlib', '_dlib_pybind11', 'kornia'}))\n"
+            ) % str(ROOT / "tests")
+    proc = _run(["-c", code], timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-1500:]
+
+    stubs = ComfyStubs(tmp_path / "comfyui")
+    stubs.install()
+    try:
+        load_pack("comfyui-iddm-lm")
+        mod = importlib.import_module("comfyui-iddm-lm.nodes.leak_meter")
+        cls = mod.NODE_CLASS_MAPPINGS["IDDMIdentityLeakMeter"]
+        assert set(mod.NODE_DISPLAY_NAME_MAPPINGS) == set(mod.NODE_CLASS_MAPPINGS)
+        assert node_problems("IDDMIdentityLeakMeter", cls) == [] and cls.CATEGORY == "IDDM"
+        assert "dlib" in cls.INPUT_TYPES()["required"]["recognizer"][0]
+        refs = types.SimpleNamespace(images=crops["obama"][0], landmarks=crops["obama"][1])
+        batch = torch.cat([crops["obama2"][0], crops["biden"][0], torch.zeros(1, 3, 160, 160)]).permute(0, 2, 3, 1)
+        annotated, summary, chart = cls().measure(batch, refs, "dlib", 0.0, "dlib")
+    finally:
+        stubs.uninstall()
+    assert annotated.shape == batch.shape and chart.shape[0] == 1 and chart.shape[-1] == 3
+    bottom = (annotated[:, -1, -1] * 255).round().tolist()
+    assert bottom == [[200, 40, 40], [30, 150, 60], [110, 110, 110]]   # obama2 red, biden green, blank grey
+    assert "FSR 0.67" in summary and "1/2" in summary and "WARNING" in summary
