@@ -154,7 +154,7 @@ def demo_config():
     from ..iddm import IDDMConfig
     from ..pgd import PGDConfig
 
-    return IDDMConfig(K=2, pgd=PGDConfig(T=4, rho=0.3), ft_steps=5, resolution=128, num_class_images=2, seed=0)
+    return IDDMConfig(K=3, pgd=PGDConfig(T=8, rho=0.3), ft_steps=8, resolution=128, num_class_images=2, seed=0)
 
 
 def cmd_demo(args) -> int:
