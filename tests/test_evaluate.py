@@ -346,7 +346,8 @@ def test_leak_meter_node(tmp_path, crops):
         assert "dlib" in cls.INPUT_TYPES()["required"]["recognizer"][0]
         refs = types.SimpleNamespace(images=crops["obama"][0], landmarks=crops["obama"][1])
         batch = torch.cat([crops["obama2"][0], crops["biden"][0], torch.zeros(1, 3, 160, 160)]).permute(0, 2, 3, 1)
-        annotated, summary, chart = cls().measure(batch, refs, "dlib", 0.0, "dlib")
+        with pytest.warns(UserWarning, match="also an attack surrogate"):
+            annotated, summary, chart = cls().measure(batch, refs, "dlib", 0.0, "dlib")
     finally:
         stubs.uninstall()
     assert annotated.shape == batch.shape and chart.shape[0] == 1 and chart.shape[-1] == 3
