@@ -5,6 +5,7 @@ import only the standard library at module level; torch-heavy code (diffusers, t
 imported inside the node functions when a workflow actually runs.
 """
 from .comfy_env import register_model_folders
+from .leak_meter import IdentityLeakMeter
 from .loss_node import IDDMFaceEnsembleLoss
 from .pgd_node import IDDMPGDTwoStage
 from .refs_node import LoadPrivateRefs
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "IDDMFaceEnsembleLoss": IDDMFaceEnsembleLoss,
     "IDDMPGDTwoStage": IDDMPGDTwoStage,
     "IDDMTrainLoRA": IDDMTrainLoRA,
+    "IDDMIdentityLeakMeter": IdentityLeakMeter,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,6 +26,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IDDMFaceEnsembleLoss": "Face Ensemble Loss (IDDM)",
     "IDDMPGDTwoStage": "PGD Two-Stage (IDDM)",
     "IDDMTrainLoRA": "IDDM Train LoRA",
+    "IDDMIdentityLeakMeter": "Identity Leak Meter (IDDM)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
