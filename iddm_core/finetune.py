@@ -73,14 +73,19 @@ def _autocast(device: torch.device, mode: str):
     return torch.autocast("cuda", dtype=dtype), dtype
 
 
-@torch.no_grad()
-def encode_latents(bundle, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE latents of ``images`` in [0, 1], sampled from the posterior with the trainer's generator."""
+def sample_latents(bundle, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scaled VAE latents of ``images`` in [0, 1], sampled from the posterior with ``generator``.
+
+    Differentiable with respect to ``images`` (PGD uses it with gradients; training through :func:`encode_latents`).
+    """
     vae = bundle.vae
     x = (images * 2 - 1).to(bundle.device, next(vae.parameters()).dtype)
     dist = vae.encode(x).latent_dist
     noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
     return ((dist.mean + dist.std * noise) * bundle.scaling_factor).float()
+
+
+encode_latents = torch.no_grad()(sample_latents)
 
 
 @torch.no_grad()

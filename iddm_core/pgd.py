@@ -17,6 +17,7 @@ import torch
 
 from .errors import InputError
 from .face.attack import sign_pgd_step
+from .finetune import sample_latents
 
 STAGE_REC = "rec"
 STAGE_ID = "id"
@@ -57,16 +58,10 @@ class PGDConfig:
 
 # ---- small pieces of diffusion math --------------------------------------------------------------------------
 
-def encode_latents(bundle, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Images in [0, 1] -> scaled VAE latents (sampled from the posterior, as in training)."""
-    dist = bundle.vae.encode(x * 2.0 - 1.0).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(dist.mean.device)
-    return (dist.mean + dist.std * noise) * bundle.vae.config.scaling_factor
-
-
 def decode_latents(bundle, z: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [0, 1] (differentiable; not clipped so gradients survive saturation)."""
-    return (bundle.vae.decode(z / bundle.vae.config.scaling_factor).sample + 1.0) / 2.0
+    vae_dtype = next(bundle.vae.parameters()).dtype
+    return (bundle.vae.decode((z / bundle.scaling_factor).to(vae_dtype)).sample.float() + 1.0) / 2.0
 
 
 def sample_noising(bundle, z0: torch.Tensor, generator: torch.Generator, t_max: float = 1.0):
@@ -94,7 +89,7 @@ def one_step_clean(z_t: torch.Tensor, model_out: torch.Tensor, alpha_bar: torch.
 
 def rec_loss(bundle, x, embeds, generator, t_max: float = 1.0) -> torch.Tensor:
     """L_rec = E||target - model(z_t, t, c)||^2 (target = eps, or v for v-prediction models)."""
-    z0 = encode_latents(bundle, x, generator)
+    z0 = sample_latents(bundle, x, generator)
     z_t, eps, t = sample_noising(bundle, z0, generator, t_max)
     pred = bundle.unet(z_t, t, encoder_hidden_states=embeds).sample
     return torch.nn.functional.mse_loss(pred.float(), training_target(bundle, z0, eps, t).float())
@@ -102,7 +97,7 @@ def rec_loss(bundle, x, embeds, generator, t_max: float = 1.0) -> torch.Tensor:
 
 def predict_clean_image(bundle, x, embeds, generator, t_max: float = 1.0) -> torch.Tensor:
     """x0_hat = D(z0_hat(z_t)): the VAE-decoded one-step clean prediction of a noised latent of x."""
-    z0 = encode_latents(bundle, x, generator)
+    z0 = sample_latents(bundle, x, generator)
     z_t, _, t = sample_noising(bundle, z0, generator, t_max)
     pred = bundle.unet(z_t, t, encoder_hidden_states=embeds).sample
     alpha_bar = bundle.noise_scheduler.alphas_cumprod.to(z0.device)[t]
@@ -154,7 +149,7 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
                 x.requires_grad_(True)
                 with autocast():
                     if stage == STAGE_REC:
-                        loss, sims = rec_loss(bundle, x, embeds, generator, config.id_t_max), {}
+                        loss, sims = rec_loss(bundle, x, embeds, generator), {}
                     else:
                         x0_hat = predict_clean(bundle, x, embeds, generator, config.id_t_max)
                         loss, sims = ensemble(x0_hat.float(), landmarks)
