@@ -5,7 +5,9 @@ import argparse
 from pathlib import Path
 
 DEMO_NOTE = ("Demo finished. This ran the complete IDDM pipeline on an embedded TINY RANDOM model: the LoRA is a "
-             "valid kohya file but will not make a real avatar. Use --model with a real SD 1.x/2.x checkpoint for that.")
+             "valid kohya file but will not make a real avatar, and because the random model's one-step predictions "
+             "are not faces, Stage II barely changes how recognisable the protected photos are here. Use --model with "
+             "a real SD 1.x/2.x checkpoint (see `python -m iddm_core train --help`) for a real run.")
 
 
 def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
