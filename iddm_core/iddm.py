@@ -137,6 +137,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
             torch.set_rng_state(state["torch_rng"])
             report["iterations"] = state["iterations"]
             timings = state["timings"]
+            t_start -= state["elapsed"]                # the report's total covers the interrupted part too
             start_k = state["k"] + 1
             emit.done = (start_k - 1) * (2 * config.ft_steps + config.pgd.T)
 
@@ -167,7 +168,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
             ckpt.save_state(checkpoint_dir, {
                 "fingerprint": fp, "k": k, "trainer": trainer.state_dict(), "x_protect": x_prot.cpu(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "iterations": report["iterations"], "timings": timings})
+                "iterations": report["iterations"], "timings": timings, "elapsed": time.perf_counter() - t_start})
         if stop_after is not None and k >= stop_after:
             return IDDMResult(None, report, x_prot.cpu())
 
