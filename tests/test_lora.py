@@ -184,3 +184,58 @@ def test_state_round_trip_and_disable(trained):
     assert sum(p.requires_grad for p in bundle.unet.parameters()) == 2 * 10 * 12  # 10 blocks x 12 targets
     with pytest.raises(Exception, match="does not match"):
         set_lora_state(bundle, {k: v for k, v in list(state.items())[1:]})
+
+
+# ---------------------------------------------------------------- full-size naming (what front ends address)
+# Where SD 1.x/2.x keep their 16 transformer blocks in the original single-file layout. A1111 and kohya hard-code
+# this layout (2 resnets per down block, 3 per up block), so a name that lands anywhere else is skipped there.
+SD_LDM_ATTENTIONS = ([f"input_blocks.{n}.1" for n in (1, 2, 4, 5, 7, 8)] + ["middle_block.1"]
+                     + [f"output_blocks.{n}.1" for n in range(3, 12)])
+ATTN_LEAVES = [f"transformer_blocks.0.attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+EXTRA_LEAVES = ["proj_in", "proj_out", "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]
+
+
+def _full_size_export_names(kind, spec):
+    """(kohya module names our exporter writes, kohya UNet name -> diffusers path) for a full-size SD1/SD2.
+
+    The model is built on the meta device and given uninitialised CPU storage (no weights computed), so this
+    costs seconds; only the LoRA tensors are ever read.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from iddm_core.models import ModelBundle, shipped_configs
+
+    cfg = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in shipped_configs(kind).items()}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    unet.to_empty(device="cpu")
+    text_encoder.to_empty(device="cpu")
+    bundle = ModelBundle(unet=unet, vae=torch.nn.Identity(), text_encoder=text_encoder, tokenizer=None,
+                         noise_scheduler=None, kind=kind, prediction_type="epsilon", resolution=512, title=kind)
+    add_lora(bundle, spec)
+    names = {k.split(".")[0] for k in kohya_state_dict(bundle, spec)}
+    paths = {"lora_unet_" + n.replace(".", "_"): n for n, _ in unet.named_modules()}
+    return names, paths, cfg
+
+
+@pytest.mark.parametrize("kind,extra,te_layers", [("sd1", False, 12), ("sd2", True, 23)])
+def test_full_size_names_are_the_original_layout_modules(kind, extra, te_layers):
+    """Every UNet name maps onto the SD original-layout attention modules (all of them, nothing else), and the
+    text-encoder names use the transformers-4 ``text_model.`` path every front end expects."""
+    from iddm_core import sd_keys
+
+    spec = LoraSpec(rank=4, include_proj=extra, include_ff=extra, train_text_encoder=True)
+    names, paths, cfg = _full_size_export_names(kind, spec)
+    unet_names = sorted(n for n in names if n.startswith("lora_unet_"))
+    leaves = ATTN_LEAVES + (EXTRA_LEAVES if extra else [])
+    expected = {f"diffusion_model.{block}.{leaf}" for block in SD_LDM_ATTENTIONS for leaf in leaves}
+    ldm = {sd_keys.unet_key_to_ldm(paths[n] + ".weight", cfg["unet"])[len("model."):-len(".weight")]
+           for n in unet_names}
+    assert len(unet_names) == len(expected) == 16 * len(leaves)
+    assert ldm == expected, sorted(ldm ^ expected)[:4]
+    te_expected = {f"lora_te_text_model_encoder_layers_{i}_self_attn_{p}_proj"
+                   for i in range(te_layers) for p in ("q", "k", "v", "out")}
+    assert {n for n in names if n.startswith("lora_te_")} == te_expected
+    assert len(names) == len(unet_names) + len(te_expected)
