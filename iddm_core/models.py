@@ -240,6 +240,9 @@ def _check_state(own: dict, state: dict, source: str, part: str, kind: str) -> N
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
+CLIP_CONTEXT_LENGTH = 77     # token positions of the SD1 / SD2 CLIP text encoders
+
+
 def comfy_tokenizer_dir(kind: str) -> Path | None:
     """ComfyUI's bundled CLIP tokenizer, when running inside ComfyUI.
 
@@ -287,6 +290,9 @@ def resolve_tokenizer(kind: str, tokenizer: str | os.PathLike | None = None,
     for folder in candidates:
         if _tokenizer_files_present(folder):
             tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+            # ComfyUI's copy declares model_max_length 8192 (ComfyUI chunks long prompts itself); the SD text
+            # encoders have 77 positions, and prompts are padded to model_max_length, so cap it.
+            tok.model_max_length = min(int(tok.model_max_length), CLIP_CONTEXT_LENGTH)
             if kind in ("sd2", "sd2v") and tokenizer is None and model_folder is None:
                 tok.pad_token = "!"   # SD2 pads with token 0, as ComfyUI's SD2 tokenizer does
             return tok

@@ -212,6 +212,21 @@ def test_comfy_bundled_tokenizer_is_used_and_sd2_pads_with_bang(written, tmp_pat
     assert resolve_tokenizer("sd2").pad_token == "!"
 
 
+def test_comfy_tokenizer_max_length_8192_is_capped_to_clip_context(written, tmp_path, monkeypatch):
+    # ComfyUI's real comfy/sd1_tokenizer/tokenizer_config.json says model_max_length 8192; padding prompts to
+    # that length overflows the text encoder's 77 positions (found running the node pack in a real ComfyUI).
+    comfy_tok = write_tiny_tokenizer(tmp_path / "comfy" / "sd1_tokenizer")
+    cfg_path = comfy_tok / "tokenizer_config.json"
+    cfg_path.write_text(cfg_path.read_text().replace('"model_max_length": 77', '"model_max_length": 8192'))
+    (tmp_path / "comfy" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", REAL_COMFY_DIR)
+    b = load_model(str(written[1]))
+    assert b.tokenizer.model_max_length == 77
+    from iddm_core.finetune import encode_prompts
+    assert encode_prompts(b, ["a photo of sks person"]).shape[1] == 77
+
+
 def test_unknown_layout_names_the_file(tmp_path):
     path = tmp_path / "random_keys.safetensors"
     save_file({"foo.bar": torch.zeros(2), "baz": torch.ones(3, 3)}, str(path))
