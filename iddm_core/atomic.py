@@ -19,6 +19,13 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def _default_mode() -> int:
+    """What a plain open() would give a new file: 0o666 minus the process umask (mkstemp would give 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` then rename the temp file to ``path``. The target is never half-written."""
     path = check_writable(path, overwrite)
@@ -26,6 +33,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode())
         if path.exists() and not overwrite:  # appeared while we worked
             raise InputError(f"{path} already exists; choose another name or allow overwriting")
         os.replace(tmp, path)

@@ -55,3 +55,17 @@ def test_image_folder_errors_name_the_file(tmp_path):
         assert "broken.jpg" in str(exc)
     else:
         raise AssertionError("unreadable image accepted")
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from iddm_core.atomic import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        target = atomic_write(tmp_path / "lora.safetensors", lambda p: open(p, "wb").write(b"x"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644   # readable by the app's other users, like any output
