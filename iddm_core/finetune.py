@@ -128,10 +128,9 @@ def class_cache_key(title: str, prompt: str, n: int, resolution: int, seed: int,
 
 def load_class_folder(folder, resolution: int) -> torch.Tensor:
     """User-supplied class images: square-cropped and resized like the instance photos."""
-    from .images import crop_resize, load_folder, to_tensor
+    from .images import load_square_images
 
-    photos = load_folder(folder)
-    return torch.stack([to_tensor(crop_resize(p.rgb, resolution)[0]) for p in photos])
+    return load_square_images(folder, resolution)
 
 
 def check_images(images, resolution: int, name: str = "images") -> torch.Tensor:

@@ -75,6 +75,13 @@ def crop_resize(rgb: np.ndarray, size: int, center: tuple[float, float] | None =
     return out, (size / side, left, top)
 
 
+def load_square_images(folder: str | os.PathLike, size: int):
+    """Every image of ``folder``, centre square-cropped and resized to ``size`` -> float tensor [N, 3, size, size]."""
+    import torch
+
+    return torch.stack([to_tensor(crop_resize(p.rgb, size)[0]) for p in load_folder(folder)])
+
+
 def to_tensor(rgb: np.ndarray):
     """uint8 H x W x 3 -> float tensor 3 x H x W in [0, 1]."""
     import torch

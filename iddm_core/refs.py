@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError
 from .images import Photo, crop_resize, load_folder, to_tensor
 from .split import Split, split_by_names, split_indices
+
+if TYPE_CHECKING:
+    import torch
 
 # Face-centred crop side as a multiple of the detected box size: head and shoulders, like a portrait.
 DEFAULT_CROP_FACTOR = 2.2
@@ -54,7 +58,7 @@ def prepare_photos(photos: list[Photo], resolution: int, detector, crop_factor: 
             if skip_faceless:
                 skipped.append(photo.name)
                 continue
-            raise InputError(f"no face detected in {photo.path}")
+            raise InputError(f"no face detected in {getattr(photo, 'path', None) or photo.name}")
         face = faces[0]
         x0, y0, x1, y1 = face.box
         side = crop_factor * max(x1 - x0, y1 - y0)

@@ -48,16 +48,14 @@ def register(sub) -> None:
 
 def load_training_photos(folder, resolution: int):
     """Centre square crop + resize of every photo in ``folder`` -> ``[N, 3, R, R]``; fewer than 2 is an error."""
-    import torch
-
     from ..errors import InputError
-    from ..images import crop_resize, load_folder, to_tensor
+    from ..images import load_square_images
 
-    photos = load_folder(folder)
-    if len(photos) < 2:
-        raise InputError(f"folder {folder} has only {len(photos)} image; DreamBooth on one photo just copies it, "
+    images = load_square_images(folder, resolution)
+    if len(images) < 2:
+        raise InputError(f"folder {folder} has only {len(images)} image; DreamBooth on one photo just copies it, "
                          f"and IDDM needs photos to split into reference and protected sets: give at least 2")
-    return torch.stack([to_tensor(crop_resize(p.rgb, resolution)[0]) for p in photos])
+    return images
 
 
 def cmd_finetune(args) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,21 +99,14 @@ def build_references(photos: Iterable, detector, size: int = 256, context: float
     """Clean reference photos -> (images [N, 3, size, size], landmarks [N, 5, 2]) ready for set_references.
 
     ``photos`` are :class:`~iddm_core.images.Photo` objects (or anything with ``name`` and ``rgb``). Each face is
-    cut out as a square ``context`` times its box size around the box centre and resized to ``size``, so photos
-    of any resolution batch together and the recognisers' bilinear crops sample from a face of similar size
+    cut out as a square ``context`` times its box size around the face and resized to ``size``
+    (:func:`~iddm_core.refs.prepare_photos`), so photos of any resolution batch together and the recognisers' bilinear crops sample from a face of similar size
     (no aliasing from multi-megapixel originals). A photo without a face raises InputError naming the file.
     """
-    from ..images import crop_resize, to_tensor
-    from .detect import detect_one
+    from ..refs import prepare_photos
 
-    images, landmarks = [], []
-    for photo in photos:
-        face = detect_one(photo.rgb, detector, photo.name)
-        x0, y0, x1, y1 = face.box
-        side = context * max(x1 - x0, y1 - y0)
-        crop, (scale, left, top) = crop_resize(photo.rgb, size, center=((x0 + x1) / 2, (y0 + y1) / 2), side=side)
-        images.append(to_tensor(crop))
-        landmarks.append(torch.from_numpy(face.scaled(scale, left, top).landmarks.astype(np.float32)))
-    if not images:
+    photos = list(photos)
+    if not photos:
         raise InputError("references: no reference photos given")
-    return torch.stack(images), torch.stack(landmarks)
+    images, landmarks, _, _ = prepare_photos(photos, size, detector, crop_factor=context, skip_faceless=False)
+    return images, landmarks
