@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .events import Emitter, Event
+from .grad_checkpoint import activation_checkpointing, use_checkpointing
 from .lora import LoraSpec, add_lora, get_lora_state, lora_disabled, lora_parameters, set_lora_state
+from .precision import MODES, precision_for
 
 
 @dataclass
@@ -39,12 +41,12 @@ class FinetuneConfig:
     batch_size: int = 1
     resolution: Optional[int] = None   # None: the model's native resolution
     seed: int = 0
-    mixed_precision: str = "auto"      # "auto" | "no" | "fp16" | "bf16"; autocast only on CUDA
+    mixed_precision: str = "auto"      # "auto" | "no" | "fp16" | "bf16" (precision.choose_precision)
     gradient_checkpointing: str = "auto"  # "auto" (CUDA only) | "yes" | "no"
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        if self.mixed_precision not in MODES:
             raise InputError(f"mixed_precision={self.mixed_precision!r}: use auto, no, fp16 or bf16")
         if self.gradient_checkpointing not in ("auto", "yes", "no"):
             raise InputError(f"gradient_checkpointing={self.gradient_checkpointing!r}: use auto, yes or no")
@@ -64,28 +66,29 @@ def encode_prompts(bundle, prompts: list[str]) -> torch.Tensor:
     return bundle.text_encoder(tok.input_ids.to(bundle.device))[0]
 
 
-def _autocast(device: torch.device, mode: str):
-    """Mixed precision only where it pays (CUDA); on CPU training stays in float32 and bit-repeatable."""
-    if device.type != "cuda" or mode == "no":
-        return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()) \
-        else torch.float16
-    return torch.autocast("cuda", dtype=dtype), dtype
+@dataclass(frozen=True)
+class Posterior:
+    """VAE posterior (mean, std) of a fixed image set, unscaled, float32: computed once, sampled every step."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
 
 
-def sample_latents(bundle, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Scaled VAE latents of ``images`` in [0, 1], sampled from the posterior with ``generator``.
-
-    Differentiable with respect to ``images`` (PGD uses it with gradients; training through :func:`encode_latents`).
-    """
+def vae_posterior(bundle, images: torch.Tensor):
+    """(mean, std) of the VAE posterior of ``images`` in [0, 1], float32, differentiable."""
     vae = bundle.vae
-    x = (images * 2 - 1).to(bundle.device, next(vae.parameters()).dtype)
-    dist = vae.encode(x).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
-    return ((dist.mean + dist.std * noise) * bundle.scaling_factor).float()
+    dist = vae.encode((images * 2 - 1).to(bundle.device, next(vae.parameters()).dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
 
 
-encode_latents = torch.no_grad()(sample_latents)
+@torch.no_grad()
+def encode_posterior(bundle, images: torch.Tensor, chunk: int = 4) -> Posterior:
+    """Posterior of ``images`` in [0, 1], a few images at a time (the encoder's activations are large)."""
+    parts = [vae_posterior(bundle, c) for c in images.split(chunk)]
+    return Posterior(torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts]))
 
 
 @torch.no_grad()
@@ -166,12 +169,10 @@ class DreamBoothTrainer:
             self.params = add_lora(bundle, lora_spec, seed=config.seed)
             self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.autocast, amp_dtype = _autocast(self.device, config.mixed_precision)
-        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        use_ckpt = config.gradient_checkpointing == "yes" or \
-            (config.gradient_checkpointing == "auto" and self.device.type == "cuda")
-        if use_ckpt:
-            bundle.unet.enable_gradient_checkpointing()
+        self.precision = precision_for(self.device, config.mixed_precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scales_loss else None
+        self.checkpointing = use_checkpointing(config.gradient_checkpointing, self.device)
+        self.skipped_steps = 0           # optimiser steps skipped because the gradient was not finite
         self.input_ids = bundle.tokenizer(
             [config.instance_prompt, config.class_prompt], padding="max_length", truncation=True,
             max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
@@ -181,7 +182,7 @@ class DreamBoothTrainer:
         self.class_posterior = None
         if config.prior_preservation:
             self.class_images = self._class_images(class_images, class_cache_dir)
-            self.class_posterior = self._posterior(self.class_images)
+            self.class_posterior = self.encode(self.class_images)     # class images never change: encode once
 
     # -- setup helpers
 
@@ -212,16 +213,14 @@ class DreamBoothTrainer:
             images = as_bytes.float().div(255)  # identical whether generated now or read from the cache
         return images
 
-    @torch.no_grad()
-    def _posterior(self, images: torch.Tensor):
-        """Class images never change, so their VAE posterior (mean, std) is computed once."""
-        x = (images * 2 - 1).to(self.device, next(self.bundle.vae.parameters()).dtype)
-        means, stds = [], []
-        for chunk in x.split(4):
-            dist = self.bundle.vae.encode(chunk).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-        return torch.cat(means), torch.cat(stds)
+    def encode(self, images) -> Posterior:
+        """Posterior of a fixed image set, to pass to :meth:`train` instead of the images: a set that does not
+        change between bursts (the references Xc, the class images) is encoded once per run, not once per step."""
+        if isinstance(images, Posterior):
+            return images
+        with torch.inference_mode(False), self.precision.vae():
+            x = check_images(images, self.resolution).to(self.device)
+            return encode_posterior(self.bundle, x)
 
     # -- training
 
@@ -231,17 +230,19 @@ class DreamBoothTrainer:
     def _randn(self, shape) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(self.device)
 
-    def _batch(self, images: torch.Tensor):
+    def _sample(self, posterior: Posterior) -> torch.Tensor:
+        """Scaled latents of ``batch_size`` images drawn from an encoded set (pick, then posterior noise)."""
+        idx = self._pick(len(posterior)).to(self.device)
+        mean, std = posterior.mean[idx], posterior.std[idx]
+        return (mean + std * self._randn(mean.shape)) * self.bundle.scaling_factor
+
+    def _batch(self, posterior: Posterior):
         """Latents and text conditioning for one step: instance images first, then class images."""
         bs = self.config.batch_size
-        x = images[self._pick(images.shape[0])]
-        latents = encode_latents(self.bundle, x, self.generator)
+        latents = self._sample(posterior)
         cond = self.prompt_embeds[0:1].expand(bs, -1, -1)
         if self.class_posterior is not None:
-            idx = self._pick(self.class_posterior[0].shape[0]).to(self.device)
-            mean, std = self.class_posterior[0][idx], self.class_posterior[1][idx]
-            class_latents = (mean + std * self._randn(mean.shape)) * self.bundle.scaling_factor
-            latents = torch.cat([latents, class_latents])
+            latents = torch.cat([latents, self._sample(self.class_posterior)])
             cond = torch.cat([cond, self.prompt_embeds[1:2].expand(bs, -1, -1)])
         return latents, cond
 
@@ -251,15 +252,15 @@ class DreamBoothTrainer:
         ids = torch.cat([self.input_ids[0:1].expand(n_inst, -1), self.input_ids[1:2].expand(n_class, -1)])
         return self.bundle.text_encoder(ids)[0]
 
-    def _loss(self, images: torch.Tensor) -> torch.Tensor:
+    def _loss(self, posterior: Posterior) -> torch.Tensor:
         bundle, sched = self.bundle, self.bundle.noise_scheduler
-        latents, cond = self._batch(images)
+        latents, cond = self._batch(posterior)
         noise = self._randn(latents.shape)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],),
                           generator=self.generator).to(self.device)
         noisy = sched.add_noise(latents, noise, t)
         target = sched.get_velocity(latents, noise, t) if bundle.prediction_type == "v_prediction" else noise
-        with self.autocast:
+        with self.precision.autocast():
             te_cond = self._text_conditioning(self.config.batch_size, latents.shape[0] - self.config.batch_size)
             cond = te_cond if te_cond is not None else cond
             unet_dtype = next(p for p in bundle.unet.parameters() if not p.requires_grad).dtype
@@ -270,27 +271,31 @@ class DreamBoothTrainer:
         target_i, target_c = target.chunk(2)
         return F.mse_loss(pred_i, target_i) + self.config.prior_loss_weight * F.mse_loss(pred_c, target_c)
 
-    def _step(self, images: torch.Tensor) -> float:
-        loss = self._loss(images)
+    def _step(self, posterior: Posterior) -> float:
+        loss = self._loss(posterior)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.config.max_grad_norm and self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        if self.scaler is not None:
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm and self.config.max_grad_norm > 0 \
+            else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(loss.detach()))
+        if self.scaler is not None:          # GradScaler skips a non-finite step itself and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif finite:
             self.optimizer.step()
+        self.skipped_steps += not finite
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         return float(loss.detach())
 
-    def train(self, images: torch.Tensor, steps: int, callback: Optional[Callable[[Event], None]] = None,
+    def train(self, images, steps: int, callback: Optional[Callable[[Event], None]] = None,
               k: Optional[int] = None) -> list[float]:
-        """Run ``steps`` optimisation steps on ``images`` ``[N, 3, H, W]`` in [0, 1]; returns the losses.
+        """Run ``steps`` optimisation steps on ``images`` ``[N, 3, H, W]`` in [0, 1] (encoded once for the whole
+        burst) or on a :class:`Posterior` from :meth:`encode`; returns the losses.
 
         Works under ComfyUI's ``inference_mode`` (it is switched off here and inputs are cloned). A callback
         that raises stops training after the current step; the raised exception propagates.
@@ -299,17 +304,20 @@ class DreamBoothTrainer:
             raise InputError(f"steps must be >= 0 (got {steps})")
         emit = Emitter(callback, total=int(steps))
         losses = []
+        posterior = self.encode(images)
         with torch.inference_mode(False), torch.enable_grad():
-            x = check_images(images, self.resolution).to(self.device)
             unet, te = self.bundle.unet, self.bundle.text_encoder
             modes = unet.training, te.training
             unet.train()
+            trained = [unet]
             if self.spec.train_text_encoder:
                 te.train()
+                trained.append(te)
             try:
-                for _ in range(int(steps)):
-                    losses.append(self._step(x))
-                    emit("finetune", loss=losses[-1], k=k)
+                with activation_checkpointing(*trained, enabled=self.checkpointing):
+                    for _ in range(int(steps)):
+                        losses.append(self._step(posterior))
+                        emit("finetune", loss=losses[-1], k=k)
             finally:
                 unet.train(modes[0])
                 te.train(modes[1])

@@ -41,6 +41,8 @@ class IDDMConfig:
     prior_preservation: bool = True
     num_class_images: int = 8
     train_text_encoder: bool = False
+    mixed_precision: str = "auto"   # auto | no | fp16 | bf16 (precision.choose_precision: bf16 only where native)
+    gradient_checkpointing: str = "auto"   # auto (on for CUDA) | yes | no; for PGD and fine-tuning
 
     def validate(self) -> "IDDMConfig":
         self.pgd.validate()
@@ -58,6 +60,12 @@ class IDDMConfig:
             raise InputError(f"resolution={self.resolution!r} must be a multiple of 8 and at least 32")
         if not self.surrogates:
             raise InputError("surrogates: name at least one face recogniser (e.g. dlib)")
+        from .grad_checkpoint import use_checkpointing
+        from .precision import MODES
+
+        if self.mixed_precision not in MODES:
+            raise InputError(f"mixed_precision={self.mixed_precision!r}: use one of {', '.join(MODES)}")
+        use_checkpointing(self.gradient_checkpointing, "cpu")     # validates the word
         return self
 
     def to_dict(self) -> dict:
@@ -119,12 +127,16 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
 
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
     ft_config = FinetuneConfig(lr=config.lr, seed=config.seed, resolution=resolution,
-                               prior_preservation=config.prior_preservation, num_class_images=config.num_class_images)
+                               prior_preservation=config.prior_preservation, num_class_images=config.num_class_images,
+                               mixed_precision=config.mixed_precision,
+                               gradient_checkpointing=config.gradient_checkpointing)
     trainer = DreamBoothTrainer(bundle, spec, ft_config, class_images=class_images, class_cache_dir=class_cache_dir)
     embeds = trainer.prompt_embeds[0:1]          # instance prompt, computed once by the trainer
+    ref_posterior = trainer.encode(x_ref)        # Xc never changes: its latents are encoded once per run
     generator = torch.Generator().manual_seed(config.seed + 1)
 
-    report = {"config": config.to_dict(), "resolution": resolution,
+    report = {"config": config.to_dict(), "resolution": resolution, "precision": trainer.precision.name,
+              "gradient_checkpointing": trainer.checkpointing,
               "n_reference": len(refs.split.reference), "n_protect": len(refs.split.protect), "iterations": []}
     fp = ckpt.fingerprint(report["config"], refs.images)
     start_k = 1
@@ -150,7 +162,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
 
     for k in range(start_k, config.K + 1):
         record = {"k": k, "pgd": []}
-        record["finetune_reference"] = finetune(x_ref, k, "reference")          # Θ'_k = FT(Θ_{k-1}; Xc)
+        record["finetune_reference"] = finetune(ref_posterior, k, "reference")  # Θ'_k = FT(Θ_{k-1}; Xc)
 
         def on_pgd_step(step, k=k, record=record):
             step = {"k": k, **step}
@@ -160,7 +172,8 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
 
         t0 = time.perf_counter()
         x_prot = pgd_two_stage(bundle, ensemble, x_clean, lm_prot, embeds, config.pgd, generator,   # X' <- PGD(Θ'_k; X0)
-                               on_step=on_pgd_step, autocast=lambda: trainer.autocast, x_init=x_prot)
+                               on_step=on_pgd_step, precision=trainer.precision, checkpointing=trainer.checkpointing,
+                               x_init=x_prot)
         timings["pgd"] += _elapsed(t0, device)
         record["finetune_protected"] = finetune(x_prot, k, "protected")         # Θ_k = FT(Θ'_k; X')
         report["iterations"].append(record)
@@ -174,6 +187,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
 
     total = time.perf_counter() - t_start
     report["timings"] = {**timings, "other": max(0.0, total - timings["finetune"] - timings["pgd"]), "total": total}
+    report["nonfinite"] = nonfinite_counts(report["iterations"], trainer.skipped_steps)
     report["final_similarity"] = _final_similarity(ensemble, x_prot, lm_prot)
     lora_path = None
     if out_path is not None:
@@ -189,6 +203,14 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
         ckpt.clear_state(checkpoint_dir)
     emit("done", advance=0, message="finished")
     return IDDMResult(lora_path, report, x_prot.cpu())
+
+
+def nonfinite_counts(iterations: list, finetune_skipped: int) -> dict:
+    """How often low precision failed: PGD micro-batches redone in fp32 or skipped, fine-tune steps skipped.
+    (``finetune_skipped`` counts this process only: a resumed run does not know the interrupted part's.)"""
+    steps = [s for it in iterations for s in it["pgd"]]
+    return {"pgd_redone_fp32": sum(s.get("redone_fp32", 0) for s in steps),
+            "pgd_skipped": sum(s.get("skipped", 0) for s in steps), "finetune_skipped": int(finetune_skipped)}
 
 
 def build_ensemble(surrogates, tau: float, device):

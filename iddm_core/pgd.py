@@ -6,6 +6,20 @@
 
 Stage I *minimises* the denoising loss (IDDM keeps X' easy to learn); Anti-DreamBooth maximises it — the
 opposite sign, on purpose. x0_hat is the VAE-decoded one-step clean prediction from a noised latent of x'.
+
+Memory and precision (see docs/DESIGN.md, "PGD at real size"):
+- X0 is processed in micro-batches of ``PGDConfig.batch`` images. Every image owns a random stream (its VAE
+  posterior noise, t and eps), so X' is the same whatever the micro-batch size.
+- Activation checkpointing (grad_checkpoint.py) and the precision policy (precision.py) are passed in.
+- A micro-batch whose gradient is not finite is redone in fp32 with the same noise, and skipped (left as it
+  was) if it is still not finite; each case is counted in the step record. X' never becomes NaN.
+
+Gradient modes (``PGDConfig.gradient``), the paper's ``full`` being the default:
+- ``sds``: the UNet output is treated as a constant of its input (score distillation, RID's Adv-SDS): Stage I's
+  latent gradient is the residual ``pred - target``, Stage II's x0_hat uses the UNet output without its backward.
+- ``face``: Stage II encodes, denoises and decodes only a window around the face (what the recognisers' crops
+  sample, plus ``face_margin`` pixels for the VAE's receptive field); the gradient lands on those pixels.
+- ``fast``: ``face`` and ``sds`` together.
 """
 from __future__ import annotations
 
@@ -14,13 +28,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 from .face.attack import sign_pgd_step
-from .finetune import sample_latents
+from .finetune import vae_posterior
+from .grad_checkpoint import activation_checkpointing
+from .precision import FP32_CPU, LossScale, Precision, all_finite
 
 STAGE_REC = "rec"
 STAGE_ID = "id"
+GRADIENTS = ("full", "sds", "face", "fast")
 
 
 @dataclass
@@ -30,6 +48,9 @@ class PGDConfig:
     eta: float = 0.08       # L_inf budget in [0, 1] pixel units
     alpha: float = 0.008    # step size
     id_t_max: float = 1.0   # Stage II samples diffusion timesteps in [0, id_t_max * num_train_timesteps)
+    gradient: str = "full"  # full (paper) | sds | face | fast (= face + sds)
+    batch: int = 1          # micro-batch: protected images per forward/backward pass (memory ~ batch, not N)
+    face_margin: int = 32   # face mode: pixels added around the recognisers' crops (VAE receptive field)
 
     def validate(self) -> "PGDConfig":
         if not isinstance(self.T, int) or self.T < 1:
@@ -42,11 +63,25 @@ class PGDConfig:
             raise InputError(f"alpha={self.alpha!r}: the step must be in (0, eta={self.eta}] (paper 0.008)")
         if not 0.0 < self.id_t_max <= 1.0:
             raise InputError(f"id_t_max={self.id_t_max!r} must be in (0, 1]")
+        if self.gradient not in GRADIENTS:
+            raise InputError(f"gradient={self.gradient!r}: use one of {', '.join(GRADIENTS)}")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise InputError(f"pgd_batch={self.batch!r} must be an integer >= 1 (1 = least memory)")
+        if not isinstance(self.face_margin, int) or self.face_margin < 0:
+            raise InputError(f"face_margin={self.face_margin!r} must be an integer >= 0 (pixels)")
         return self
 
     @property
     def n_rec(self) -> int:
         return math.floor(self.rho * self.T)
+
+    @property
+    def sds(self) -> bool:
+        return self.gradient in ("sds", "fast")
+
+    @property
+    def face_window(self) -> bool:
+        return self.gradient in ("face", "fast")
 
     def stage(self, t: int) -> str:
         """Stage of PGD step ``t`` (1-based)."""
@@ -54,6 +89,23 @@ class PGDConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---- per-image random streams --------------------------------------------------------------------------------
+
+def image_generators(generator: torch.Generator, n: int) -> list[torch.Generator]:
+    """One CPU generator per protected image, seeded from ``generator``: an image's noise does not depend on
+    which micro-batch it lands in."""
+    seeds = torch.randint(0, 2 ** 62, (n,), generator=generator)
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def randn_per_image(gens: list[torch.Generator], shape, device, dtype=torch.float32) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device, dtype)
+
+
+def randint_per_image(gens: list[torch.Generator], high: int, device) -> torch.Tensor:
+    return torch.cat([torch.randint(0, high, (1,), generator=g) for g in gens]).to(device)
 
 
 # ---- small pieces of diffusion math --------------------------------------------------------------------------
@@ -64,13 +116,8 @@ def decode_latents(bundle, z: torch.Tensor) -> torch.Tensor:
     return (bundle.vae.decode((z / bundle.scaling_factor).to(vae_dtype)).sample.float() + 1.0) / 2.0
 
 
-def sample_noising(bundle, z0: torch.Tensor, generator: torch.Generator, t_max: float = 1.0):
-    """Sample t ~ U[0, t_max*T_train) and eps ~ N(0, I); return (z_t, eps, t)."""
-    n_train = bundle.noise_scheduler.config.num_train_timesteps
-    high = max(1, int(round(t_max * n_train)))
-    t = torch.randint(0, high, (z0.shape[0],), generator=generator).to(z0.device)
-    eps = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
-    return bundle.noise_scheduler.add_noise(z0, eps, t), eps, t
+def add_noise(bundle, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return bundle.noise_scheduler.add_noise(z0, eps, t)
 
 
 def training_target(bundle, z0, eps, t):
@@ -87,21 +134,65 @@ def one_step_clean(z_t: torch.Tensor, model_out: torch.Tensor, alpha_bar: torch.
     return (z_t - (1 - a).sqrt() * model_out) / a.sqrt()
 
 
-def rec_loss(bundle, x, embeds, generator, t_max: float = 1.0) -> torch.Tensor:
-    """L_rec = E||target - model(z_t, t, c)||^2 (target = eps, or v for v-prediction models)."""
-    z0 = sample_latents(bundle, x, generator)
-    z_t, eps, t = sample_noising(bundle, z0, generator, t_max)
-    pred = bundle.unet(z_t, t, encoder_hidden_states=embeds).sample
-    return torch.nn.functional.mse_loss(pred.float(), training_target(bundle, z0, eps, t).float())
+def unet_predict(bundle, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """UNet output in float32; inputs cast to the UNet's dtype (a half-precision bundle works without autocast)."""
+    dtype = next(bundle.unet.parameters()).dtype
+    return bundle.unet(z_t.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample.float()
 
 
-def predict_clean_image(bundle, x, embeds, generator, t_max: float = 1.0) -> torch.Tensor:
+@dataclass
+class Noise:
+    """The random draws of one PGD step for a micro-batch: posterior noise, timesteps, diffusion noise."""
+
+    posterior: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+
+    @classmethod
+    def draw(cls, gens, latent_shape, n_train: int, t_max: float, device) -> "Noise":
+        high = max(1, int(round(t_max * n_train)))
+        return cls(posterior=randn_per_image(gens, latent_shape, device),
+                   t=randint_per_image(gens, high, device),
+                   eps=randn_per_image(gens, latent_shape, device))
+
+
+def noised_latents(bundle, x: torch.Tensor, noise: Noise, precision: Precision):
+    """(z0, z_t) of images ``x``: z0 sampled from the VAE posterior with the given noise, then noised to t."""
+    with precision.vae():
+        mean, std = vae_posterior(bundle, x)
+    z0 = (mean + std * noise.posterior) * bundle.scaling_factor
+    return z0, add_noise(bundle, z0, noise.eps, noise.t)
+
+
+def rec_loss(bundle, x, embeds, noise: Noise, precision: Precision = FP32_CPU, sds: bool = False):
+    """Stage I: (loss to differentiate, L_rec value). L_rec = E||target - model(z_t, t, c)||^2, target = eps (or v).
+
+    With ``sds`` the UNet is run without gradient and the differentiated loss is <stopgrad(pred - target), z_t>
+    (scaled like the MSE's gradient): its gradient is the residual pushed through the encoder only.
+    """
+    z0, z_t = noised_latents(bundle, x, noise, precision)
+    target = training_target(bundle, z0, noise.eps, noise.t)
+    if not sds:
+        loss = F.mse_loss(unet_predict(bundle, z_t, noise.t, embeds), target.float())
+        return loss, loss.detach()
+    with torch.no_grad():
+        pred = unet_predict(bundle, z_t.detach(), noise.t, embeds)
+        residual = pred - target.detach().float()
+    value = residual.pow(2).mean()
+    return (2.0 / residual.numel()) * (residual * z_t.float()).sum(), value
+
+
+def predict_clean_image(bundle, x, embeds, noise: Noise, precision: Precision = FP32_CPU, sds: bool = False):
     """x0_hat = D(z0_hat(z_t)): the VAE-decoded one-step clean prediction of a noised latent of x."""
-    z0 = sample_latents(bundle, x, generator)
-    z_t, _, t = sample_noising(bundle, z0, generator, t_max)
-    pred = bundle.unet(z_t, t, encoder_hidden_states=embeds).sample
-    alpha_bar = bundle.noise_scheduler.alphas_cumprod.to(z0.device)[t]
-    return decode_latents(bundle, one_step_clean(z_t, pred, alpha_bar, bundle.prediction_type))
+    _, z_t = noised_latents(bundle, x, noise, precision)
+    if sds:
+        with torch.no_grad():
+            pred = unet_predict(bundle, z_t.detach(), noise.t, embeds)
+    else:
+        pred = unet_predict(bundle, z_t, noise.t, embeds)
+    alpha_bar = bundle.noise_scheduler.alphas_cumprod.to(z_t.device)[noise.t]
+    with precision.vae():
+        return decode_latents(bundle, one_step_clean(z_t, pred, alpha_bar, bundle.prediction_type))
 
 
 @contextmanager
@@ -117,12 +208,85 @@ def frozen(*modules):
             p.requires_grad_(True)
 
 
+# ---- face windows --------------------------------------------------------------------------------------------
+
+def crop_support(ensemble, landmarks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boolean mask [N, H, W] of the pixels any recogniser's aligned crop samples (from the warp's gradient)."""
+    probe = torch.ones(landmarks.shape[0], 3, height, width, device=landmarks.device, requires_grad=True)
+    with torch.enable_grad():
+        total = sum(r.align(probe, landmarks).sum() for r in ensemble.recognizers)
+        grad, = torch.autograd.grad(total, probe)
+    return grad.abs().sum(dim=1) > 0
+
+
+def face_windows(support: torch.Tensor, margin: int, multiple: int) -> tuple[int, list[tuple[int, int]]]:
+    """One square window side (a multiple of ``multiple``, at most the image) and a (top, left) per image that
+    covers each image's ``support`` plus ``margin`` pixels, kept inside the image."""
+    n, height, width = support.shape
+    limit = (min(height, width) // multiple) * multiple
+    boxes = []
+    for mask in support:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if ys.numel() == 0:
+            boxes.append((0, height, 0, width))
+            continue
+        boxes.append((int(ys.min()) - margin, int(ys.max()) + 1 + margin,
+                      int(xs.min()) - margin, int(xs.max()) + 1 + margin))
+    need = max(max(b - a, d - c) for a, b, c, d in boxes)
+    side = min(limit, multiple * math.ceil(need / multiple))
+    corners = []
+    for top, bottom, left, right in boxes:
+        cy, cx = (top + bottom) / 2, (left + right) / 2
+        y = int(min(max(round(cy - side / 2), 0), height - side))
+        x = int(min(max(round(cx - side / 2), 0), width - side))
+        corners.append((y, x))
+    return side, corners
+
+
+def window_multiple(bundle) -> int:
+    """Pixel multiple a window must have: the VAE factor times the UNet's total downsampling."""
+    n_down = len(getattr(bundle.unet.config, "down_block_types", ())) or 1
+    return int(bundle.vae_scale_factor) * 2 ** (n_down - 1)
+
+
+def cut_windows(x: torch.Tensor, side: int, corners) -> torch.Tensor:
+    return torch.stack([img[:, y:y + side, x_:x_ + side] for img, (y, x_) in zip(x, corners)])
+
+
+# ---- one gradient ---------------------------------------------------------------------------------------------
+
+def _stage_loss(bundle, ensemble, x, landmarks, embeds, stage, noise, config, precision, predict_clean, window):
+    """(loss to differentiate, loss value, {recogniser: similarities [n]}) for one micro-batch."""
+    if stage == STAGE_REC:
+        loss, value = rec_loss(bundle, x, embeds, noise, precision, sds=config.sds)
+        return loss, value, {}
+    if window is not None:
+        side, corners = window
+        x = cut_windows(x, side, corners)
+        offsets = torch.tensor([[c[1], c[0]] for c in corners], dtype=landmarks.dtype, device=landmarks.device)
+        landmarks = landmarks - offsets.unsqueeze(1)
+    x0_hat = predict_clean(bundle, x, embeds, noise, precision, config.sds)
+    loss, sims = ensemble(x0_hat.float(), landmarks)
+    return loss, loss.detach(), sims
+
+
+def _gradient(compute, x, precision: Precision, scale: LossScale):
+    """d loss / d x with the loss scaled (fp16); returns (grad or None if not finite, loss value, sims)."""
+    x = x.detach().requires_grad_(True)
+    with precision.autocast():
+        loss, value, sims = compute(x)
+    grad, = torch.autograd.grad(loss.float() * scale.value, x)
+    if not all_finite(grad, value):
+        return None, value, sims
+    return grad, value, sims
+
+
 # ---- the two-stage attack ------------------------------------------------------------------------------------
 
 def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, embeds: torch.Tensor,
-                  config: PGDConfig, generator: torch.Generator, on_step=None, autocast=None,
-                  predict_clean=None, x_init: torch.Tensor | None = None) -> torch.Tensor:
-    """Run T sign-PGD steps on the batch ``x0`` (all protected images at once) and return X'.
+                  config: PGDConfig, generator: torch.Generator, on_step=None, precision: Precision | None = None,
+                  checkpointing: bool = False, predict_clean=None, x_init: torch.Tensor | None = None) -> torch.Tensor:
+    """Run T sign-PGD steps on the protected images ``x0`` (in micro-batches of ``config.batch``) and return X'.
 
     ``x_init`` (default ``x0``) is where the steps start: IDDM passes the previous iteration's X' ("X0 <- X'"),
     while ``x0`` stays the clean photos, so the budget |X' - clean|_inf <= eta holds over the whole run instead of
@@ -130,42 +294,82 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
 
     ``ensemble`` is a FaceEnsembleLoss whose references are already set; ``landmarks`` are those of the clean x0.
     ``embeds`` are the instance-prompt embeddings (batch 1 or N). ``on_step(record)`` is called after every step
-    with {t, stage, loss, similarity, linf}; it may raise to cancel. ``predict_clean(bundle, x, embeds, generator,
-    t_max)`` replaces the one-step clean prediction (default :func:`predict_clean_image`; tests use x0_hat := x').
+    with {t, stage, loss, similarity, linf, redone_fp32, skipped}; it may raise to cancel.
+    ``predict_clean(bundle, x, embeds, noise, precision, sds)`` replaces the one-step clean prediction (default
+    :func:`predict_clean_image`; tests use x0_hat := x'). ``precision`` defaults to fp32.
     """
     predict_clean = predict_clean or predict_clean_image
+    precision = precision or FP32_CPU
     config.validate()
     x0 = x0.detach()
     x = (x0 if x_init is None else x_init.detach()).clone()
-    if embeds.shape[0] != x.shape[0]:
-        embeds = embeds.expand(x.shape[0], *embeds.shape[1:])
-    autocast = autocast or _no_autocast
-    was_training = bundle.unet.training
-    bundle.unet.eval()
+    landmarks = landmarks.to(x.device)
+    n, _, height, width = x.shape
+    if embeds.shape[0] == 1:
+        embeds = embeds.expand(n, *embeds.shape[1:])
+    gens = image_generators(generator, n)
+    latent_shape = _latent_shape(bundle, height, width)
+    n_train = int(bundle.noise_scheduler.config.num_train_timesteps)
+    window = None
+    if config.face_window:
+        side, corners = face_windows(crop_support(ensemble, landmarks, height, width), config.face_margin,
+                                     window_multiple(bundle))
+        window = (side, corners)
+        window_latent = _latent_shape(bundle, side, side)
+    scale = LossScale(precision.scales_loss)
+    modules = [m for m in (bundle.unet, bundle.vae, bundle.text_encoder) if isinstance(m, torch.nn.Module)]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
-        with frozen(bundle.unet, bundle.vae, bundle.text_encoder):
+        with frozen(*modules), activation_checkpointing(*modules, enabled=checkpointing):
             for t in range(1, config.T + 1):
                 stage = config.stage(t)
-                x.requires_grad_(True)
-                with autocast():
-                    if stage == STAGE_REC:
-                        loss, sims = rec_loss(bundle, x, embeds, generator), {}
+                shape = window_latent if window is not None and stage == STAGE_ID else latent_shape
+                values, sims, counts = [], {}, {"redone_fp32": 0, "skipped": 0}
+                for lo in range(0, n, config.batch):
+                    sl = slice(lo, min(n, lo + config.batch))
+                    part_gens = gens[sl]
+                    states = [g.get_state() for g in part_gens]
+                    noise = Noise.draw(part_gens, shape, n_train,
+                                       config.id_t_max if stage == STAGE_ID else 1.0, x.device)
+                    part_window = (window[0], window[1][sl]) if window is not None else None
+
+                    def compute(xb, sl=sl, noise=noise, part_window=part_window, precision_=precision):
+                        return _stage_loss(bundle, ensemble, xb, landmarks[sl], embeds[sl], stage, noise, config,
+                                           precision_, predict_clean, part_window)
+
+                    grad, value, part_sims = _gradient(compute, x[sl], precision, scale)
+                    scale.update(grad is not None)
+                    if grad is None and precision.dtype is not None:      # redo in fp32 with the same noise
+                        for g, s in zip(part_gens, states):
+                            g.set_state(s)
+                        counts["redone_fp32"] += 1
+                        grad, value, part_sims = _gradient(lambda xb: compute(xb, precision_=_fp32(precision)),
+                                                           x[sl], _fp32(precision), LossScale(False))
+                    if grad is None:
+                        counts["skipped"] += 1
                     else:
-                        x0_hat = predict_clean(bundle, x, embeds, generator, config.id_t_max)
-                        loss, sims = ensemble(x0_hat.float(), landmarks)
-                grad, = torch.autograd.grad(loss.float(), x)
-                x = sign_pgd_step(x0, x.detach(), grad, config.alpha, config.eta)
+                        x[sl] = sign_pgd_step(x0[sl], x[sl], grad, config.alpha, config.eta)
+                    values.append(float(value) * (sl.stop - sl.start))
+                    for name, s in part_sims.items():
+                        sims.setdefault(name, []).append(s.detach().float())
                 if on_step is not None:
                     on_step({
-                        "t": t, "stage": stage, "loss": float(loss.detach()),
-                        "similarity": {name: float(s.detach().float().mean()) for name, s in sims.items()},
-                        "linf": float((x - x0).abs().max()),
+                        "t": t, "stage": stage, "loss": sum(values) / n,
+                        "similarity": {name: float(torch.cat(v).mean()) for name, v in sims.items()},
+                        "linf": float((x - x0).abs().max()), **counts,
                     })
     finally:
-        bundle.unet.train(was_training)
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
     return x.detach()
 
 
-@contextmanager
-def _no_autocast():
-    yield
+def _fp32(precision: Precision) -> Precision:
+    return Precision(precision.device_type)
+
+
+def _latent_shape(bundle, height: int, width: int) -> tuple:
+    f = int(bundle.vae_scale_factor)
+    return (int(bundle.vae.config.latent_channels), height // f, width // f)

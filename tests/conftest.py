@@ -25,3 +25,15 @@ def faces_dir() -> Path:
 def small_faces_dir() -> Path:
     """The package's own downsized copies (always present)."""
     return PACKAGE_FACES
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons need one CPU thread: with two, torch 2.13's CPU kernels reduce in a varying order
+    (measured: two identical 2-step fine-tunes differ by up to 1e-4 with 2 threads, by 0 with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,7 +26,7 @@ def same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_same_seed_same_lora_and_bursts_equal_one_run():
+def test_same_seed_same_lora_and_bursts_equal_one_run(one_thread):
     bundle_a, a = make()
     params_before = [id(p) for p in a.params]
     optimizer = a.optimizer
@@ -42,7 +42,7 @@ def test_same_seed_same_lora_and_bursts_equal_one_run():
     assert c.train(IMAGES, 2) != losses_a[:2]
 
 
-def test_state_dict_resume_is_exact():
+def test_state_dict_resume_is_exact(one_thread):
     bundle_a, a = make(prior_preservation=False)
     a.train(IMAGES, 1)
     saved = a.state_dict()

@@ -84,7 +84,7 @@ def test_run_projection_schedule_report_and_lora(tmp_path, refs, ensemble):
     assert b"obama" not in blob
 
 
-def test_resume_gives_the_same_lora(tmp_path, refs, ensemble):
+def test_resume_gives_the_same_lora(tmp_path, refs, ensemble, one_thread):
     cfg = small_config()
     full = tmp_path / "full.safetensors"
     run_iddm(fresh_model(), refs, cfg, out_path=full, ensemble=ensemble)

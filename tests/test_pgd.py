@@ -83,15 +83,16 @@ def test_stage_two_lowers_dlib_similarity_on_real_photos(small_faces_dir):
     ens.set_references(images[[0, 2]], landmarks[[0, 2]])
     with torch.no_grad():
         before = float(ens(images[[1]], landmarks[[1]])[1]["dlib"])
-    identity = lambda bundle, x, embeds, gen, t_max: x  # noqa: E731
+    identity = lambda bundle, x, embeds, noise, precision, sds: x  # noqa: E731
     cfg = PGDConfig(T=6, rho=0.1, eta=0.08, alpha=0.008)
     steps = []
 
-    class _Bundle:  # only what pgd_two_stage touches when predict_clean is given and no rec step runs
-        unet = vae = text_encoder = torch.nn.Linear(1, 1)
+    from iddm_core.models import load_model
+
+    bundle = load_model("tiny")     # its diffusion model is bypassed: x0_hat := x'
 
     cfg_id_only = PGDConfig(T=6, rho=0.1)   # floor(0.6) = 0 rec steps
-    x = pgd_two_stage(_Bundle(), ens, images[[1]], landmarks[[1]], torch.zeros(1, 1, 1), cfg_id_only,
+    x = pgd_two_stage(bundle, ens, images[[1]], landmarks[[1]], torch.zeros(1, 1, 1), cfg_id_only,
                       torch.Generator().manual_seed(0), on_step=steps.append, predict_clean=identity)
     with torch.no_grad():
         after = float(ens(x, landmarks[[1]])[1]["dlib"])

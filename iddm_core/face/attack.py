@@ -79,9 +79,14 @@ def face_attack(x0: torch.Tensor, landmarks: torch.Tensor, loss_fn, eta: float =
 
 
 def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (recognisers run twice as fast; sign-PGD only needs the gradient's sign), a no-op
-    on CPU where autocast would slow the convolutions down."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast where the device really has bf16 (recognisers run twice as fast; sign-PGD only needs the
+    gradient's sign); fp32 elsewhere: the recognisers are small, and fp16 would need loss scaling."""
+    import contextlib
+
+    from ..precision import precision_for
+
+    policy = precision_for(device)
+    return policy.autocast() if policy.dtype == torch.bfloat16 else contextlib.nullcontext()
 
 
 # --- dlib's own C++ pipeline, as an independent judge -----------------------------------------------------------
