@@ -305,6 +305,27 @@ class DreamBoothTrainer:
         emit = Emitter(callback, total=int(steps))
         losses = []
         posterior = self.encode(images)
+        with self._training():
+            for _ in range(int(steps)):
+                losses.append(self._step(posterior))
+                emit("finetune", loss=losses[-1], k=k)
+        return losses
+
+    def trial_step(self, posterior: Posterior) -> None:
+        """Forward and backward of one step, then everything undone (gradients, RNG): the memory a step needs,
+        measured before a long run so that an out-of-memory error comes first, not an hour in."""
+        state = self.generator.get_state()
+        try:
+            with self._training():
+                loss = self._loss(posterior)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.generator.set_state(state)
+
+    @contextlib.contextmanager
+    def _training(self):
+        """Gradients on (also under ComfyUI's inference_mode), trained modules in train mode, checkpointing."""
         with torch.inference_mode(False), torch.enable_grad():
             unet, te = self.bundle.unet, self.bundle.text_encoder
             modes = unet.training, te.training
@@ -315,13 +336,10 @@ class DreamBoothTrainer:
                 trained.append(te)
             try:
                 with activation_checkpointing(*trained, enabled=self.checkpointing):
-                    for _ in range(int(steps)):
-                        losses.append(self._step(posterior))
-                        emit("finetune", loss=losses[-1], k=k)
+                    yield
             finally:
                 unet.train(modes[0])
                 te.train(modes[1])
-        return losses
 
     # -- checkpoints
 

@@ -23,7 +23,17 @@ from .errors import InputError
 from .events import Emitter
 from .pgd import PGDConfig, pgd_two_stage
 
-PRESETS = {"privacy": 0.1, "balanced": 0.3, "fidelity": 0.5}   # rho; smaller = more privacy
+# What each preset fixes; smaller rho = more privacy. "fast" also swaps the paper's gradient for face + sds.
+PRESETS = {"privacy": {"rho": 0.1}, "balanced": {"rho": 0.3}, "fidelity": {"rho": 0.5},
+           "fast": {"rho": 0.3, "gradient": "fast"}}
+PRESET_HELP = "privacy rho 0.1, balanced 0.3, fidelity 0.5, fast rho 0.3 with gradient 'fast' (face window + sds)"
+
+
+def preset_values(name: str) -> dict:
+    """The PGD settings a preset fixes (a copy); InputError naming the preset if it is unknown."""
+    if name not in PRESETS:
+        raise InputError(f"preset={name!r}: choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 @dataclass
@@ -87,12 +97,15 @@ def total_steps(config: IDDMConfig) -> int:
 
 def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "iddm_lora", ensemble=None,
              report_path=None, checkpoint_dir=None, resume: bool = False, overwrite: bool = False,
-             callback=None, class_images=None, class_cache_dir=None, stop_after: int | None = None) -> IDDMResult:
+             callback=None, class_images=None, class_cache_dir=None, stop_after: int | None = None,
+             check_memory: bool | None = None) -> IDDMResult:
     """Run IDDM on prepared ``refs`` (refs.PrivateRefs) and write the kohya LoRA to ``out_path``.
 
     ``callback(Event)`` is called after every step and may raise to cancel: then no LoRA is written (the resume
     state of the last finished iteration stays in ``checkpoint_dir`` if one was given). ``stop_after=k`` ends the
-    run after iteration k without writing a LoRA (tests use it to simulate an interruption).
+    run after iteration k without writing a LoRA (tests use it to simulate an interruption). ``check_memory``
+    (default: on CUDA) tries one fine-tune step and one Stage II PGD step first (fit.py), so settings that cannot
+    fit fail with advice before any training.
     """
     from .atomic import check_writable
 
@@ -102,11 +115,11 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     # ComfyUI runs nodes under inference_mode: switch it off and work on clones of the inputs.
     with torch.inference_mode(False), torch.enable_grad():
         return _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume,
-                    overwrite, callback, class_images, class_cache_dir, stop_after)
+                    overwrite, callback, class_images, class_cache_dir, stop_after, check_memory)
 
 
 def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume, overwrite,
-         callback, class_images, class_cache_dir, stop_after) -> IDDMResult:
+         callback, class_images, class_cache_dir, stop_after, check_memory) -> IDDMResult:
     from . import checkpoint as ckpt
     from .atomic import write_text_atomic
     from .finetune import DreamBoothTrainer, FinetuneConfig
@@ -134,6 +147,15 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     embeds = trainer.prompt_embeds[0:1]          # instance prompt, computed once by the trainer
     ref_posterior = trainer.encode(x_ref)        # Xc never changes: its latents are encoded once per run
     generator = torch.Generator().manual_seed(config.seed + 1)
+    if check_memory if check_memory is not None else device.type == "cuda":
+        from .fit import check_fits, trial_pgd_config
+
+        b = config.pgd.batch
+        check_fits(lambda: trainer.trial_step(ref_posterior),
+                   lambda: pgd_two_stage(bundle, ensemble, x_clean[:b], lm_prot[:b], embeds,
+                                         trial_pgd_config(config.pgd), torch.Generator().manual_seed(0),
+                                         precision=trainer.precision, checkpointing=trainer.checkpointing),
+                   config, trainer.precision.name, trainer.checkpointing, resolution, device)
 
     report = {"config": config.to_dict(), "resolution": resolution, "precision": trainer.precision.name,
               "gradient_checkpointing": trainer.checkpointing,

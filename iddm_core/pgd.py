@@ -18,7 +18,9 @@ Gradient modes (``PGDConfig.gradient``), the paper's ``full`` being the default:
 - ``sds``: the UNet output is treated as a constant of its input (score distillation, RID's Adv-SDS): Stage I's
   latent gradient is the residual ``pred - target``, Stage II's x0_hat uses the UNet output without its backward.
 - ``face``: Stage II encodes, denoises and decodes only a window around the face (what the recognisers' crops
-  sample, plus ``face_margin`` pixels for the VAE's receptive field); the gradient lands on those pixels.
+  sample, plus ``face_margin`` pixels for the VAE's receptive field); the gradient lands on those pixels. The
+  window is square, a multiple of the UNet's pixel stride, one per micro-batch (so with ``batch`` > 1 the
+  window, hence X', can differ from ``batch`` = 1).
 - ``fast``: ``face`` and ``sds`` together.
 """
 from __future__ import annotations
@@ -245,8 +247,7 @@ def face_windows(support: torch.Tensor, margin: int, multiple: int) -> tuple[int
 
 def window_multiple(bundle) -> int:
     """Pixel multiple a window must have: the VAE factor times the UNet's total downsampling."""
-    n_down = len(getattr(bundle.unet.config, "down_block_types", ())) or 1
-    return int(bundle.vae_scale_factor) * 2 ** (n_down - 1)
+    return int(bundle.vae_scale_factor) * 2 ** (len(bundle.unet.config.down_block_types) - 1)
 
 
 def cut_windows(x: torch.Tensor, side: int, corners) -> torch.Tensor:
@@ -310,14 +311,13 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
     gens = image_generators(generator, n)
     latent_shape = _latent_shape(bundle, height, width)
     n_train = int(bundle.noise_scheduler.config.num_train_timesteps)
-    window = None
-    if config.face_window:
-        side, corners = face_windows(crop_support(ensemble, landmarks, height, width), config.face_margin,
-                                     window_multiple(bundle))
-        window = (side, corners)
-        window_latent = _latent_shape(bundle, side, side)
+    windows = {}
+    if config.face_window:        # one window side per micro-batch: with pgd_batch 1 every photo gets its tightest
+        support = crop_support(ensemble, landmarks, height, width)
+        for lo in range(0, n, config.batch):
+            windows[lo] = face_windows(support[lo:lo + config.batch], config.face_margin, window_multiple(bundle))
     scale = LossScale(precision.scales_loss)
-    modules = [m for m in (bundle.unet, bundle.vae, bundle.text_encoder) if isinstance(m, torch.nn.Module)]
+    modules = (bundle.unet, bundle.vae, bundle.text_encoder)
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -325,15 +325,15 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
         with frozen(*modules), activation_checkpointing(*modules, enabled=checkpointing):
             for t in range(1, config.T + 1):
                 stage = config.stage(t)
-                shape = window_latent if window is not None and stage == STAGE_ID else latent_shape
                 values, sims, counts = [], {}, {"redone_fp32": 0, "skipped": 0}
                 for lo in range(0, n, config.batch):
                     sl = slice(lo, min(n, lo + config.batch))
                     part_gens = gens[sl]
                     states = [g.get_state() for g in part_gens]
+                    part_window = windows.get(lo) if stage == STAGE_ID else None
+                    shape = _latent_shape(bundle, part_window[0], part_window[0]) if part_window else latent_shape
                     noise = Noise.draw(part_gens, shape, n_train,
                                        config.id_t_max if stage == STAGE_ID else 1.0, x.device)
-                    part_window = (window[0], window[1][sl]) if window is not None else None
 
                     def compute(xb, sl=sl, noise=noise, part_window=part_window, precision_=precision):
                         return _stage_loss(bundle, ensemble, xb, landmarks[sl], embeds[sl], stage, noise, config,

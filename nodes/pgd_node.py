@@ -7,22 +7,22 @@ from __future__ import annotations
 
 from .specs import CATEGORY, LOSS, PGD, REFS
 
-PRESET_CHOICES = ["privacy", "balanced", "fidelity", "custom"]
+PRESET_CHOICES = ["privacy", "balanced", "fidelity", "fast", "custom"]
+GRADIENT_CHOICES = ["full", "sds", "face", "fast"]
 NO_PREVIEW = "(none)"
 
 
-def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float):
-    """PGDConfig from the widgets: a preset other than "custom" decides rho (privacy 0.1, balanced 0.3,
-    fidelity 0.5); errors name the parameter."""
-    from ..iddm_core.errors import InputError
-    from ..iddm_core.iddm import PRESETS
+def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float, gradient: str = "full",
+               pgd_batch: int = 1):
+    """PGDConfig from the widgets: a preset other than "custom" fixes what it names (rho; "fast" also the
+    gradient), the widgets give the rest; errors name the parameter."""
+    from ..iddm_core.iddm import preset_values
     from ..iddm_core.pgd import PGDConfig
 
+    values = {"rho": float(rho), "gradient": str(gradient)}
     if preset != "custom":
-        if preset not in PRESETS:
-            raise InputError(f"preset={preset!r}: choose one of {', '.join(PRESET_CHOICES)}")
-        rho = PRESETS[preset]
-    return PGDConfig(T=int(T), rho=float(rho), eta=float(eta), alpha=float(alpha)).validate()
+        values.update(preset_values(preset))
+    return PGDConfig(T=int(T), eta=float(eta), alpha=float(alpha), batch=int(pgd_batch), **values).validate()
 
 
 def similarity_drop_text(before: dict, after: dict, linf: float) -> str:
@@ -45,7 +45,9 @@ def run_preview(handle, loss, config, ckpt_name: str, resolution: int, seed: int
     import torch
 
     from ..iddm_core.finetune import FinetuneConfig, encode_prompts
+    from ..iddm_core.grad_checkpoint import use_checkpointing
     from ..iddm_core.pgd import pgd_two_stage
+    from ..iddm_core.precision import precision_for
     from .comfy_env import NodeProgress
     from .session import trainable_refs, training_model
 
@@ -68,7 +70,8 @@ def run_preview(handle, loss, config, ckpt_name: str, resolution: int, seed: int
                            loss=record["loss"], similarity=record["similarity"], linf=record["linf"]))
 
         generator = torch.Generator().manual_seed(int(seed))
-        x_adv = pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, generator, on_step=on_step)
+        x_adv = pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, generator, on_step=on_step,
+                              precision=precision_for(device), checkpointing=use_checkpointing("auto", device))
         after = _mean_sims(ensemble, x_adv, lm0)
         linf = float((x_adv - x0).abs().max())
         image = x_adv.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
@@ -94,8 +97,9 @@ class IDDMPGDTwoStage:
         return {
             "required": {
                 "preset": (PRESET_CHOICES, {"default": "privacy",
-                                            "tooltip": "Sets rho: privacy 0.1, balanced 0.3, fidelity 0.5; "
-                                                       "'custom' uses the rho below."}),
+                                            "tooltip": "Sets rho: privacy 0.1, balanced 0.3, fidelity 0.5; fast = "
+                                                       "rho 0.3 with the 'fast' gradient; 'custom' uses the rho "
+                                                       "below."}),
                 "T": ("INT", {"default": 8, "min": 1, "max": 1000,
                               "tooltip": "PGD steps per outer iteration (paper 8)."}),
                 "rho": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 0.99, "step": 0.01,
@@ -118,15 +122,23 @@ class IDDMPGDTwoStage:
                                                "tooltip": "Preview size in pixels; 0 = the model's native size."}),
                 "preview_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
                                          "tooltip": "Seed of the diffusion noise used by the preview."}),
+                "gradient": (GRADIENT_CHOICES, {"default": "full",
+                                                "tooltip": "full = the paper's gradient; sds skips the UNet's "
+                                                           "backward pass; face runs Stage II on a window around "
+                                                           "the face; fast = face + sds (the 'fast' preset sets "
+                                                           "it)."}),
+                "pgd_batch": ("INT", {"default": 1, "min": 1, "max": 64,
+                                      "tooltip": "Protected photos per PGD pass: 1 = least GPU memory; higher is "
+                                                 "faster if it fits. The result is the same."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def build(self, preset, T, rho, eta, alpha, refs=None, loss=None, preview_ckpt=NO_PREVIEW,
-              preview_resolution=0, preview_seed=0, unique_id=None):
+              preview_resolution=0, preview_seed=0, gradient="full", pgd_batch=1, unique_id=None):
         import torch
 
-        config = pgd_config(preset, T, rho, eta, alpha)
+        config = pgd_config(preset, T, rho, eta, alpha, gradient, pgd_batch)
         if refs is None or not preview_ckpt or preview_ckpt == NO_PREVIEW:
             return (config, torch.zeros(1, 64, 64, 3), "no preview (connect refs and choose preview_ckpt)")
         if loss is None:

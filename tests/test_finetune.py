@@ -183,3 +183,38 @@ def test_cli_cancel_leaves_no_file(private_refs, tmp_path, monkeypatch):
     assert run_cli("finetune", "--refs", str(private_refs), "--out", str(out), "--steps", "3", "--no-prior",
                    "--device", "cpu") == 2
     assert list(tmp_path.glob("*.safetensors*")) == [] and list(tmp_path.glob(".c.safetensors*")) == []
+
+
+def test_images_encoded_once_per_burst_and_fixed_sets_once_per_run():
+    bundle, trainer = make(prior_preservation=False)
+    calls = []
+    encode = bundle.vae.encode
+    bundle.vae.encode = lambda x, *a, **kw: (calls.append(x.shape[0]), encode(x, *a, **kw))[1]
+    trainer.train(IMAGES, 5)
+    assert calls == [3]                               # 3 images encoded once for 5 steps, not once per step
+    calls.clear()
+    posterior = trainer.encode(IMAGES)
+    trainer.train(posterior, 3)
+    trainer.train(posterior, 3)
+    assert calls == [3]                               # a fixed set (Xc, class images) is encoded once
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    bundle, trainer = make(prior_preservation=False)
+    before = {k: v.clone() for k, v in get_lora_state(bundle).items()}
+    loss = trainer._loss
+    trainer._loss = lambda posterior: loss(posterior) * float("nan")
+    trainer.train(IMAGES, 1)
+    assert trainer.skipped_steps == 1 and same_state(get_lora_state(bundle), before)
+    trainer._loss = loss
+    trainer.train(IMAGES, 1)
+    assert trainer.skipped_steps == 1 and not same_state(get_lora_state(bundle), before)
+
+
+def test_trial_step_changes_nothing(one_thread):
+    bundle_a, a = make()
+    a.trial_step(a.encode(IMAGES))
+    assert all(p.grad is None for p in a.params)
+    bundle_b, b = make()
+    assert a.train(IMAGES, 2) == b.train(IMAGES, 2)
+    assert same_state(get_lora_state(bundle_a), get_lora_state(bundle_b))

@@ -71,6 +71,8 @@ def test_run_projection_schedule_report_and_lora(tmp_path, refs, ensemble):
     assert (result.protected - x0).abs().max() <= cfg.pgd.eta + 1e-6
     assert result.protected.min() >= 0 and result.protected.max() <= 1
     assert set(report["timings"]) == {"finetune", "pgd", "other", "total"}
+    assert report["precision"] == "fp32" and report["gradient_checkpointing"] is False       # CPU defaults
+    assert report["nonfinite"] == {"pgd_redone_fp32": 0, "pgd_skipped": 0, "finetune_skipped": 0}
     # events: one per fine-tune step and PGD step, monotone progress
     steps = [e for e in events if e.phase in ("finetune", "pgd")]
     assert len(steps) == 2 * (2 * 2 + 3) and [e.done for e in steps] == list(range(1, len(steps) + 1))
@@ -133,7 +135,8 @@ def test_existing_output_refused_before_work(tmp_path, refs, ensemble):
 
 
 @pytest.mark.parametrize("field,value", [("K", 0), ("tau", 0.0), ("ft_steps", 0), ("rank", 0), ("lr", -1.0),
-                                         ("resolution", 60), ("surrogates", ())])
+                                         ("resolution", 60), ("surrogates", ()), ("mixed_precision", "fp8"),
+                                         ("gradient_checkpointing", "maybe")])
 def test_config_validation_names_the_parameter(field, value):
     with pytest.raises(InputError, match=field):
         small_config(**{field: value}).validate()

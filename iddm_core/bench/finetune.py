@@ -19,6 +19,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     p.add_argument("--skip-full", action="store_true", help="only the tiny model")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="mixed precision (default auto: bf16 on compute capability >= 8.0, fp16 below, fp32 on CPU)")
+    p.add_argument("--checkpointing", default="auto", choices=["auto", "yes", "no"],
+                   help="activation checkpointing (default auto: on for CUDA)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +47,8 @@ def build_random_sd15():
                        kind="sd1", prediction_type="epsilon", resolution=512, title="random-sd15")
 
 
-def time_steps(bundle, resolution: int, steps: int, rank: int) -> dict:
+def time_steps(bundle, resolution: int, steps: int, rank: int, precision: str = "auto",
+               checkpointing: str = "auto") -> dict:
     """One warm-up step, then ``steps`` timed steps of plain DreamBooth-LoRA (prior preservation on, batch 1+1)."""
     import torch
 
@@ -53,8 +58,9 @@ def time_steps(bundle, resolution: int, steps: int, rank: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, resolution, resolution, generator=gen)
     class_images = torch.rand(2, 3, resolution, resolution, generator=gen)
-    trainer = DreamBoothTrainer(bundle, LoraSpec(rank=rank), FinetuneConfig(resolution=resolution),
-                                class_images=class_images)
+    trainer = DreamBoothTrainer(bundle, LoraSpec(rank=rank),
+                                FinetuneConfig(resolution=resolution, mixed_precision=precision,
+                                               gradient_checkpointing=checkpointing), class_images=class_images)
     if bundle.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train(images, 1)
@@ -65,7 +71,8 @@ def time_steps(bundle, resolution: int, steps: int, rank: int) -> dict:
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     result = {"s_per_step": (time.perf_counter() - start) / steps, "peak_rss_mib": peak_rss_mib(),
-              "lora_params": sum(p.numel() for p in trainer.params)}
+              "lora_params": sum(p.numel() for p in trainer.params), "precision": trainer.precision.name,
+              "checkpointing": trainer.checkpointing}
     if bundle.device.type == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -73,7 +80,7 @@ def time_steps(bundle, resolution: int, steps: int, rank: int) -> dict:
 
 def report(name: str, res: int, r: dict) -> str:
     line = (f"{name:<14} {res:>4}px  {r['s_per_step']:8.3f} s/step  peak RSS {r['peak_rss_mib']:8.0f} MiB  "
-            f"LoRA params {r['lora_params']:,}")
+            f"LoRA params {r['lora_params']:,}  [{r['precision']}, checkpointing {'on' if r['checkpointing'] else 'off'}]")
     if "cuda_peak_mib" in r:
         line += f"  CUDA peak {r['cuda_peak_mib']:.0f} MiB"
     return line
@@ -88,11 +95,12 @@ def run(args) -> int:
     device = pick_device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps")
     tiny = build_tiny_bundle(0).to(device)
-    print(report("tiny", tiny.resolution, time_steps(tiny, tiny.resolution, args.steps, args.rank)), flush=True)
+    opts = dict(precision=args.precision, checkpointing=args.checkpointing)
+    print(report("tiny", tiny.resolution, time_steps(tiny, tiny.resolution, args.steps, args.rank, **opts)), flush=True)
     del tiny
     if not args.skip_full:
         t0 = time.perf_counter()
         full = build_random_sd15().to(device)
         print(f"(built random SD1.5 in {time.perf_counter() - t0:.1f} s)", flush=True)
-        print(report("sd1.5-random", args.resolution, time_steps(full, args.resolution, args.steps, args.rank)))
+        print(report("sd1.5-random", args.resolution, time_steps(full, args.resolution, args.steps, args.rank, **opts)))
     return 0

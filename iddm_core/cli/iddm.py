@@ -11,12 +11,13 @@ DEMO_NOTE = ("Demo finished. This ran the complete IDDM pipeline on an embedded 
 
 
 def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
-    from ..iddm import PRESETS
+    from ..iddm import PRESET_HELP, PRESETS
+    from ..pgd import GRADIENTS
 
     g = p.add_argument_group("IDDM algorithm (paper defaults)")
     g.add_argument("--K", type=int, default=10, help="outer iterations (default 10)")
     g.add_argument("--T", type=int, default=8, help="PGD steps per iteration (default 8)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="sets rho: privacy 0.1, balanced 0.3, fidelity 0.5")
+    g.add_argument("--preset", choices=list(PRESETS), help=PRESET_HELP + " (--rho / --gradient override it)")
     g.add_argument("--rho", type=float, default=None,
                    help="share of Stage I (fidelity) PGD steps, in (0,1); default 0.1; smaller = more privacy")
     g.add_argument("--eta", type=float, default=0.08, help="L_inf budget, pixels in [0,1] (default 0.08)")
@@ -25,6 +26,17 @@ def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--surrogates", default="dlib",
                    help="comma-separated recognisers: dlib, arcface:PATH.onnx, irse50:PATH, ir152:PATH, "
                         "mobileface:PATH, facenet:PATH (default dlib)")
+    m = p.add_argument_group("speed and memory")
+    m.add_argument("--gradient", choices=GRADIENTS, default=None,
+                   help="PGD gradient: full (paper, default), sds (no UNet backward), face (Stage II on a window "
+                        "around the face), fast (face + sds)")
+    m.add_argument("--pgd-batch", type=int, default=1,
+                   help="protected photos per PGD forward/backward pass (default 1 = least memory; same result)")
+    m.add_argument("--precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="auto: bf16 on GPUs with compute capability >= 8.0, fp16 (loss-scaled, VAE in fp32) on "
+                        "older GPUs, fp32 on CPU; no = fp32 everywhere")
+    m.add_argument("--checkpointing", choices=["auto", "yes", "no"], default="auto",
+                   help="activation checkpointing of UNet and VAE (auto: on for CUDA): less memory, ~30%% slower")
     f = p.add_argument_group("fine-tuning")
     f.add_argument("--ft-steps", type=int, default=40, help="DreamBooth-LoRA steps per burst, 2 bursts per iteration")
     f.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
@@ -73,16 +85,19 @@ def register(sub) -> None:
 
 
 def config_from_args(args):
-    from ..iddm import PRESETS, IDDMConfig
+    from ..iddm import IDDMConfig, preset_values
     from ..pgd import PGDConfig
 
-    rho = args.rho if args.rho is not None else PRESETS.get(args.preset, 0.1)
-    pgd = PGDConfig(T=args.T, rho=rho, eta=args.eta, alpha=args.alpha)
+    fixed = preset_values(args.preset) if args.preset else {}
+    rho = args.rho if args.rho is not None else fixed.get("rho", 0.1)
+    gradient = args.gradient or fixed.get("gradient", "full")
+    pgd = PGDConfig(T=args.T, rho=rho, eta=args.eta, alpha=args.alpha, gradient=gradient, batch=args.pgd_batch)
     return IDDMConfig(K=args.K, pgd=pgd, tau=args.tau, surrogates=tuple(s.strip() for s in args.surrogates.split(",")
                                                                       if s.strip()),
                       ft_steps=args.ft_steps, rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr,
                       resolution=args.resolution, seed=args.seed, prior_preservation=not args.no_prior,
-                      num_class_images=args.num_class_images, train_text_encoder=args.train_text_encoder).validate()
+                      num_class_images=args.num_class_images, train_text_encoder=args.train_text_encoder,
+                      mixed_precision=args.precision, gradient_checkpointing=args.checkpointing).validate()
 
 
 def _split_list(text):

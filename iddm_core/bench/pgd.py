@@ -1,0 +1,243 @@
+"""``python -m iddm_core.bench pgd``: seconds per PGD step and peak memory, one process per configuration.
+
+Grid: resolution x protected-set size N x gradient mode (full / sds / face / fast) x activation checkpointing,
+on the full SD 1.5 architecture with random weights (``--model sd15-random``, default) or the tiny model. Each
+configuration runs in a fresh child process so its peak is its own: peak RSS (``ru_maxrss``) on CPU, CUDA max
+allocated on a GPU. The parent prints one line per configuration, then ratios: mode time / full time, peak
+memory N=max / N=1, checkpointing on / off.
+
+``--quality`` measures what the faster modes give up, on the tiny model (fast): the mean fall per Stage II step
+of the dlib similarity of X' to the reference prototype, per mode and as a ratio to ``full``, and how far a
+face-window VAE round trip differs from the full-image one inside the recognisers' crops. A random model's
+one-step predictions are not faces, so those similarity numbers only become meaningful on a trained model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+MODES = ("full", "sds", "face", "fast")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pgd", help="s/step and peak memory of PGD: resolution x N x mode x checkpointing")
+    p.add_argument("--model", default="sd15-random", help="sd15-random (default), tiny, or a checkpoint path")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="default 256 512")
+    p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="protected-set sizes (default 1 4)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="gradient modes (default all)")
+    p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--steps", type=int, default=1, help="timed Stage II steps per configuration (default 1)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed Stage II steps first (default 0)")
+    p.add_argument("--pgd-batch", type=int, default=1, help="micro-batch (default 1)")
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    p.add_argument("--quality", action="store_true", help="similarity drop per step and window decode error "
+                                                          "per mode on the tiny model (instead of the grid)")
+    p.add_argument("--quality-resolution", type=int, default=128)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one configuration
+    p.set_defaults(func=run)
+
+
+# ---- the child: one configuration ----------------------------------------------------------------------------
+
+def bench_images(resolution: int, n: int):
+    """N protected images with landmarks: the demo's public-domain photos (repeated if N > 4), and 2 references."""
+    from ..cli.iddm import demo_photos
+    from ..face.detect import get_detector
+    from ..refs import prepare_photos
+
+    images, landmarks, _, _ = prepare_photos(demo_photos(), resolution, get_detector("dlib"))
+    idx = [1 + (i % (len(images) - 1)) for i in range(n)]
+    return images[[0]], landmarks[[0]], images[idx], landmarks[idx]
+
+
+def make_bundle(model: str, device):
+    from ..models import load_model
+    from .finetune import build_random_sd15
+
+    if model == "sd15-random":
+        return build_random_sd15().to(device)
+    return load_model(model, device=device)
+
+
+def measure_one(cfg: dict) -> dict:
+    import torch
+
+    from ..cli._common import pick_device
+    from ..finetune import encode_prompts
+    from ..iddm import build_ensemble
+    from ..lora import LoraSpec, add_lora
+    from ..pgd import PGDConfig, pgd_two_stage
+    from ..precision import precision_for
+    from .finetune import peak_rss_mib
+
+    device = pick_device(cfg["device"])
+    bundle = make_bundle(cfg["model"], device)
+    add_lora(bundle, LoraSpec(rank=4), seed=0)               # PGD runs against a LoRA-carrying temporary model
+    ensemble = build_ensemble(["dlib"], 0.03, device)
+    x_ref, lm_ref, x0, lm0 = (t.to(device) for t in bench_images(cfg["resolution"], cfg["n"]))
+    ensemble.set_references(x_ref, lm_ref)
+    with torch.no_grad():
+        embeds = encode_prompts(bundle, ["a photo of sks person"]).detach()
+    precision = precision_for(device, cfg["precision"])
+    base_rss = peak_rss_mib()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    total = cfg["warmup"] + cfg["steps"]
+    config = PGDConfig(T=total, rho=0.5 / total, gradient=cfg["mode"], batch=cfg["pgd_batch"])   # Stage II only
+    stamps = []
+
+    def on_step(record):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append((time.perf_counter(), record))
+
+    t0 = time.perf_counter()
+    pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, torch.Generator().manual_seed(0), on_step=on_step,
+                  precision=precision, checkpointing=cfg["checkpointing"] == "on")
+    times = [b[0] - a for a, b in zip([t0] + [s[0] for s in stamps[:-1]], stamps)]
+    timed = times[cfg["warmup"]:]
+    out = {**cfg, "s_per_step": sum(timed) / len(timed), "peak_rss_mib": peak_rss_mib(),
+           "base_rss_mib": base_rss, "precision_used": precision.name,
+           "nonfinite": sum(s[1]["redone_fp32"] + s[1]["skipped"] for s in stamps)}
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+# ---- the parent: the grid and its ratios ---------------------------------------------------------------------
+
+def run_child(cfg: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "iddm_core.bench", "pgd", "--one", json.dumps(cfg)],
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**cfg, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def memory_of(r: dict) -> float:
+    return r.get("cuda_peak_mib", r["peak_rss_mib"])
+
+
+def describe(r: dict) -> str:
+    head = f"{r['resolution']:>4}px N={r['n']} {r['mode']:<4} ckpt {r['checkpointing']:<3}"
+    if "error" in r:
+        return f"{head}  FAILED {r['error']}"
+    mem = f"CUDA peak {r['cuda_peak_mib']:8.0f} MiB" if "cuda_peak_mib" in r else \
+        f"peak RSS {r['peak_rss_mib']:8.0f} MiB (model+inputs {r['base_rss_mib']:.0f})"
+    return f"{head}  {r['s_per_step']:8.2f} s/step  {mem}  [{r['precision_used']}]"
+
+
+def ratios(results: list[dict]) -> list[str]:
+    ok = [r for r in results if "error" not in r]
+    key = {(r["resolution"], r["n"], r["mode"], r["checkpointing"]): r for r in ok}
+    lines = []
+    for (res, n, mode, ck), r in sorted(key.items()):
+        full = key.get((res, n, "full", ck))
+        if mode != "full" and full:
+            lines.append(f"{res}px N={n} ckpt {ck}: {mode}/full time {r['s_per_step'] / full['s_per_step']:.2f}  "
+                         f"(speed-up {full['s_per_step'] / r['s_per_step']:.2f}x), memory {memory_of(r) / memory_of(full):.2f}")
+    ns = sorted({r["n"] for r in ok})
+    if len(ns) > 1:
+        for (res, n, mode, ck), r in sorted(key.items()):
+            one = key.get((res, ns[0], mode, ck))
+            if n == ns[-1] and one:
+                lines.append(f"{res}px {mode} ckpt {ck}: peak memory N={n}/N={ns[0]} {memory_of(r) / memory_of(one):.3f}")
+    for (res, n, mode, ck), r in sorted(key.items()):
+        off = key.get((res, n, mode, "off"))
+        if ck == "on" and off:
+            lines.append(f"{res}px N={n} {mode}: checkpointing on/off memory {memory_of(r) / memory_of(off):.2f}, "
+                         f"time {r['s_per_step'] / off['s_per_step']:.2f}")
+    return lines
+
+
+def run(args) -> int:
+    if args.one:
+        print("RESULT " + json.dumps(measure_one(json.loads(args.one))), flush=True)
+        return 0
+    if args.quality:
+        return run_quality(args)
+    import torch
+
+    print(f"bench pgd: model {args.model}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"{args.steps} timed Stage II step(s) after {args.warmup} warm-up, pgd_batch {args.pgd_batch}, "
+          "one process per configuration", flush=True)
+    results = []
+    for res in args.resolutions:
+        for ck in args.checkpointing:
+            for mode in args.modes:
+                for n in args.n:
+                    cfg = {"model": args.model, "resolution": res, "n": n, "mode": mode, "checkpointing": ck,
+                           "steps": args.steps, "warmup": args.warmup, "pgd_batch": args.pgd_batch,
+                           "precision": args.precision, "device": args.device}
+                    results.append(run_child(cfg))
+                    print(describe(results[-1]), flush=True)
+    print("ratios:")
+    for line in ratios(results):
+        print("  " + line)
+    if args.json:
+        from ..atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, indent=2), overwrite=True)
+    return 0
+
+
+# ---- quality: what the faster modes give up -------------------------------------------------------------------
+
+def run_quality(args) -> int:
+    import torch
+
+    from ..cli._common import pick_device
+    from ..finetune import encode_prompts, vae_posterior
+    from ..iddm import build_ensemble
+    from ..pgd import (PGDConfig, crop_support, cut_windows, decode_latents, face_windows, pgd_two_stage,
+                       window_multiple)
+
+    device = pick_device(args.device)
+    res = args.quality_resolution
+    model = "tiny" if args.model == "sd15-random" else args.model
+    bundle = make_bundle(model, device)
+    ensemble = build_ensemble(["dlib"], 0.03, device)
+    x_ref, lm_ref, x0, lm0 = (t.to(device) for t in bench_images(res, 3))
+    ensemble.set_references(x_ref, lm_ref)
+    with torch.no_grad():
+        embeds = encode_prompts(bundle, ["a photo of sks person"]).detach()
+        before = float(ensemble(x0, lm0)[1]["dlib"].mean())
+    print(f"bench pgd --quality: model {model} at {res}px, 3 protected photos, 8 Stage II steps, dlib; "
+          f"similarity before {before:.4f}")
+    drops = {}
+    for mode in args.modes:
+        config = PGDConfig(T=8, rho=0.01, gradient=mode)
+        t0 = time.perf_counter()
+        x = pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            after = float(ensemble(x, lm0)[1]["dlib"].mean())
+        drops[mode] = (before - after) / config.T
+        ratio = f"{drops[mode] / drops['full']:.2f} of full" if "full" in drops and drops["full"] > 0 else "-"
+        print(f"  {mode:<4} similarity after {after:.4f}, drop per step {drops[mode]:+.5f} ({ratio}), "
+              f"{time.perf_counter() - t0:.1f}s")
+    with torch.no_grad():
+        side, corners = face_windows(crop_support(ensemble, lm0, res, res), PGDConfig().face_margin,
+                                     window_multiple(bundle))
+        full = decode_latents(bundle, vae_posterior(bundle, x0)[0] * bundle.scaling_factor)
+        xw = cut_windows(x0, side, corners)
+        win = decode_latents(bundle, vae_posterior(bundle, xw)[0] * bundle.scaling_factor)
+        ref = cut_windows(full, side, corners)
+        offsets = torch.tensor([[c[1], c[0]] for c in corners], dtype=lm0.dtype, device=device).unsqueeze(1)
+        mask = cut_windows(crop_support(ensemble, lm0, res, res).unsqueeze(1).float(), side, corners)
+        diff = ((win - ref).abs() * mask).amax()
+        s_full = ensemble(full, lm0)[1]["dlib"]
+        s_win = ensemble(win, lm0 - offsets)[1]["dlib"]
+    print(f"  face window {side}px of {res}px: VAE round trip inside the recognisers' crops differs from the full "
+          f"image's by max {float(diff):.4f}; dlib similarity full {float(s_full.mean()):.4f} vs window "
+          f"{float(s_win.mean()):.4f}")
+    print("  note: the tiny model is random; its one-step predictions are not faces, so these drops say little "
+          "about a trained model")
+    return 0
