@@ -54,10 +54,6 @@ class Precision:
             return torch.autocast(self.device_type, enabled=False)
         return contextlib.nullcontext()
 
-    def weight_dtype(self) -> torch.dtype:
-        """dtype for the frozen UNet / text-encoder weights (LoRA parameters always stay fp32)."""
-        return self.dtype or torch.float32
-
 
 FP32_CPU = Precision("cpu")
 

@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=1, help="timed Stage II steps per configuration (default 1)")
     p.add_argument("--warmup", type=int, default=0, help="untimed Stage II steps first (default 0)")
     p.add_argument("--pgd-batch", type=int, default=1, help="micro-batch (default 1)")
+    p.add_argument("--photo-offset", type=int, default=0,
+                   help="which demo photos are protected: photo 1 + (i + offset) mod 3 (default 0; the face's "
+                        "size in the crop decides the face window)")
     p.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -44,14 +47,15 @@ def register(sub) -> None:
 
 # ---- the child: one configuration ----------------------------------------------------------------------------
 
-def bench_images(resolution: int, n: int):
-    """N protected images with landmarks: the demo's public-domain photos (repeated if N > 4), and 2 references."""
+def bench_images(resolution: int, n: int, offset: int = 0):
+    """N protected images with landmarks: the demo's public-domain photos 1..3 (repeated if N > 3), photo 0 as the
+    reference."""
     from ..cli.iddm import demo_photos
     from ..face.detect import get_detector
     from ..refs import prepare_photos
 
     images, landmarks, _, _ = prepare_photos(demo_photos(), resolution, get_detector("dlib"))
-    idx = [1 + (i % (len(images) - 1)) for i in range(n)]
+    idx = [1 + ((i + offset) % (len(images) - 1)) for i in range(n)]
     return images[[0]], landmarks[[0]], images[idx], landmarks[idx]
 
 
@@ -79,7 +83,8 @@ def measure_one(cfg: dict) -> dict:
     bundle = make_bundle(cfg["model"], device)
     add_lora(bundle, LoraSpec(rank=4), seed=0)               # PGD runs against a LoRA-carrying temporary model
     ensemble = build_ensemble(["dlib"], 0.03, device)
-    x_ref, lm_ref, x0, lm0 = (t.to(device) for t in bench_images(cfg["resolution"], cfg["n"]))
+    images = bench_images(cfg["resolution"], cfg["n"], cfg.get("photo_offset", 0))
+    x_ref, lm_ref, x0, lm0 = (t.to(device) for t in images)
     ensemble.set_references(x_ref, lm_ref)
     with torch.no_grad():
         embeds = encode_prompts(bundle, ["a photo of sks person"]).detach()
@@ -176,7 +181,7 @@ def run(args) -> int:
                 for n in args.n:
                     cfg = {"model": args.model, "resolution": res, "n": n, "mode": mode, "checkpointing": ck,
                            "steps": args.steps, "warmup": args.warmup, "pgd_batch": args.pgd_batch,
-                           "precision": args.precision, "device": args.device}
+                           "precision": args.precision, "device": args.device, "photo_offset": args.photo_offset}
                     results.append(run_child(cfg))
                     print(describe(results[-1]), flush=True)
     print("ratios:")
@@ -223,21 +228,23 @@ def run_quality(args) -> int:
         ratio = f"{drops[mode] / drops['full']:.2f} of full" if "full" in drops and drops["full"] > 0 else "-"
         print(f"  {mode:<4} similarity after {after:.4f}, drop per step {drops[mode]:+.5f} ({ratio}), "
               f"{time.perf_counter() - t0:.1f}s")
-    with torch.no_grad():
-        side, corners = face_windows(crop_support(ensemble, lm0, res, res), PGDConfig().face_margin,
-                                     window_multiple(bundle))
+    with torch.no_grad():                 # per photo, as PGD does with pgd_batch 1
+        support = crop_support(ensemble, lm0, res, res)
         full = decode_latents(bundle, vae_posterior(bundle, x0)[0] * bundle.scaling_factor)
-        xw = cut_windows(x0, side, corners)
-        win = decode_latents(bundle, vae_posterior(bundle, xw)[0] * bundle.scaling_factor)
-        ref = cut_windows(full, side, corners)
-        offsets = torch.tensor([[c[1], c[0]] for c in corners], dtype=lm0.dtype, device=device).unsqueeze(1)
-        mask = cut_windows(crop_support(ensemble, lm0, res, res).unsqueeze(1).float(), side, corners)
-        diff = ((win - ref).abs() * mask).amax()
         s_full = ensemble(full, lm0)[1]["dlib"]
-        s_win = ensemble(win, lm0 - offsets)[1]["dlib"]
-    print(f"  face window {side}px of {res}px: VAE round trip inside the recognisers' crops differs from the full "
-          f"image's by max {float(diff):.4f}; dlib similarity full {float(s_full.mean()):.4f} vs window "
-          f"{float(s_win.mean()):.4f}")
+        diffs, s_win, sides = [], [], []
+        for i in range(x0.shape[0]):
+            side, corners = face_windows(support[i:i + 1], PGDConfig().face_margin, window_multiple(bundle))
+            win = decode_latents(bundle, vae_posterior(bundle, cut_windows(x0[i:i + 1], side, corners))[0]
+                                 * bundle.scaling_factor)
+            mask = cut_windows(support[i:i + 1].unsqueeze(1).float(), side, corners)
+            diffs.append(float(((win - cut_windows(full[i:i + 1], side, corners)).abs() * mask).amax()))
+            offset = torch.tensor([[corners[0][1], corners[0][0]]], dtype=lm0.dtype, device=device)
+            s_win.append(float(ensemble(win, lm0[i:i + 1] - offset)[1]["dlib"]))
+            sides.append(side)
+    print(f"  face windows {sides} px of {res}px: the VAE round trip inside the recognisers' crops differs from the "
+          f"full image's by max {max(diffs):.4f}; dlib similarity of the round trip, full "
+          f"{float(s_full.mean()):.4f} vs window {sum(s_win) / len(s_win):.4f}")
     print("  note: the tiny model is random; its one-step predictions are not faces, so these drops say little "
           "about a trained model")
     return 0
