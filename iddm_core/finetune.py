@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .events import Emitter, Event
-from .grad_checkpoint import activation_checkpointing, use_checkpointing
+from .grad_checkpoint import activation_checkpointing, check_setting, use_checkpointing
 from .lora import LoraSpec, add_lora, get_lora_state, lora_disabled, lora_parameters, set_lora_state
 from .precision import MODES, precision_for
 
@@ -48,8 +48,7 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.mixed_precision not in MODES:
             raise InputError(f"mixed_precision={self.mixed_precision!r}: use auto, no, fp16 or bf16")
-        if self.gradient_checkpointing not in ("auto", "yes", "no"):
-            raise InputError(f"gradient_checkpointing={self.gradient_checkpointing!r}: use auto, yes or no")
+        check_setting(self.gradient_checkpointing)
         for name in ("lr", "batch_size", "num_class_images", "class_sampler_steps"):
             if getattr(self, name) <= 0 and not (name == "num_class_images" and not self.prior_preservation):
                 raise InputError(f"{name} must be > 0 (got {getattr(self, name)})")

@@ -57,10 +57,16 @@ def activation_checkpointing(*models: torch.nn.Module, enabled: bool = True):
             del m.forward
 
 
-def use_checkpointing(setting: str, device) -> bool:
-    """"auto" = on for CUDA (memory is the limit there), off on CPU (it costs ~30% time); "yes" / "no"."""
+def check_setting(setting: str) -> str:
+    """The word must be "auto", "yes" or "no"; InputError naming the parameter otherwise."""
     from .errors import InputError
 
     if setting not in ("auto", "yes", "no"):
         raise InputError(f"gradient_checkpointing={setting!r}: use auto, yes or no")
+    return setting
+
+
+def use_checkpointing(setting: str, device) -> bool:
+    """"auto" = on for CUDA (memory is the limit there), off on CPU (it costs ~30% time); "yes" / "no"."""
+    check_setting(setting)
     return setting == "yes" or (setting == "auto" and torch.device(device).type == "cuda")

@@ -70,12 +70,12 @@ class IDDMConfig:
             raise InputError(f"resolution={self.resolution!r} must be a multiple of 8 and at least 32")
         if not self.surrogates:
             raise InputError("surrogates: name at least one face recogniser (e.g. dlib)")
-        from .grad_checkpoint import use_checkpointing
+        from .grad_checkpoint import check_setting
         from .precision import MODES
 
         if self.mixed_precision not in MODES:
             raise InputError(f"mixed_precision={self.mixed_precision!r}: use one of {', '.join(MODES)}")
-        use_checkpointing(self.gradient_checkpointing, "cpu")     # validates the word
+        check_setting(self.gradient_checkpointing)
         return self
 
     def to_dict(self) -> dict:
