@@ -122,7 +122,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
          callback, class_images, class_cache_dir, stop_after, check_memory) -> IDDMResult:
     from . import checkpoint as ckpt
     from .atomic import write_text_atomic
-    from .finetune import DreamBoothTrainer, FinetuneConfig
+    from .finetune import DreamBoothTrainer
     from .lora import LoraSpec, save_kohya_lora
 
     device = bundle.unet.device
@@ -139,11 +139,8 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     ensemble.set_references(x_ref, lm_ref)
 
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
-    ft_config = FinetuneConfig(lr=config.lr, seed=config.seed, resolution=resolution,
-                               prior_preservation=config.prior_preservation, num_class_images=config.num_class_images,
-                               mixed_precision=config.mixed_precision,
-                               gradient_checkpointing=config.gradient_checkpointing)
-    trainer = DreamBoothTrainer(bundle, spec, ft_config, class_images=class_images, class_cache_dir=class_cache_dir)
+    trainer = DreamBoothTrainer(bundle, spec, finetune_config(config, resolution), class_images=class_images,
+                                class_cache_dir=class_cache_dir)
     embeds = trainer.prompt_embeds[0:1]          # instance prompt, computed once by the trainer
     ref_posterior = trainer.encode(x_ref)        # Xc never changes: its latents are encoded once per run
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -225,6 +222,15 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
         ckpt.clear_state(checkpoint_dir)
     emit("done", advance=0, message="finished")
     return IDDMResult(lora_path, report, x_prot.cpu())
+
+
+def finetune_config(config: IDDMConfig, resolution: int):
+    """The DreamBooth settings of every fine-tuning burst of an IDDM run (also used by the no-defense baseline)."""
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(lr=config.lr, seed=config.seed, resolution=resolution,
+                          prior_preservation=config.prior_preservation, num_class_images=config.num_class_images,
+                          mixed_precision=config.mixed_precision, gradient_checkpointing=config.gradient_checkpointing)
 
 
 def nonfinite_counts(iterations: list, finetune_skipped: int) -> dict:

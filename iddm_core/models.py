@@ -78,13 +78,18 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
                device="cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Load a Stable Diffusion model for training.
 
-    ``path``: ``"tiny"`` (the built-in tiny model, seed 0, built in memory), a diffusers folder, or a single-file checkpoint
+    ``path``: ``"demo"`` (the small trained model shipped in ``iddm_core/assets/demo_model``, 128 px), ``"tiny"``
+    (the built-in tiny random model, seed 0, built in memory), a diffusers folder, or a single-file checkpoint
     (``.safetensors``; ``.ckpt``/``.pt`` only if ``torch.load(weights_only=True)`` accepts them) in the original
     SD key layout. ``kind`` overrides detection ("sd1" | "sd2" | "sd2v"). ``tokenizer`` is a folder holding
     ``vocab.json`` + ``merges.txt`` (needed for single files outside ComfyUI).
     """
     if kind is not None and kind not in KINDS:
         raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+    if str(path) == "demo":
+        from .demo_model import load_demo_bundle
+
+        return load_demo_bundle().to(device, dtype)
     if str(path) == "tiny":
         from .tiny import build_tiny_bundle
 
@@ -96,7 +101,7 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
     elif p.is_file():
         bundle = load_single_file(p, kind=kind, tokenizer=tokenizer)
     else:
-        raise ModelError(f"model not found: {path} (expected 'tiny', a diffusers folder or a .safetensors file)")
+        raise ModelError(f"model not found: {path} (expected 'demo', 'tiny', a diffusers folder or a .safetensors file)")
     return bundle.to(device, dtype)
 
 

@@ -64,12 +64,18 @@ def recogniser_search_dirs() -> list[str]:
     return dirs
 
 
+# The pack's own small trained model (iddm_core/assets/demo_model): listed last, so a user's real checkpoint stays
+# the default choice; with no checkpoint installed it lets a new user try the nodes at once.
+DEMO_CHOICE = "[IDDM demo model, 128 px toy]"
+
+
 def checkpoint_choices() -> list[str]:
-    """Single-file checkpoints from "checkpoints" plus diffusers folders (with model_index.json) from "diffusers"."""
+    """Single-file checkpoints from "checkpoints", diffusers folders (with model_index.json) from "diffusers", then
+    the pack's demo model."""
     import folder_paths
 
     files = list(folder_paths.get_filename_list("checkpoints"))
-    return files + [DIFFUSERS_PREFIX + name for name in _diffusers_folders()]
+    return files + [DIFFUSERS_PREFIX + name for name in _diffusers_folders()] + [DEMO_CHOICE]
 
 
 def _diffusers_folders() -> list[str]:
@@ -100,6 +106,8 @@ def resolve_checkpoint(name: str) -> str:
 
     from ..iddm_core.errors import ModelError
 
+    if name == DEMO_CHOICE:
+        return "demo"
     if name.startswith(DIFFUSERS_PREFIX):
         folder = name[len(DIFFUSERS_PREFIX):]
         roots = folder_paths.get_folder_paths("diffusers")

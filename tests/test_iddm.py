@@ -13,7 +13,7 @@ RES = 64
 
 @pytest.fixture(scope="module")
 def refs():
-    from iddm_core.cli.iddm import demo_photos
+    from iddm_core.demo import demo_photos
     from iddm_core.face.detect import get_detector
     from iddm_core.refs import refs_from_photos
 

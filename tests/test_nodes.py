@@ -130,7 +130,11 @@ def test_registers_face_model_folders(env):
 def test_checkpoint_choices_list_files_and_diffusers_folders(env):
     _, pack = env
     choices = pack.NODE_CLASS_MAPPINGS["IDDMTrainLoRA"].INPUT_TYPES()["required"]["ckpt_name"][0]
-    assert choices == ["tiny.safetensors", "[diffusers] tiny"]
+    assert choices[:2] == ["tiny.safetensors", "[diffusers] tiny"]
+    # the pack's demo model comes last (a user's checkpoint stays the default) and resolves to the shipped model
+    assert len(choices) == 3
+    env_module = sys.modules[pack.NODE_CLASS_MAPPINGS["IDDMTrainLoRA"].__module__.rsplit(".", 1)[0] + ".comfy_env"]
+    assert env_module.resolve_checkpoint(choices[2]) == "demo"
 
 
 def test_lora_output_links_to_lora_loader_combo(env):

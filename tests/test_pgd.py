@@ -244,7 +244,7 @@ def test_face_windows_cover_the_crops_inside_the_image():
 
 
 def test_face_mode_moves_only_the_window_in_stage_two(small_faces_dir):
-    from iddm_core.cli.iddm import demo_photos
+    from iddm_core.demo import demo_photos
     from iddm_core.face.detect import get_detector
     from iddm_core.iddm import build_ensemble
     from iddm_core.pgd import crop_support, face_windows, window_multiple

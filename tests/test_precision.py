@@ -72,7 +72,7 @@ def test_out_of_memory_becomes_advice_before_any_training(tmp_path, monkeypatch)
     """A trial Stage II step that runs out of memory stops the run before the first fine-tune step, with advice,
     and writes nothing."""
     import iddm_core.iddm as iddm_mod
-    from iddm_core.cli.iddm import demo_photos
+    from iddm_core.demo import demo_photos
     from iddm_core.face.detect import get_detector
     from iddm_core.iddm import IDDMConfig, run_iddm
     from iddm_core.models import load_model

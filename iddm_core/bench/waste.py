@@ -37,7 +37,7 @@ def measure(make_bundle, resolution: int, args, device) -> dict:
 
     import torch
 
-    from ..cli.iddm import demo_photos
+    from ..demo import demo_photos
     from ..face.detect import get_detector
     from ..finetune import DreamBoothTrainer, FinetuneConfig
     from ..iddm import IDDMConfig, build_ensemble, run_iddm

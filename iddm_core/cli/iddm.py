@@ -4,12 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEMO_NOTE = ("Demo finished. This ran the complete IDDM pipeline on an embedded TINY RANDOM model: the LoRA is a "
-             "valid kohya file but will not make a real avatar, and because the random model's one-step predictions "
-             "are not faces, Stage II barely changes how recognisable the protected photos are here. Use --model with "
-             "a real SD 1.x/2.x checkpoint (see `python -m iddm_core train --help`) for a real run.")
-
-
 def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
     from ..iddm import PRESET_HELP, PRESETS
     from ..pgd import GRADIENTS
@@ -52,7 +46,7 @@ def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_io_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="SD checkpoint (.safetensors), diffusers folder, or 'tiny'")
+    p.add_argument("--model", default="tiny", help="SD checkpoint (.safetensors), diffusers folder, 'demo' (small trained model) or 'tiny' (random)")
     p.add_argument("--kind", choices=["sd1", "sd2", "sd2v"], default=None, help="override model-kind detection")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (for single-file checkpoints)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
@@ -77,9 +71,11 @@ def register(sub) -> None:
     _add_algorithm_args(p)
     p.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="run the whole pipeline on the embedded tiny model and sample faces (~1 min, CPU)",
-                       description="IDDM end to end on a tiny random model and public-domain sample photos.")
-    d.add_argument("--out-dir", default="iddm_demo", help="folder for demo_lora.safetensors and report.json")
+    d = sub.add_parser("demo", help="no-defense LoRA vs IDDM LoRA on the embedded demo model (~1 min, CPU)",
+                       description="IDDM end to end on the small trained demo model and public-domain sample photos: "
+                                   "a no-defense LoRA and an IDDM LoRA on the same photos and seeds, scored by dlib.")
+    d.add_argument("--out-dir", default="iddm_demo",
+                   help="folder for the two LoRAs, report.json and contact_sheet.png")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     d.set_defaults(func=cmd_demo)
 
@@ -152,43 +148,12 @@ def _print_summary(result) -> None:
     print(f"similarity of X' to the reference prototype: {sims}")
 
 
-def demo_photos():
-    """Sample identity for the demo: two public-domain photos of one person plus their mirror images (4 photos)."""
-    import numpy as np
-
-    from ..images import Photo, load_rgb
-
-    folder = Path(__file__).resolve().parents[1] / "assets" / "faces"
-    photos = []
-    for name in ("obama.jpg", "obama2.jpg"):
-        rgb = load_rgb(folder / name)
-        photos.append(Photo(name, folder / name, rgb))
-        photos.append(Photo("mirror_" + name, folder / name, np.ascontiguousarray(rgb[:, ::-1])))
-    return photos
-
-
-def demo_config():
-    from ..iddm import IDDMConfig
-    from ..pgd import PGDConfig
-
-    return IDDMConfig(K=3, pgd=PGDConfig(T=8, rho=0.3), ft_steps=8, resolution=128, num_class_images=2, seed=0)
-
-
 def cmd_demo(args) -> int:
-    from ..face.detect import get_detector
-    from ..iddm import run_iddm
-    from ..models import load_model
-    from ..refs import refs_from_photos
+    from ..demo import DEMO_NOTE, format_result, run_demo
     from ._common import ConsoleProgress, pick_device
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = demo_config().validate()
-    bundle = load_model("tiny", device=pick_device(args.device))
-    refs = refs_from_photos(demo_photos(), config.resolution, get_detector("dlib"), seed=config.seed)
-    result = run_iddm(bundle, refs, config, out_path=out_dir / "demo_lora.safetensors", lora_name="iddm_demo",
-                      report_path=out_dir / "report.json", overwrite=True, callback=ConsoleProgress())
-    _print_summary(result)
-    print(f"report: {out_dir / 'report.json'}")
+    result = run_demo(args.out_dir, device=pick_device(args.device), callback=ConsoleProgress())
+    print(format_result(result))
+    print(f"LoRAs and report: {args.out_dir}")
     print(DEMO_NOTE)
     return 0

@@ -1,0 +1,42 @@
+"""The demo model: a small SD1-shaped diffusion model *trained here* on public-domain images.
+
+Why: no Stable Diffusion weights can reach our machines, and a random model cannot show what IDDM does (its VAE
+does not reconstruct and its one-step predictions are not faces). This model is the smallest one that behaves
+like Stable Diffusion on faces at 128 px: an AutoencoderKL that reconstructs photos (f = 4), a cross-attention
+UNet2DConditionModel that generates faces from prompts, the tiny CLIP text encoder, a DDPM schedule.
+Its weights ship in ``iddm_core/assets/demo_model/`` (fp16, original SD key layout, architecture in metadata) and
+load with the ordinary single-file loader: ``load_model("demo")``. ``python -m iddm_core.demo_model train``
+rebuilds them from scratch; ``python -m iddm_core.demo_model measure`` prints what the model can do.
+
+The demo identity (the Barack Obama photos) is held out of every stage of training, so the demo really
+personalises: the base model has only seen the other identities and non-face images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_TITLE = "demo"
+DEMO_RESOLUTION = 128
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
+WEIGHTS_NAME = "demo.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def weights_path(folder: Path | None = None) -> Path:
+    return (folder or ASSET_DIR) / WEIGHTS_NAME
+
+
+def load_demo_bundle(folder: Path | None = None):
+    """The shipped demo model as a float32 CPU :class:`~iddm_core.models.ModelBundle` (title ``demo``)."""
+    from ..errors import ModelError
+    from ..models import load_single_file
+
+    folder = Path(folder or ASSET_DIR)
+    path = weights_path(folder)
+    if not path.is_file():
+        raise ModelError(f"demo model weights missing: {path} (rebuild with `python -m iddm_core.demo_model train`)")
+    bundle = load_single_file(path, kind="sd1", tokenizer=folder / TOKENIZER_DIR)
+    bundle.title = DEMO_TITLE
+    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+        m.float().eval()
+    return bundle

@@ -1,0 +1,74 @@
+"""``python -m iddm_core.demo_model train|measure``: rebuild the demo model from scratch, or measure it."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import ASSET_DIR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m iddm_core.demo_model",
+                                     description="The demo model: train it from public-domain images, or measure it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the demo model from scratch (CPU: about 40 minutes with the defaults)")
+    t.add_argument("--stage", choices=["vae", "unet", "all"], default="all",
+                   help="vae, unet (needs the VAE in --work) or all (default)")
+    t.add_argument("--work", default="demo_model_work", help="folder for the parts between stages")
+    t.add_argument("--out", default=str(ASSET_DIR), help=f"where the fp16 model is written (default {ASSET_DIR})")
+    t.add_argument("--vae-steps", type=int, default=None)
+    t.add_argument("--unet-steps", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m = sub.add_parser("measure", help="print what the model can do: VAE round trip, one-step predictions, DreamBooth")
+    m.add_argument("--model", default=None, help="model folder holding demo.safetensors (default: the shipped one)")
+    m.add_argument("--dreambooth-steps", type=int, default=None)
+    m.add_argument("--samples", type=int, default=8)
+    return parser
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .architecture import assemble, build_text_encoder
+    from .train import UNetTrainConfig, VAETrainConfig, export, latent_scale, log, train_unet, train_vae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("vae", "all"):
+        from .data import face_pool
+
+        cfg = VAETrainConfig(seed=args.seed, **({"steps": args.vae_steps} if args.vae_steps else {}))
+        vae = train_vae(cfg)
+        faces, _ = face_pool(64, 128, seed=args.seed + 3)
+        scale = latent_scale(vae, torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255)
+        vae.register_to_config(scaling_factor=scale)
+        vae.save_pretrained(str(work / "vae"))
+        log(f"vae saved to {work / 'vae'} (scaling_factor {scale:.4f})")
+    if args.stage in ("unet", "all"):
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(work / "vae"), local_files_only=True).eval()
+        vae.requires_grad_(False)
+        text_encoder, tokenizer = build_text_encoder(args.seed)
+        cfg = UNetTrainConfig(seed=args.seed, **({"steps": args.unet_steps} if args.unet_steps else {}))
+        unet = train_unet(cfg, vae, text_encoder, tokenizer)
+        path = export(assemble(unet, vae, text_encoder, tokenizer), Path(args.out))
+        log(f"demo model written: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    from .measure import cmd_measure
+
+    return cmd_measure(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

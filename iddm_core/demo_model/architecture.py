@@ -1,0 +1,96 @@
+"""Architecture of the demo model: SD1's classes and block layout, sized for 128 px on a CPU.
+
+VAE: three levels (downsampling factor 4, so a 128 px image is a 32 x 32 x 4 latent: SD's f = 8 cannot keep a
+face recognisable at this size), no mid-block attention (it costs without helping a convolutional code).
+UNet: SD1's four down / up blocks with cross-attention on the first three, on the 32 x 32 latent; one attention
+head per layer (8 heads made a training step 3x slower on 2 CPU cores: the 1024-token attention maps dominate).
+Text encoder and tokenizer: the tiny CLIP of :mod:`iddm_core.tiny` (frozen, random: its prompt embeddings only
+need to differ). Scheduler: SD's scaled-linear DDPM.
+"""
+from __future__ import annotations
+
+from ..offline import force_offline
+
+force_offline()
+
+import torch  # noqa: E402
+
+from ..tiny import SCHEDULER_CONFIG, _text_config, build_tiny_tokenizer  # noqa: E402
+from . import DEMO_RESOLUTION, DEMO_TITLE  # noqa: E402
+
+VAE_CONFIG = {
+    "sample_size": DEMO_RESOLUTION,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 64, 96],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+    "act_fn": "silu",
+    "mid_block_add_attention": False,
+    "scaling_factor": 1.0,          # set from the trained encoder's latent spread (1 / std) after VAE training
+}
+
+UNET_CONFIG = {
+    "sample_size": DEMO_RESOLUTION // 4,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 128, 128],
+    "layers_per_block": 1,
+    "attention_head_dim": 1,     # diffusers reads this as the number of heads (SD1's config quirk)
+    "cross_attention_dim": 32,
+    "norm_num_groups": 16,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+}
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_text_encoder(seed: int = 0):
+    """(text_encoder, tokenizer): the tiny CLIP, as in :mod:`iddm_core.tiny` (same seed -> same weights)."""
+    from transformers import CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_text_config(len(tokenizer), "sd1"))
+    return text_encoder.eval(), tokenizer
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(SCHEDULER_CONFIG)
+
+
+def assemble(unet, vae, text_encoder, tokenizer):
+    """A :class:`~iddm_core.models.ModelBundle` of trained parts (SD1 kind, title ``demo``)."""
+    from ..models import ModelBundle
+
+    return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                       noise_scheduler=build_scheduler(), kind="sd1", prediction_type="epsilon",
+                       resolution=DEMO_RESOLUTION, title=DEMO_TITLE)

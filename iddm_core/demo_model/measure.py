@@ -1,0 +1,177 @@
+"""What the demo model can do, measured on the held-out demo identity (``python -m iddm_core.demo_model measure``).
+
+Distances are dlib's own (``face.attack.dlib_native_descriptor``: dlib's C++ detector, 5-point alignment and
+descriptor; Euclidean, dlib calls < 0.6 the same person). Identity scores (ISM) of generated samples use the
+pipeline's dlib recogniser and the cosine to each identity's prototype, as ``evaluate`` does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import FACE_DIR, FACES, HELD_OUT
+
+IDENTITIES = {"demo person": HELD_OUT, "biden": ("biden.jpg",), "astronaut": ("astronaut.jpg",)}
+ONE_STEP_TIMESTEPS = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800)
+KEEP_DISTANCE = 0.5
+
+
+def uint8_images(x: torch.Tensor) -> list[np.ndarray]:
+    return [a.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy() for a in x]
+
+
+def native_distance(a: np.ndarray, b: np.ndarray | None) -> float | None:
+    """dlib's own distance between the largest faces of two uint8 images (or to a descriptor ``b``)."""
+    from ..face.attack import dlib_native_descriptor
+
+    da = dlib_native_descriptor(a)
+    db = b if (b is None or b.ndim == 1) else dlib_native_descriptor(b)
+    if da is None or db is None:
+        return None
+    return float(np.linalg.norm(da - db))
+
+
+def demo_crops(resolution: int, detector=None):
+    """The held-out identity's photos cropped as the pipeline crops a user's photos: (images, landmarks)."""
+    from ..images import Photo, load_rgb
+    from ..refs import prepare_photos
+
+    if detector is None:
+        from ..face.detect import get_detector
+
+        detector = get_detector("dlib")
+    photos = [Photo(n, FACE_DIR / n, load_rgb(FACE_DIR / n)) for n in HELD_OUT]
+    images, landmarks, _, _ = prepare_photos(photos, resolution, detector, skip_faceless=False)
+    return images, landmarks
+
+
+@torch.no_grad()
+def vae_round_trip(bundle, images: torch.Tensor) -> torch.Tensor:
+    """decode(mean of encode(x)) in [0, 1]."""
+    mean = bundle.vae.encode(images * 2 - 1).latent_dist.mean
+    return ((bundle.vae.decode(mean).sample + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt: str) -> torch.Tensor:
+    """x0_hat of each image at timestep t: the decoded one-step clean prediction PGD's Stage II scores."""
+    from ..finetune import encode_prompts
+    from ..pgd import Noise, predict_clean_image
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (images.shape[0], 4, images.shape[-2] // bundle.vae_scale_factor, images.shape[-1] // bundle.vae_scale_factor)
+    noise = Noise(posterior=torch.randn(shape, generator=gen), t=torch.full((images.shape[0],), t, dtype=torch.long),
+                  eps=torch.randn(shape, generator=gen))
+    embeds = encode_prompts(bundle, [prompt]).expand(images.shape[0], -1, -1)
+    return predict_clean_image(bundle, images, embeds, noise).clamp(0, 1)
+
+
+def identity_prototypes(recognizer, detector) -> dict[str, torch.Tensor]:
+    """Prototype embedding (pipeline dlib recogniser) of every identity, from its whole photos."""
+    from ..evaluate import embed_photos, prototype
+    from ..images import load_rgb
+
+    return {who: prototype(embed_photos(recognizer, [load_rgb(FACE_DIR / n) for n in files], detector))
+            for who, files in IDENTITIES.items()}
+
+
+@dataclass
+class IdentityScores:
+    fsr: float                       # share of images with a face dlib finds
+    ism: dict                        # identity -> mean cosine of the found faces to its prototype
+    linked: float | None             # share of found faces closest to the target identity
+    n: int
+
+
+def identity_scores(images: torch.Tensor, protos: dict, recognizer, detector, target: str = "demo person"):
+    from ..evaluate import cosine_to, embed, scan_faces
+
+    scan = scan_faces(images, detector)
+    fsr = sum(scan.found) / len(scan.found)
+    if not scan.index:
+        return IdentityScores(fsr, {k: None for k in protos}, None, len(scan.found))
+    emb = embed(recognizer, images[scan.index], scan.landmarks)
+    sims = {who: cosine_to(emb, p) for who, p in protos.items()}
+    stacked = torch.stack([sims[w] for w in protos])
+    best = stacked.argmax(dim=0)
+    linked = float((best == list(protos).index(target)).float().mean())
+    return IdentityScores(fsr, {w: float(s.mean()) for w, s in sims.items()}, linked, len(scan.found))
+
+
+def format_scores(label: str, s: IdentityScores) -> str:
+    ism = "  ".join(f"{w} {v:.3f}" if v is not None else f"{w} -" for w, v in s.ism.items())
+    linked = f"{s.linked:.2f}" if s.linked is not None else "-"
+    return f"{label:<22} FSR {s.fsr:.2f} ({s.n} samples)  ISM  {ism}  linked-to-target {linked}"
+
+
+def dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, rank: int = 8, seed: int = 0):
+    """A plain DreamBooth-LoRA (no protection) on ``images``; returns the trainer (LoRA active on ``bundle``)."""
+    from ..finetune import DreamBoothTrainer, FinetuneConfig
+    from ..lora import LoraSpec
+
+    cfg = FinetuneConfig(lr=lr, seed=seed, resolution=images.shape[-1], prior_preservation=False,
+                         mixed_precision="no", gradient_checkpointing="no", batch_size=2)
+    trainer = DreamBoothTrainer(bundle, LoraSpec(rank=rank), cfg)
+    trainer.train(images, steps)
+    return trainer
+
+
+def cmd_measure(args) -> int:
+    from ..evaluate import psnr
+    from ..face.detect import get_detector
+    from ..face.registry import load_recognizer, parse_surrogates
+    from ..finetune import generate_images
+    from . import ASSET_DIR, load_demo_bundle
+
+    t_start = time.time()
+    torch.manual_seed(0)
+    bundle = load_demo_bundle(Path(args.model) if args.model else ASSET_DIR)
+    detector = get_detector("dlib")
+    images, _ = demo_crops(bundle.resolution, detector)
+    rgb = uint8_images(images)
+
+    print(f"demo model: {bundle.title}, {bundle.resolution} px, held-out identity = the two demo photos")
+    recon = vae_round_trip(bundle, images)
+    dists = [native_distance(a, b) for a, b in zip(rgb, uint8_images(recon))]
+    print("1. VAE round trip of the demo photos")
+    print(f"   PSNR {', '.join(f'{v:.2f}' for v in psnr(recon, images).tolist())} dB;  "
+          f"dlib distance photo-round trip {', '.join('no face' if d is None else f'{d:.3f}' for d in dists)}")
+
+    from ..face.attack import dlib_prototype
+
+    proto = dlib_prototype(rgb)
+    print("2. one-step clean prediction x0_hat (prompt 'a photo of sks person', 4 noise draws per photo):"
+          " mean dlib distance to the person's prototype")
+    keep, kept = None, True
+    for t in ONE_STEP_TIMESTEPS:
+        ds, found = [], 0
+        for seed in range(4):
+            for x in uint8_images(one_step_predictions(bundle, images, t, seed, "a photo of sks person")):
+                d = native_distance(x, proto)
+                if d is not None:
+                    ds.append(d)
+                    found += 1
+        mean = float(np.mean(ds)) if ds else None
+        total = 4 * len(rgb)
+        print(f"   t={t:<4d} distance {'-' if mean is None else f'{mean:.3f}'}  (face found {found}/{total})")
+        kept = kept and mean is not None and mean <= KEEP_DISTANCE and found == total
+        keep = t if kept else keep
+    print(f"   identity kept (mean distance <= {KEEP_DISTANCE}, face in every prediction) up to t = {keep}")
+
+    recognizer = load_recognizer(parse_surrogates("dlib")[0])
+    protos = identity_prototypes(recognizer, detector)
+    steps = args.dreambooth_steps or 150
+    print(f"3. DreamBooth-LoRA on the two demo photos ('a photo of sks person', {steps} steps), "
+          f"{args.samples} samples (DDIM 25 steps, guidance 5)")
+    base = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25, guidance_scale=5.0)
+    print("   " + format_scores("base model", identity_scores(base, protos, recognizer, detector)))
+    trainer = dreambooth(bundle, torch.cat([images, images.flip(-1)]), steps, lr=1e-3)
+    tuned = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25, guidance_scale=5.0)
+    print("   " + format_scores("after DreamBooth", identity_scores(tuned, protos, recognizer, detector)))
+    del trainer
+    print(f"({time.time() - t_start:.0f} s)")
+    return 0

@@ -1,0 +1,217 @@
+"""Training of the demo model, in two stages, each a plain loop.
+
+1. VAE: reconstruction (L1) + a tiny KL term on random patches (the VAE is convolutional, so small patches
+   teach it the same code as whole images at a fraction of the cost), posterior sampled as in SD. Afterwards the
+   latent scale is set SD-style: ``scaling_factor = 1 / std`` of the face latents.
+2. UNet: epsilon prediction on the frozen VAE's latents of augmented face crops, prompts from the frozen tiny
+   text encoder (10 % empty, for classifier-free guidance), min-SNR loss weighting, EMA of the weights.
+
+Each stage writes its part to a work folder; :func:`export` writes the fp16 single file that ships.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import write_text_atomic
+from . import TOKENIZER_DIR, weights_path
+
+# "a photo of person" is the pipeline's DreamBooth class prompt: class images for prior preservation are faces.
+MAN_PROMPTS = ("a photo of a man", "a photo of person", "a photo of a person", "a portrait of a man", "a close up photo of a person",
+               "a high quality photo of a man", "a picture of a person")
+WOMAN_PROMPTS = ("a photo of a woman", "a photo of person", "a photo of a person", "a portrait of a woman",
+                 "a close up photo of a person", "a high quality photo of a woman", "a picture of a person")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def warmup_cosine(opt, warmup: int, steps: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+@dataclass
+class VAETrainConfig:
+    steps: int = 3000
+    batch: int = 16
+    patch: int = 48
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None):
+    """(loss, L1) of one batch in [-1, 1]: L1 of the sampled-posterior reconstruction + kl_weight * KL."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator)
+    recon = vae.decode(z).sample
+    l1 = (recon - x).abs().mean()
+    kl = posterior.kl().mean() / x[0].numel()
+    return l1 + kl_weight * kl, l1
+
+
+def train_vae(cfg: VAETrainConfig, sampler=None):
+    from .architecture import build_vae
+    from .data import PatchSampler
+
+    torch.manual_seed(cfg.seed)
+    sampler = sampler or PatchSampler(cfg.patch, seed=cfg.seed)
+    vae = build_vae(cfg.seed).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, 100, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, running = time.time(), None
+    for step in range(1, cfg.steps + 1):
+        loss, l1 = vae_loss(vae, sampler(cfg.batch), cfg.kl_weight, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running = l1.item() if running is None else 0.98 * running + 0.02 * l1.item()
+        if step % 100 == 0 or step == cfg.steps:
+            log(f"vae step {step}/{cfg.steps}  L1 {running:.4f}  ({time.time() - start:.0f}s)")
+    return vae.eval()
+
+
+@torch.no_grad()
+def latent_scale(vae, images: torch.Tensor) -> float:
+    """SD's rule: 1 / std of the (unscaled) posterior means of ``images`` in [0, 1]."""
+    means = torch.cat([vae.encode(images[i:i + 16] * 2 - 1).latent_dist.mean for i in range(0, len(images), 16)])
+    return float(1.0 / means.std())
+
+
+# ----------------------------------------------------------------------------------------------- UNet
+@dataclass
+class UNetTrainConfig:
+    steps: int = 2500
+    batch: int = 8
+    lr: float = 5e-4
+    warmup: int = 100
+    pool: int = 512             # augmented face crops encoded once
+    uncond: float = 0.1         # share of empty prompts (classifier-free guidance)
+    snr_gamma: float = 5.0      # min-SNR weighting
+    ema: float = 0.999
+    seed: int = 0
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR per sample: the min-SNR weighting of the epsilon loss."""
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+@torch.no_grad()
+def encode_pool(vae, images: np.ndarray, scale: float, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the scaled posterior of uint8 images [N, H, W, 3]."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    means, stds = [], []
+    for i in range(0, len(x), chunk):
+        dist = vae.encode(x[i:i + chunk]).latent_dist
+        means.append(dist.mean * scale)
+        stds.append(dist.std * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer):
+    from diffusers.training_utils import EMAModel
+
+    from ..finetune import encode_prompts
+    from .architecture import build_scheduler, build_unet, assemble
+    from .data import face_pool
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    scale = float(vae.config.scaling_factor)
+    images, words = face_pool(cfg.pool, 128, seed=cfg.seed + 2)
+    mean, std = encode_pool(vae, images, scale)
+    log(f"unet: {cfg.pool} augmented face crops encoded; latent std {float(mean.std()):.3f}")
+    bundle = assemble(build_unet(cfg.seed), vae, text_encoder, tokenizer)
+    prompts = sorted(set(MAN_PROMPTS + WOMAN_PROMPTS + ("",)))
+    with torch.no_grad():
+        table = dict(zip(prompts, encode_prompts(bundle, prompts)))
+    unet = bundle.unet.train()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema, use_ema_warmup=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    noise_sched = build_scheduler()
+    ac = noise_sched.alphas_cumprod
+    start, running = time.time(), None
+    for step in range(1, cfg.steps + 1):
+        idx = rng.integers(len(mean), size=cfg.batch)
+        z0 = mean[idx] + std[idx] * torch.randn_like(mean[idx])
+        chosen = []
+        for i in idx:
+            if rng.random() < cfg.uncond:
+                chosen.append("")
+            else:
+                pool = MAN_PROMPTS if words[i] == "man" else WOMAN_PROMPTS
+                chosen.append(pool[rng.integers(len(pool))])
+        ctx = torch.stack([table[p] for p in chosen])
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,))
+        eps = torch.randn_like(z0)
+        zt = noise_sched.add_noise(z0, eps, t)
+        pred = unet(zt, t, encoder_hidden_states=ctx).sample
+        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+        loss = (per * snr_weights(ac, t, cfg.snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        running = per.mean().item() if running is None else 0.98 * running + 0.02 * per.mean().item()
+        if step % 100 == 0 or step == cfg.steps:
+            log(f"unet step {step}/{cfg.steps}  eps-MSE {running:.4f}  ({time.time() - start:.0f}s)")
+    ema.copy_to(unet.parameters())
+    return unet.eval()
+
+
+# --------------------------------------------------------------------------------------------- export
+def export(bundle, folder: Path, overwrite: bool = True) -> Path:
+    """Write the shipped form: fp16 single file (original SD keys, architecture in metadata) + tokenizer files."""
+    import copy
+
+    from ..models import save_single_file
+    from ..tiny import write_tiny_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    half = copy.deepcopy(bundle).to(dtype=torch.float16)
+    path = save_single_file(half, weights_path(folder), overwrite=overwrite)
+    write_tiny_tokenizer(folder / TOKENIZER_DIR)
+    write_text_atomic(folder / "README.md", readme_text(), overwrite=True)
+    return path
+
+
+def readme_text() -> str:
+    """The README beside the weights: what they are, how they were made, every data source and its licence."""
+    from .data import HELD_OUT, SOURCES
+
+    rows = "\n".join(f"| {name} | {what} | {source} | {licence} |" for name, what, source, licence in SOURCES)
+    return f"""# IDDM demo model (generated by `python -m iddm_core.demo_model train`; do not edit by hand)
+
+A small Stable-Diffusion-1-shaped model (diffusers AutoencoderKL with downsampling factor 4, UNet2DConditionModel
+with cross-attention, the tiny CLIP text encoder and tokenizer, DDPM schedule) at 128 px, trained on a CPU from
+the public-domain / CC0 images below only. `demo.safetensors`: fp16, original SD key layout, architecture in its
+`iddm.configs` metadata; `tokenizer/`: the tiny CLIP tokenizer. Load it with `load_model("demo")` or `--model demo`.
+
+The demo identity ({", ".join(HELD_OUT)}) is held out of all training.
+
+| image | shows | source | licence |
+|---|---|---|---|
+{rows}
+
+Training: `python -m iddm_core.demo_model train` (VAE on random patches, then UNet on augmented face crops; see
+`iddm_core/demo_model/train.py`). What it can do: `python -m iddm_core.demo_model measure`.
+"""

@@ -1,0 +1,126 @@
+"""The shipped demo model: what it is (SD1-shaped, small, fp16), what it does (reconstructs the held-out demo
+photos, its one-step predictions are faces that Stage II can push away), and how it is rebuilt."""
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from iddm_core.models import load_model
+
+    return load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def demo_crops():
+    from iddm_core.demo_model.measure import demo_crops
+
+    return demo_crops(128)
+
+
+def test_shipped_weights_are_small_fp16_sd1_and_load_by_name(demo):
+    from safetensors import safe_open
+
+    from iddm_core.demo_model import ASSET_DIR, weights_path
+
+    total = sum(p.stat().st_size for p in ASSET_DIR.rglob("*") if p.is_file())
+    assert total <= 16 * 2 ** 20, f"shipped demo model is {total / 2 ** 20:.1f} MiB"
+    with safe_open(str(weights_path()), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert any(k.startswith("model.diffusion_model.") for k in f.keys())
+    assert dtypes == {"F16"}
+    assert (demo.kind, demo.resolution, demo.vae_scale_factor, demo.title) == ("sd1", 128, 4, "demo")
+    assert demo.dtype == torch.float32                     # loaded for training in fp32
+    assert any("attn2" in n for n, _ in demo.unet.named_modules())   # cross-attention UNet, like SD
+
+
+def test_demo_identity_is_held_out_of_training_data():
+    from iddm_core.demo_model import data
+
+    names = [name for name, *_ in data.SOURCES]
+    assert not set(names) & set(data.HELD_OUT) and not set(data.FACES) & set(data.HELD_OUT)
+    with pytest.raises(ValueError, match="held out"):
+        data.load_source(data.HELD_OUT[0])
+    for _, _, source, licence in data.SOURCES:
+        assert source and licence
+
+
+def test_vae_round_trip_keeps_the_held_out_face(demo, demo_crops):
+    from iddm_core.demo_model.measure import native_distance, uint8_images, vae_round_trip
+    from iddm_core.evaluate import psnr
+
+    images, _ = demo_crops
+    recon = vae_round_trip(demo, images)
+    assert float(psnr(recon, images).min()) >= 26.0
+    for a, b in zip(uint8_images(images), uint8_images(recon)):
+        d = native_distance(a, b)
+        assert d is not None and d <= 0.2
+
+
+def test_stage_two_through_the_diffusion_model_lowers_similarity(demo, demo_crops):
+    """Stage II on the real path: VAE encoder -> noised latent -> UNet -> one-step clean latent -> VAE decoder ->
+    dlib. The similarity of x0_hat (same noise before/after) and of X' itself must both fall."""
+    from iddm_core.face.ensemble import FaceEnsembleLoss
+    from iddm_core.face.registry import load_recognizer, parse_surrogates
+    from iddm_core.finetune import encode_prompts
+    from iddm_core.pgd import Noise, PGDConfig, pgd_two_stage, predict_clean_image
+
+    images, landmarks = demo_crops
+    ref, x0, lm0 = images[:1], images[1:], landmarks[1:]
+    ensemble = FaceEnsembleLoss([load_recognizer(parse_surrogates("dlib")[0])], tau=0.03)
+    ensemble.set_references(ref, landmarks[:1])
+    with torch.no_grad():
+        embeds = encode_prompts(demo, ["a photo of sks person"])
+    cfg = PGDConfig(T=4, rho=0.01, id_t_max=0.3)
+    x = pgd_two_stage(demo, ensemble, x0, lm0, embeds, cfg, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(5)
+    noise = Noise(posterior=torch.randn(1, 4, 32, 32, generator=gen), t=torch.tensor([100]),
+                  eps=torch.randn(1, 4, 32, 32, generator=gen))
+    with torch.no_grad():
+        sim = lambda im: float(ensemble(im, lm0)[1]["dlib"].mean())  # noqa: E731
+        hat_before = sim(predict_clean_image(demo, x0, embeds, noise).clamp(0, 1))
+        hat_after = sim(predict_clean_image(demo, x, embeds, noise).clamp(0, 1))
+        before, after = sim(x0), sim(x)
+    assert after < before - 0.02
+    assert hat_after < hat_before - 0.02
+    assert (x - x0).abs().max() <= cfg.eta + 1e-6
+
+
+def test_training_stages_reduce_their_loss_and_export_loads(tmp_path):
+    """A few steps of each stage on the real data pipeline (not the shipped quality): losses fall, and the
+    exported fp16 file loads back as the same SD1 bundle."""
+    from iddm_core.demo_model import load_demo_bundle
+    from iddm_core.demo_model.architecture import assemble, build_text_encoder, build_unet
+    from iddm_core.demo_model.data import PatchSampler
+    from iddm_core.demo_model.train import VAETrainConfig, export, train_vae, vae_loss
+
+    torch.manual_seed(0)
+    sampler = PatchSampler(16, seed=0, face_crops=2)
+    probe = sampler(8)
+    from iddm_core.demo_model.architecture import build_vae
+
+    with torch.no_grad():
+        before = float(vae_loss(build_vae(0), probe, 0.0, torch.Generator().manual_seed(0))[1])
+    vae = train_vae(VAETrainConfig(steps=30, batch=8, patch=16, lr=2e-3), sampler)
+    with torch.no_grad():
+        after = float(vae_loss(vae, probe, 0.0, torch.Generator().manual_seed(0))[1])
+    assert after < 0.8 * before
+
+    text_encoder, tokenizer = build_text_encoder(0)
+    bundle = assemble(build_unet(0), vae, text_encoder, tokenizer)
+    path = export(bundle, tmp_path / "model")
+    loaded = load_demo_bundle(tmp_path / "model")
+    assert path.is_file() and loaded.kind == "sd1" and loaded.resolution == 128
+    w = dict(bundle.unet.named_parameters())["conv_in.weight"]
+    assert torch.equal(dict(loaded.unet.named_parameters())["conv_in.weight"], w.half().float())
+
+
+def test_augmented_face_crops_keep_a_detectable_face():
+    from iddm_core.demo_model.data import face_pool
+    from iddm_core.face.detect import get_detector
+
+    images, words = face_pool(6, 128, seed=3)
+    det = get_detector("dlib")
+    assert set(words) == {"man", "woman"}
+    assert sum(bool(det.detect(np.ascontiguousarray(im))) for im in images) >= 5
