@@ -124,3 +124,25 @@ def test_augmented_face_crops_keep_a_detectable_face():
     det = get_detector("dlib")
     assert set(words) == {"man", "woman"}
     assert sum(bool(det.detect(np.ascontiguousarray(im))) for im in images) >= 5
+
+
+def test_demo_story_compares_no_defense_and_iddm(tmp_path):
+    """`python -m iddm_core demo` end to end: two valid kohya LoRAs, X' less similar than X0 within the budget,
+    both sample sets scored, and a contact sheet of four rows."""
+    from PIL import Image
+
+    from iddm_core.demo import DEMO_SAMPLES, format_result, run_demo
+    from iddm_core.lora import check_kohya, read_kohya_lora
+
+    r = run_demo(tmp_path)
+    for name in ("iddm_lora.safetensors", "no_defense_lora.safetensors"):
+        assert check_kohya(*read_kohya_lora(tmp_path / name)) == []
+    assert r.similarity_after < r.similarity_before - 0.05
+    assert 20.0 < r.psnr < 60.0                         # eta = 0.08 bounds how far X' is from X0
+    assert set(r.rows) == {"no-defense LoRA", "IDDM LoRA"}
+    for scores in r.rows.values():
+        assert scores.n == DEMO_SAMPLES and 0.0 <= scores.fsr <= 1.0
+    with Image.open(r.sheet) as im:
+        assert im.size[1] == 4 * 128 + 5 * 4               # X0, X', no-defense samples, IDDM samples
+    text = format_result(r)
+    assert "no-defense LoRA" in text and "IDDM LoRA" in text and "PSNR" in text

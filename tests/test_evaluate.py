@@ -302,8 +302,7 @@ def test_bench_paper_runs_end_to_end(tmp_path, small_faces_dir):
         shutil.copy(small_faces_dir / n, refs / n)
         shutil.copy(small_faces_dir / n, refs / ("b_" + n))
     out = tmp_path / "bench.json"
-    proc = _run(["-m", "iddm_core.bench", "paper", "--refs", str(refs), "--model", "tiny", "--tiny-settings",
-                 "--out-json", str(out)])
+    proc = _run(["-m", "iddm_core.bench", "paper", "--refs", str(refs), "--tiny-settings", "--out-json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| method"))
@@ -315,6 +314,9 @@ def test_bench_paper_runs_end_to_end(tmp_path, small_faces_dir):
     data = json.loads(out.read_text())
     assert len(data["methods"]) == 4 and all(m["time_s"] > 0 for m in data["methods"])
     assert all("fidelity" in m for m in data["methods"][1:])           # X' vs X0 for the IDDM runs
+    # the default model is the trained demo model: its samples are faces dlib finds (the random tiny one's are not)
+    assert data["settings"]["model"] == "demo"
+    assert max(m["fsr"] for m in data["methods"]) > 0
 
 
 # ----------------------------------------------------------------------------------------------- ComfyUI node

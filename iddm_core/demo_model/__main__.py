@@ -12,9 +12,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m iddm_core.demo_model",
                                      description="The demo model: train it from public-domain images, or measure it.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the demo model from scratch (CPU: about 40 minutes with the defaults)")
-    t.add_argument("--stage", choices=["vae", "unet", "all"], default="all",
-                   help="vae, unet (needs the VAE in --work) or all (default)")
+    t = sub.add_parser("train", help="train the demo model from scratch (2 CPU cores: about 40 minutes with the defaults)")
+    t.add_argument("--stage", choices=["vae", "unet", "refine", "export", "all"], default="all",
+                   help="vae; unet (needs the VAE in --work); refine (second UNet phase); export (joins the parts "
+                        "in --work into --out); all = the four in order (default)")
     t.add_argument("--work", default="demo_model_work", help="folder for the parts between stages")
     t.add_argument("--out", default=str(ASSET_DIR), help=f"where the fp16 model is written (default {ASSET_DIR})")
     t.add_argument("--vae-steps", type=int, default=None)
@@ -49,16 +50,39 @@ def cmd_train(args) -> int:
         vae.save_pretrained(str(work / "vae"))
         log(f"vae saved to {work / 'vae'} (scaling_factor {scale:.4f})")
     if args.stage in ("unet", "all"):
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(str(work / "vae"), local_files_only=True).eval()
-        vae.requires_grad_(False)
+        vae = _load_vae(work / "vae")
         text_encoder, tokenizer = build_text_encoder(args.seed)
         cfg = UNetTrainConfig(seed=args.seed, **({"steps": args.unet_steps} if args.unet_steps else {}))
-        unet = train_unet(cfg, vae, text_encoder, tokenizer)
+        train_unet(cfg, vae, text_encoder, tokenizer).save_pretrained(str(work / "unet"))
+        log(f"unet saved to {work / 'unet'}")
+    if args.stage in ("refine", "all"):
+        from diffusers import UNet2DConditionModel
+
+        from .train import REFINE
+
+        vae = _load_vae(work / "vae")
+        text_encoder, tokenizer = build_text_encoder(args.seed)
+        unet = UNet2DConditionModel.from_pretrained(str(work / "unet"), local_files_only=True)
+        cfg = UNetTrainConfig(**{**REFINE, "seed": args.seed + REFINE["seed"]})
+        train_unet(cfg, vae, text_encoder, tokenizer, unet=unet).save_pretrained(str(work / "unet_refined"))
+        log(f"refined unet saved to {work / 'unet_refined'}")
+    if args.stage in ("export", "all"):
+        from diffusers import UNet2DConditionModel
+
+        vae = _load_vae(work / "vae")
+        unet = UNet2DConditionModel.from_pretrained(str(work / "unet_refined"), local_files_only=True).eval()
+        text_encoder, tokenizer = build_text_encoder(args.seed)
         path = export(assemble(unet, vae, text_encoder, tokenizer), Path(args.out))
         log(f"demo model written: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
+
+
+def _load_vae(folder: Path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True).eval()
+    vae.requires_grad_(False)
+    return vae
 
 
 def main(argv=None) -> int:
