@@ -11,7 +11,8 @@ def register(sub) -> None:
                     "kohya format. Photos are square-cropped (centre) and resized to the training resolution.")
     p.add_argument("--refs", required=True, help="folder of photos of one person (at least 2 images)")
     p.add_argument("--model", default="tiny",
-                   help="base model: SD 1.x/2.x .safetensors checkpoint, diffusers folder, 'demo' (small trained model) or 'tiny' (random; default)")
+                   help="base model: SD 1.x/2.x .safetensors checkpoint, diffusers folder, 'demo' (small trained "
+                        "model) or 'tiny' (random; default)")
     p.add_argument("--out", required=True, help="output LoRA (.safetensors, kohya format); its stem is the LoRA name")
     p.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank / network dim (default 4)")

@@ -25,7 +25,8 @@ REF_RESOLUTION = 256     # face-centred crops of the clean photos used for the i
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="SD checkpoint (.safetensors), diffusers folder, 'demo' (small trained model) or 'tiny' (random)")
+    p.add_argument("--model", default="tiny", help="SD checkpoint (.safetensors), diffusers folder, "
+                                                   "'demo' (small trained model) or 'tiny' (random)")
     p.add_argument("--kind", choices=["sd1", "sd2", "sd2v"], default=None, help="override model-kind detection")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (for single-file checkpoints)")
     p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS), help="prompts (default: the paper's five)")

@@ -62,15 +62,25 @@ def cmd_train(args) -> int:
 
         vae = _load_vae(work / "vae")
         text_encoder, tokenizer = build_text_encoder(args.seed)
-        unet = UNet2DConditionModel.from_pretrained(str(work / "unet"), local_files_only=True)
-        cfg = UNetTrainConfig(**{**REFINE, "seed": args.seed + REFINE["seed"]})
-        train_unet(cfg, vae, text_encoder, tokenizer, unet=unet).save_pretrained(str(work / "unet_refined"))
-        log(f"refined unet saved to {work / 'unet_refined'}")
+        source = work / "unet"
+        for i, phase in enumerate(REFINE, start=1):
+            target = work / f"unet_refined{i}"
+            if target.is_dir():               # a finished phase of an earlier, interrupted run
+                source = target
+                continue
+            unet = UNet2DConditionModel.from_pretrained(str(source), local_files_only=True)
+            cfg = UNetTrainConfig(**{**phase, "seed": args.seed + phase["seed"]})
+            train_unet(cfg, vae, text_encoder, tokenizer, unet=unet).save_pretrained(str(target))
+            log(f"refine phase {i} saved to {target}")
+            source = target
     if args.stage in ("export", "all"):
         from diffusers import UNet2DConditionModel
 
         vae = _load_vae(work / "vae")
-        unet = UNet2DConditionModel.from_pretrained(str(work / "unet_refined"), local_files_only=True).eval()
+        from .train import REFINE
+
+        unet = UNet2DConditionModel.from_pretrained(str(work / f"unet_refined{len(REFINE)}"),
+                                                    local_files_only=True).eval()
         text_encoder, tokenizer = build_text_encoder(args.seed)
         path = export(assemble(unet, vae, text_encoder, tokenizer), Path(args.out))
         log(f"demo model written: {path} ({path.stat().st_size / 2**20:.1f} MiB)")

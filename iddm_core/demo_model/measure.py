@@ -108,7 +108,7 @@ def format_scores(label: str, s: IdentityScores) -> str:
     return f"{label:<22} FSR {s.fsr:.2f} ({s.n} samples)  ISM  {ism}  linked-to-target {linked}"
 
 
-def dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, rank: int = 8, seed: int = 0):
+def dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, rank: int = 4, seed: int = 0):
     """A plain DreamBooth-LoRA (no protection) on ``images``; returns the trainer (LoRA active on ``bundle``)."""
     from ..finetune import DreamBoothTrainer, FinetuneConfig
     from ..lora import LoraSpec
@@ -169,7 +169,7 @@ def cmd_measure(args) -> int:
           f"{args.samples} samples (DDIM 25 steps, guidance 5)")
     base = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25, guidance_scale=5.0)
     print("   " + format_scores("base model", identity_scores(base, protos, recognizer, detector)))
-    trainer = dreambooth(bundle, torch.cat([images, images.flip(-1)]), steps, lr=1e-3)
+    trainer = dreambooth(bundle, torch.cat([images, images.flip(-1)]), steps, lr=1e-4)
     tuned = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25, guidance_scale=5.0)
     print("   " + format_scores("after DreamBooth", identity_scores(tuned, protos, recognizer, detector)))
     del trainer
