@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m iddm_core.demo_model",
                                      description="The demo model: train it from public-domain images, or measure it.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the demo model from scratch (2 CPU cores: about 40 minutes with the defaults)")
+    t = sub.add_parser("train", help="train the demo model from scratch (2 CPU cores: about 66 minutes)")
     t.add_argument("--stage", choices=["vae", "unet", "refine", "export", "all"], default="all",
                    help="vae; unet (needs the VAE in --work); refine (second UNet phase); export (joins the parts "
                         "in --work into --out); all = the four in order (default)")
