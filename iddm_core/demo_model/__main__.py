@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the networks train")
     m = sub.add_parser("measure", help="print what the model can do: VAE round trip, one-step predictions, DreamBooth")
     m.add_argument("--model", default=None, help="model folder holding demo.safetensors (default: the shipped one)")
     m.add_argument("--dreambooth-steps", type=int, default=None)
@@ -43,24 +44,24 @@ def cmd_train(args) -> int:
         from .data import face_pool
 
         cfg = VAETrainConfig(seed=args.seed, **({"steps": args.vae_steps} if args.vae_steps else {}))
-        vae = train_vae(cfg)
+        vae = train_vae(cfg, device=args.device)
         faces, _ = face_pool(64, 128, seed=args.seed + 3)
         scale = latent_scale(vae, torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255)
         vae.register_to_config(scaling_factor=scale)
-        vae.save_pretrained(str(work / "vae"))
+        vae.to("cpu").save_pretrained(str(work / "vae"))
         log(f"vae saved to {work / 'vae'} (scaling_factor {scale:.4f})")
     if args.stage in ("unet", "all"):
-        vae = _load_vae(work / "vae")
+        vae = _load_vae(work / "vae").to(args.device)
         text_encoder, tokenizer = build_text_encoder(args.seed)
         cfg = UNetTrainConfig(seed=args.seed, **({"steps": args.unet_steps} if args.unet_steps else {}))
-        train_unet(cfg, vae, text_encoder, tokenizer).save_pretrained(str(work / "unet"))
+        train_unet(cfg, vae, text_encoder, tokenizer).to("cpu").save_pretrained(str(work / "unet"))
         log(f"unet saved to {work / 'unet'}")
     if args.stage in ("refine", "all"):
         from diffusers import UNet2DConditionModel
 
         from .train import REFINE
 
-        vae = _load_vae(work / "vae")
+        vae = _load_vae(work / "vae").to(args.device)
         text_encoder, tokenizer = build_text_encoder(args.seed)
         source = work / "unet"
         for i, phase in enumerate(REFINE, start=1):
@@ -70,7 +71,7 @@ def cmd_train(args) -> int:
                 continue
             unet = UNet2DConditionModel.from_pretrained(str(source), local_files_only=True)
             cfg = UNetTrainConfig(**{**phase, "seed": args.seed + phase["seed"]})
-            train_unet(cfg, vae, text_encoder, tokenizer, unet=unet).save_pretrained(str(target))
+            train_unet(cfg, vae, text_encoder, tokenizer, unet=unet).to("cpu").save_pretrained(str(target))
             log(f"refine phase {i} saved to {target}")
             source = target
     if args.stage in ("export", "all"):

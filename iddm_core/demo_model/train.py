@@ -59,19 +59,19 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator 
     return l1 + kl_weight * kl, l1
 
 
-def train_vae(cfg: VAETrainConfig, sampler=None):
+def train_vae(cfg: VAETrainConfig, sampler=None, device="cpu"):
     from .architecture import build_vae
     from .data import PatchSampler
 
     torch.manual_seed(cfg.seed)
     sampler = sampler or PatchSampler(cfg.patch, seed=cfg.seed)
-    vae = build_vae(cfg.seed).train()
+    vae = build_vae(cfg.seed).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, 100, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start, running = time.time(), None
     for step in range(1, cfg.steps + 1):
-        loss, l1 = vae_loss(vae, sampler(cfg.batch), cfg.kl_weight, gen)
+        loss, l1 = vae_loss(vae, sampler(cfg.batch).to(device), cfg.kl_weight, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -86,7 +86,9 @@ def train_vae(cfg: VAETrainConfig, sampler=None):
 @torch.no_grad()
 def latent_scale(vae, images: torch.Tensor) -> float:
     """SD's rule: 1 / std of the (unscaled) posterior means of ``images`` in [0, 1]."""
-    means = torch.cat([vae.encode(images[i:i + 16] * 2 - 1).latent_dist.mean for i in range(0, len(images), 16)])
+    device = next(vae.parameters()).device
+    means = torch.cat([vae.encode(images[i:i + 16].to(device) * 2 - 1).latent_dist.mean
+                       for i in range(0, len(images), 16)])
     return float(1.0 / means.std())
 
 
@@ -121,7 +123,7 @@ def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> 
 @torch.no_grad()
 def encode_pool(vae, images: np.ndarray, scale: float, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the scaled posterior of uint8 images [N, H, W, 3]."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(next(vae.parameters()).device)
     means, stds = [], []
     for i in range(0, len(x), chunk):
         dist = vae.encode(x[i:i + chunk]).latent_dist
@@ -145,6 +147,7 @@ def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer, unet=None):
     mean, std = encode_pool(vae, images, scale)
     log(f"unet: {cfg.pool} augmented face crops encoded; latent std {float(mean.std()):.3f}")
     bundle = assemble(unet if unet is not None else build_unet(cfg.seed), vae, text_encoder, tokenizer)
+    bundle.to(next(vae.parameters()).device)                 # everything where the VAE is (--device)
     prompts = sorted(set(MAN_PROMPTS + WOMAN_PROMPTS + ("",)))
     with torch.no_grad():
         table = dict(zip(prompts, encode_prompts(bundle, prompts)))
@@ -153,20 +156,21 @@ def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer, unet=None):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     noise_sched = build_scheduler()
-    ac = noise_sched.alphas_cumprod
+    device = next(vae.parameters()).device
+    ac = noise_sched.alphas_cumprod.to(device)
     start, running = time.time(), None
     for step in range(1, cfg.steps + 1):
-        idx = rng.integers(len(mean), size=cfg.batch)
+        idx = torch.from_numpy(rng.integers(len(mean), size=cfg.batch)).to(device)
         z0 = mean[idx] + std[idx] * torch.randn_like(mean[idx])
         chosen = []
-        for i in idx:
+        for i in idx.tolist():
             if rng.random() < cfg.uncond:
                 chosen.append("")
             else:
                 pool = MAN_PROMPTS if words[i] == "man" else WOMAN_PROMPTS
                 chosen.append(pool[rng.integers(len(pool))])
         ctx = torch.stack([table[p] for p in chosen])
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,))
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,)).to(device)
         eps = torch.randn_like(z0)
         zt = noise_sched.add_noise(z0, eps, t)
         pred = unet(zt, t, encoder_hidden_states=ctx).sample
