@@ -90,7 +90,8 @@ def denoise(bundle, images: torch.Tensor) -> torch.Tensor:
     each of ``DENOISE_SEEDS`` (same noise for every model): what its denoiser makes of the person's photos."""
     from .demo_model.measure import one_step_predictions
 
-    return torch.cat([one_step_predictions(bundle, images, t, seed, DEMO_PROMPT)
+    images = images.to(bundle.device)
+    return torch.cat([one_step_predictions(bundle, images, t, seed, DEMO_PROMPT).cpu()
                       for t in DENOISE_TIMESTEPS for seed in DENOISE_SEEDS])
 
 

@@ -64,8 +64,10 @@ def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt
 
     gen = torch.Generator().manual_seed(seed)
     shape = (images.shape[0], 4, images.shape[-2] // bundle.vae_scale_factor, images.shape[-1] // bundle.vae_scale_factor)
-    noise = Noise(posterior=torch.randn(shape, generator=gen), t=torch.full((images.shape[0],), t, dtype=torch.long),
-                  eps=torch.randn(shape, generator=gen))
+    dev = images.device
+    noise = Noise(posterior=torch.randn(shape, generator=gen).to(dev),
+                  t=torch.full((images.shape[0],), t, dtype=torch.long, device=dev),
+                  eps=torch.randn(shape, generator=gen).to(dev))
     embeds = encode_prompts(bundle, [prompt]).expand(images.shape[0], -1, -1)
     return predict_clean_image(bundle, images, embeds, noise).clamp(0, 1)
 
