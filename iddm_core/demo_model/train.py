@@ -1,10 +1,11 @@
-"""Training of the demo model, in two stages, each a plain loop.
+"""Training of the demo model, in three stages, each a plain loop.
 
 1. VAE: reconstruction (L1) + a tiny KL term on random patches (the VAE is convolutional, so small patches
    teach it the same code as whole images at a fraction of the cost), posterior sampled as in SD. Afterwards the
    latent scale is set SD-style: ``scaling_factor = 1 / std`` of the face latents.
 2. UNet: epsilon prediction on the frozen VAE's latents of augmented face crops, prompts from the frozen tiny
    text encoder (10 % empty, for classifier-free guidance), min-SNR loss weighting, EMA of the weights.
+3. Refine: further UNet phases from the previous weights with plain epsilon MSE (``REFINE``).
 
 Each stage writes its part to a work folder; :func:`export` writes the fp16 single file that ships.
 """
@@ -22,8 +23,8 @@ from ..atomic import write_text_atomic
 from . import TOKENIZER_DIR, weights_path
 
 # "a photo of person" is the pipeline's DreamBooth class prompt: class images for prior preservation are faces.
-MAN_PROMPTS = ("a photo of a man", "a photo of person", "a photo of a person", "a portrait of a man", "a close up photo of a person",
-               "a high quality photo of a man", "a picture of a person")
+MAN_PROMPTS = ("a photo of a man", "a photo of person", "a photo of a person", "a portrait of a man",
+               "a close up photo of a person", "a high quality photo of a man", "a picture of a person")
 WOMAN_PROMPTS = ("a photo of a woman", "a photo of person", "a photo of a person", "a portrait of a woman",
                  "a close up photo of a person", "a high quality photo of a woman", "a picture of a person")
 
@@ -109,6 +110,7 @@ class UNetTrainConfig:
 # Further UNet phases, each from the previous one's weights: plain epsilon MSE (which weights the low-noise end SNR
 # times more than min-SNR does) at lower rates. Measured after phase 1 alone: samples carried a speckle texture that
 # stopped dlib from finding their faces (FSR 0 of 8), and one-step predictions lost the identity beyond t = 25.
+# After both phases eps-MSE fell from 0.037 to 0.030, but the speckle and FSR 0 remained (docs/DESIGN.md).
 REFINE = ({"steps": 1200, "lr": 2e-4, "warmup": 20, "snr_gamma": None, "seed": 1},
           {"steps": 2400, "lr": 1e-4, "warmup": 20, "snr_gamma": None, "seed": 2})
 
