@@ -16,41 +16,27 @@ force_offline()
 import torch  # noqa: E402
 
 from ..tiny import SCHEDULER_CONFIG, _text_config, build_tiny_tokenizer  # noqa: E402
+from ..tiny import UNET_CONFIG as TINY_UNET_CONFIG, VAE_CONFIG as TINY_VAE_CONFIG  # noqa: E402
 from . import DEMO_RESOLUTION, DEMO_TITLE  # noqa: E402
 
+# SD1's layout as the tiny model writes it (tiny.py), with what differs at 128 px spelled out
 VAE_CONFIG = {
+    **TINY_VAE_CONFIG,
     "sample_size": DEMO_RESOLUTION,
-    "in_channels": 3,
-    "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 3,
     "up_block_types": ["UpDecoderBlock2D"] * 3,
     "block_out_channels": [32, 64, 96],
-    "layers_per_block": 1,
-    "latent_channels": 4,
     "norm_num_groups": 16,
-    "act_fn": "silu",
     "mid_block_add_attention": False,
     "scaling_factor": 1.0,          # set from the trained encoder's latent spread (1 / std) after VAE training
 }
 
 UNET_CONFIG = {
+    **TINY_UNET_CONFIG,
     "sample_size": DEMO_RESOLUTION // 4,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 64, 128, 128],
-    "layers_per_block": 1,
     "attention_head_dim": 1,     # diffusers reads this as the number of heads (SD1's config quirk)
-    "cross_attention_dim": 32,
     "norm_num_groups": 16,
-    "act_fn": "silu",
-    "center_input_sample": False,
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
 }
 
 

@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import FACE_DIR, FACES, HELD_OUT
+from ..evaluate import _uint8 as uint8_images  # noqa: F401  (uint8 H x W x 3 arrays of a [N, 3, H, W] batch)
+from .data import FACE_DIR, HELD_OUT
 
 IDENTITIES = {"demo person": HELD_OUT, "biden": ("biden.jpg",), "astronaut": ("astronaut.jpg",)}
 ONE_STEP_TIMESTEPS = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800)
 KEEP_DISTANCE = 0.5
 
 
-def uint8_images(x: torch.Tensor) -> list[np.ndarray]:
-    return [a.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy() for a in x]
 
 
 def native_distance(a: np.ndarray, b: np.ndarray | None) -> float | None:
