@@ -79,6 +79,7 @@ def train_no_defense(bundle, refs, config, class_images=None):
 
 
 def sample(bundle, n: int = DEMO_SAMPLES) -> torch.Tensor:
+    """``n`` samples of the demo prompt (CPU tensor, as generate_images returns)."""
     from .finetune import generate_images
 
     return generate_images(bundle, DEMO_PROMPT, n, seed=SAMPLE_SEED, steps=SAMPLE_STEPS,
@@ -130,7 +131,7 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     result = run_iddm(bundle, refs, config, out_path=out_dir / "iddm_lora.safetensors", lora_name="iddm_demo",
                       report_path=out_dir / "report.json", overwrite=True, callback=callback)
     with torch.no_grad():
-        iddm_samples = sample(bundle).cpu()
+        iddm_samples = sample(bundle)
         iddm_denoised = denoise(bundle, refs.images)
 
     plain = load_model("demo", device=device)
@@ -139,7 +140,7 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     save_kohya_lora(out_dir / "no_defense_lora.safetensors", plain, spec, output_name="no_defense_demo",
                     overwrite=True)
     with torch.no_grad():
-        plain_samples = sample(plain).cpu()
+        plain_samples = sample(plain)
         plain_denoised = denoise(plain, refs.images)
     del trainer
 
@@ -166,8 +167,8 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     return DemoResult(rows, before, after, fidelity, denoise_rows, sheet_path, time.perf_counter() - t0)
 
 
-def contact_rows(rows) -> "numpy.ndarray":
-    """One row of tiles per (label, images) pair; the first tile of a row carries the label."""
+def contact_rows(rows):
+    """A contact sheet (uint8 H x W x 3): one row of tiles per (label, images) pair, the label on its first tile."""
     from .evaluate import _uint8
     from .leak_render import annotate, contact_sheet, enlarge
 

@@ -27,7 +27,8 @@ def weights_path(folder: Path | None = None) -> Path:
 
 
 def load_demo_bundle(folder: Path | None = None):
-    """The shipped demo model as a float32 CPU :class:`~iddm_core.models.ModelBundle` (title ``demo``)."""
+    """The shipped demo model as a float32 CPU :class:`~iddm_core.models.ModelBundle` (title ``demo``): the
+    single-file loader copies the fp16 weights into float32 modules in eval mode."""
     from ..errors import ModelError
     from ..models import load_single_file
 
@@ -37,6 +38,4 @@ def load_demo_bundle(folder: Path | None = None):
         raise ModelError(f"demo model weights missing: {path} (rebuild with `python -m iddm_core.demo_model train`)")
     bundle = load_single_file(path, kind="sd1", tokenizer=folder / TOKENIZER_DIR)
     bundle.title = DEMO_TITLE
-    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
-        m.float().eval()
     return bundle

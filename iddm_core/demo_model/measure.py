@@ -23,15 +23,11 @@ KEEP_DISTANCE = 0.5
 
 
 
-def native_distance(a: np.ndarray, b: np.ndarray | None) -> float | None:
-    """dlib's own distance between the largest faces of two uint8 images (or to a descriptor ``b``)."""
-    from ..face.attack import dlib_native_descriptor
+def native_distance(a: np.ndarray, b: np.ndarray) -> float | None:
+    """dlib's own distance between the largest faces of two uint8 images (None if either has no face)."""
+    from ..face.attack import dlib_distance, dlib_native_descriptor
 
-    da = dlib_native_descriptor(a)
-    db = b if (b is None or b.ndim == 1) else dlib_native_descriptor(b)
-    if da is None or db is None:
-        return None
-    return float(np.linalg.norm(da - db))
+    return dlib_distance(a, dlib_native_descriptor(b))
 
 
 def demo_crops(resolution: int, detector=None):
@@ -142,7 +138,7 @@ def cmd_measure(args) -> int:
     print(f"   PSNR {', '.join(f'{v:.2f}' for v in psnr(recon, images).tolist())} dB;  "
           f"dlib distance photo-round trip {', '.join('no face' if d is None else f'{d:.3f}' for d in dists)}")
 
-    from ..face.attack import dlib_prototype
+    from ..face.attack import dlib_distance, dlib_prototype
 
     proto = dlib_prototype(rgb)
     print("2. one-step clean prediction x0_hat (prompt 'a photo of sks person', 4 noise draws per photo):"
@@ -152,7 +148,7 @@ def cmd_measure(args) -> int:
         ds, found = [], 0
         for seed in range(4):
             for x in uint8_images(one_step_predictions(bundle, images, t, seed, "a photo of sks person")):
-                d = native_distance(x, proto)
+                d = dlib_distance(x, proto)
                 if d is not None:
                     ds.append(d)
                     found += 1
