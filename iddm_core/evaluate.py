@@ -369,6 +369,67 @@ def held_out_warnings(eval_names: Sequence[str], surrogate_names: Sequence[str])
             f"the identity leak; evaluate with a held-out recogniser" for n in overlap]
 
 
+AUTO = "auto"      # eval_recognizers value: every installed recogniser that was not a surrogate of the run
+
+
+@dataclass
+class Judges:
+    """Which recognisers judge a run. ``tokens``: registry tokens ("name" or "name:PATH") or ready modules;
+    ``held_out``: no judge was a surrogate (False also when the surrogates are unknown); ``note``: one line naming
+    the judges for a report or the console (names only, never paths); ``warning``: set when "auto" found no
+    held-out recogniser and fell back to the surrogates."""
+
+    tokens: list
+    names: list[str]
+    held_out: bool
+    note: str
+    warning: Optional[str] = None
+
+
+def _token(spec) -> str:
+    return spec.name if spec.path is None else f"{spec.name}:{spec.path}"
+
+
+def choose_judges(requested=AUTO, surrogates: Sequence = (), search_dirs: Sequence[str] | None = None) -> Judges:
+    """The evaluation recognisers of a run.
+
+    ``requested`` = ``"auto"`` (or None/empty): every *installed* recogniser (``face.registry.discover``) that is
+    not among ``surrogates``, so the judge is held out from the attack by default. When none is installed besides
+    the surrogates, the surrogates judge (dlib is always installed) and the note says loudly that the scores then
+    measure the attack, not the leak. Anything else (names, "name:PATH" strings, specs or modules, or a comma
+    separated string of tokens) is used as given.
+    """
+    from .face.registry import discover
+
+    surrogate_names = [recognizer_name(s) for s in surrogates]
+    if requested is None or (isinstance(requested, str) and requested.strip().lower() in ("", AUTO)):
+        installed = [s for s in discover(None if search_dirs is None else list(search_dirs)) if s.available]
+        held = [s for s in installed if s.name not in surrogate_names]
+        if not surrogate_names:
+            names = [s.name for s in installed]
+            return Judges([_token(s) for s in installed], names, False,
+                          f"judged by every installed recogniser ({', '.join(names)}); the run's surrogates were "
+                          "not given, so whether they are held out is unknown")
+        if held:
+            names = [s.name for s in held]
+            return Judges([_token(s) for s in held], names, True,
+                          f"judged by held-out recognisers: {', '.join(names)} (surrogates of the run: "
+                          f"{', '.join(surrogate_names)})")
+        fallback = [s for s in installed if s.name in surrogate_names] or [s for s in installed if s.name == "dlib"]
+        names = [s.name for s in fallback]
+        message = (f"no held-out recogniser is installed: judged by {', '.join(names)}, which the protection was "
+                   "optimised against, so the scores measure the attack, not the identity leak; install another "
+                   "recogniser (e.g. faceres, see `python -m iddm_core face-models`)")
+        return Judges([_token(s) for s in fallback], names, False, message, warning=message)
+    items = [t.strip() for t in requested.split(",") if t.strip()] if isinstance(requested, str) else list(requested)
+    names = [recognizer_name(r) for r in items]
+    overlap = [n for n in names if n in surrogate_names]
+    held_out = bool(surrogate_names) and not overlap
+    note = (f"judged by {', '.join(names)}" + (" (held out from the surrogates)" if held_out else "")
+            + ("" if surrogate_names else "; the run's surrogates were not given"))
+    return Judges(items, names, held_out, note)
+
+
 def load_eval_recognizers(items, device) -> list:
     """Recogniser modules from names / 'name:path' strings / specs / ready modules (modules are kept as given)."""
     from .face.registry import RecognizerSpec, load_recognizer, parse_surrogates
@@ -407,34 +468,37 @@ def fidelity_report(protected: torch.Tensor, original: torch.Tensor) -> dict:
             "ssim_per_image": [float(v) for v in s.tolist()]}
 
 
-def evaluate(images: torch.Tensor, refs, eval_recognizers: Sequence = ("dlib",), surrogates: Sequence = (),
+def evaluate(images: torch.Tensor, refs, eval_recognizers=AUTO, surrogates: Sequence = (),
              detector=None, gallery=None, top_k: Sequence[int] = (1, 5), protected: torch.Tensor | None = None,
              original: torch.Tensor | None = None, quality: bool = True, device=None, labels: Sequence[str] = (),
-             callback=None) -> dict:
+             callback=None, search_dirs: Sequence[str] | None = None) -> dict:
     """Score a batch of images ``[N, 3, H, W]`` in [0, 1] against the user's clean photos ``refs``.
 
-    ``eval_recognizers``: names ("dlib", "arcface:PATH.onnx", ...) or Recognizer modules; ``surrogates``: the
-    recognisers the protection was optimised against (names), used only for the held-out check.
+    ``eval_recognizers``: ``"auto"`` (default: every installed recogniser that is not a surrogate, see
+    :func:`choose_judges`), or names ("dlib", "arcface:PATH.onnx", ...) / Recognizer modules; ``surrogates``: the
+    recognisers the protection was optimised against (names), used to pick held-out judges and to warn.
     ``gallery``: a folder of distractor identities (see :func:`gallery_layout`); the user (prototype of ``refs``)
     is added as identity ``"user"`` and retrieval reports how often a generated face ranks the user first.
     ``protected``/``original``: X' and X0 for PSNR/SSIM. ``labels``: per-image labels (e.g. prompt index)
-    copied into the result. Returns a JSON-ready dict (no file names or paths in it).
+    copied into the result. ``search_dirs``: model folders for "auto" (default ``$IDDM_MODEL_DIRS``).
+    Returns a JSON-ready dict (no file names or paths in it).
     """
     from .events import Emitter
 
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise InputError(f"images: expected a non-empty [N, 3, H, W] batch, got {tuple(images.shape)}")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    eval_names = [recognizer_name(r) for r in eval_recognizers]
+    judges = choose_judges(eval_recognizers, surrogates, search_dirs)
+    eval_names = judges.names
     surrogate_names = [recognizer_name(s) for s in surrogates]
-    messages = held_out_warnings(eval_names, surrogate_names)
+    messages = [judges.warning] if judges.warning else held_out_warnings(eval_names, surrogate_names)
     for m in messages:
         warnings.warn(m, UserWarning, stacklevel=2)
     if detector is None:
         from .face.detect import get_detector
 
         detector = get_detector("dlib")
-    recognizers = load_eval_recognizers(eval_recognizers, device)
+    recognizers = load_eval_recognizers(judges.tokens, device)
     emit = Emitter(callback, total=len(recognizers) + 2)
 
     scan = scan_faces(images, detector)
@@ -442,8 +506,8 @@ def evaluate(images: torch.Tensor, refs, eval_recognizers: Sequence = ("dlib",),
     ref_images, ref_landmarks = _reference_batch(refs)
     gallery_layout_ = gallery_layout(gallery) if gallery is not None else None
     result = {"n_images": int(images.shape[0]), "faces_found": scan.found, "fsr": face_success_rate(scan.found),
-              "eval_recognizers": eval_names, "surrogates": surrogate_names, "recognizers": {},
-              "warnings": messages}
+              "eval_recognizers": eval_names, "surrogates": surrogate_names, "held_out": judges.held_out,
+              "judges": judges.note, "recognizers": {}, "warnings": messages}
     if labels:
         result["labels"] = list(labels)
     for rec in recognizers:

@@ -211,9 +211,8 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     lora_path = None
     if out_path is not None:
         emit("save", advance=0, message="writing LoRA")
-        comment = (f"IDDM identity-decoupled LoRA: K={config.K} T={config.pgd.T} rho={config.pgd.rho} "
-                   f"eta={config.pgd.eta} alpha={config.pgd.alpha} tau={config.tau}")
-        lora_path = save_kohya_lora(out_path, bundle, spec, output_name=lora_name, comment=comment, overwrite=overwrite)
+        lora_path = save_kohya_lora(out_path, bundle, spec, output_name=lora_name, comment=lora_comment(config),
+                                    overwrite=overwrite)
     if report_path is not None:
         import json
 
@@ -239,6 +238,22 @@ def nonfinite_counts(iterations: list, finetune_skipped: int) -> dict:
     steps = [s for it in iterations for s in it["pgd"]]
     return {"pgd_redone_fp32": sum(s.get("redone_fp32", 0) for s in steps),
             "pgd_skipped": sum(s.get("skipped", 0) for s in steps), "finetune_skipped": int(finetune_skipped)}
+
+
+def lora_comment(config: IDDMConfig) -> str:
+    """The LoRA's ``ss_training_comment``: the settings and the surrogates' registry names (never a path), so that
+    ``evaluate --lora`` can pick judges held out from them."""
+    names = "+".join(s.split(":", 1)[0].strip() for s in config.surrogates)
+    return (f"IDDM identity-decoupled LoRA: K={config.K} T={config.pgd.T} rho={config.pgd.rho} "
+            f"eta={config.pgd.eta} alpha={config.pgd.alpha} tau={config.tau} surrogates={names}")
+
+
+def surrogates_from_comment(comment: str) -> list[str]:
+    """The surrogate names :func:`lora_comment` wrote (empty if the comment has none)."""
+    for word in (comment or "").split():
+        if word.startswith("surrogates="):
+            return [n for n in word[len("surrogates="):].split("+") if n]
+    return []
 
 
 def build_ensemble(surrogates, tau: float, device):

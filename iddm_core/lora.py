@@ -306,6 +306,20 @@ def read_kohya_lora(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def read_lora_metadata(path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` LoRA without loading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelError(f"cannot read LoRA {path}: {exc.__class__.__name__}: {exc}") from exc
+
+
 def _modules(tensors) -> dict[str, dict[str, torch.Tensor]]:
     mods: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

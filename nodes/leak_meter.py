@@ -10,10 +10,11 @@ from __future__ import annotations
 from .specs import CATEGORY, REFS
 
 REF_RESOLUTION = 256      # face-centred crops used for the user's prototype
+AUTO_CHOICE = "auto (held out)"   # every installed recogniser that is not one of the surrogates
 
 
 def _recogniser_choices() -> list[str]:
-    """Installed recognisers ("dlib" always first); falls back to ["dlib"] outside ComfyUI."""
+    """"auto (held out)", then the installed recognisers ("dlib" always); dlib only outside ComfyUI."""
     try:
         from ..iddm_core.face.registry import discover
         from .comfy_env import recogniser_search_dirs
@@ -21,7 +22,15 @@ def _recogniser_choices() -> list[str]:
         names = [s.name for s in discover(recogniser_search_dirs()) if s.available]
     except Exception:            # no ComfyUI folder_paths (plain import): dlib is always there
         names = []
-    return names or ["dlib"]
+    return [AUTO_CHOICE] + (names or ["dlib"])
+
+
+def _search_dirs() -> list[str]:
+    try:
+        from .comfy_env import recogniser_search_dirs
+        return recogniser_search_dirs()
+    except Exception:
+        return []
 
 
 def _recogniser_token(name: str) -> str:
@@ -29,12 +38,7 @@ def _recogniser_token(name: str) -> str:
     from ..iddm_core.errors import InputError
     from ..iddm_core.face.registry import find
 
-    try:
-        from .comfy_env import recogniser_search_dirs
-        dirs = recogniser_search_dirs()
-    except Exception:
-        dirs = []
-    spec = find(name, dirs)
+    spec = find(name, _search_dirs())
     if not spec.available:
         raise InputError(f"recognizer: {name!r} is not installed; {spec.hint}")
     return spec.name if spec.path is None else f"{spec.name}:{spec.path}"
@@ -48,15 +52,18 @@ def _clean_refs(refs):
 
 
 def summary_text(result: dict, name: str, threshold: float) -> str:
-    """Counts and averages only (the text may be saved with the workflow)."""
+    """Counts and averages only (the text may be saved with the workflow). ``name`` is the judge drawn on the
+    images; every judge's ISM is listed."""
     entry = result["recognizers"][name]
     n, faces = result["n_images"], sum(result["faces_found"])
-    ism = "n/a (no face)" if entry["ism"] is None else f"{entry['ism']:.3f}"
-    lines = [f"FSR {result['fsr']:.2f} ({faces}/{n} images with a face)",
-             f"ISM [{name}] {ism}"]
+    lines = [f"FSR {result['fsr']:.2f} ({faces}/{n} images with a face)"]
+    for judge, e in result["recognizers"].items():
+        lines.append(f"ISM [{judge}] " + ("n/a (no face)" if e["ism"] is None else f"{e['ism']:.3f}"))
     if entry["ism"] is not None:
         matched = round(entry["match_rate"] * faces)
-        lines.append(f"recognised as the user (cosine >= {threshold:.2f}): {matched}/{faces}")
+        lines.append(f"recognised as the user by {name} (cosine >= {threshold:.2f}): {matched}/{faces}")
+    if result.get("judges"):
+        lines.append(result["judges"])
     lines += [f"WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)
 
@@ -79,25 +86,27 @@ class IdentityLeakMeter:
                 "images": ("IMAGE", {"tooltip": "Images to check, e.g. portraits generated with your LoRA."}),
                 "refs": (REFS, {"tooltip": "Your clean photos (Load Private Refs): the identity to look for."}),
                 "recognizer": (_recogniser_choices(), {
-                    "tooltip": "Face recogniser used as the judge. For a fair test pick one that was not a "
-                               "surrogate of the protection (installed models only; dlib is always available)."}),
+                    "tooltip": "Face recogniser used as the judge. 'auto (held out)' uses every installed "
+                               "recogniser that is not one of the surrogates below (a fair test); if only the "
+                               "surrogates are installed it says so loudly. dlib is always available."}),
                 "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005,
                                         "tooltip": "Cosine similarity at or above which a face counts as you "
                                                    "(red). 0 = the recogniser's default (dlib 0.907, others 0.4)."}),
             },
             "optional": {
-                "surrogates": ("STRING", {"default": "", "multiline": False,
-                                          "tooltip": "Optional: recognisers the protection was optimised against "
-                                                     "(comma separated names); a warning is shown if the judge is "
-                                                     "one of them."}),
+                "surrogates": ("STRING", {"default": "dlib", "multiline": False,
+                                          "tooltip": "Recognisers the protection was optimised against (comma "
+                                                     "separated names; the pack's default is dlib). 'auto' judges "
+                                                     "with the others; a warning is shown if a judge is one of "
+                                                     "them."}),
             },
         }
 
-    def measure(self, images, refs, recognizer, threshold=0.0, surrogates=""):
+    def measure(self, images, refs, recognizer, threshold=0.0, surrogates="dlib"):
         import numpy as np
         import torch
 
-        from ..iddm_core.evaluate import _uint8, evaluate, match_threshold, recognizer_name
+        from ..iddm_core.evaluate import _uint8, evaluate, match_threshold
         from ..iddm_core.face.detect import get_detector
         from ..iddm_core.leak_render import annotate, bar_chart, label_text, verdict_color
         from .comfy_env import torch_device
@@ -106,12 +115,13 @@ class IdentityLeakMeter:
             batch = images.permute(0, 3, 1, 2).float().clamp(0, 1)       # ComfyUI [B,H,W,C] -> [B,3,H,W]
             if batch.shape[1] == 4:
                 batch = batch[:, :3]
-            token = _recogniser_token(recognizer)
-            name = recognizer_name(token)
-            thr = float(threshold) or match_threshold(name)
-            result = evaluate(batch, _clean_refs(refs), eval_recognizers=[token],
+            judges = "auto" if recognizer == AUTO_CHOICE else [_recogniser_token(recognizer)]
+            result = evaluate(batch, _clean_refs(refs), eval_recognizers=judges,
                               surrogates=[s.strip() for s in (surrogates or "").split(",") if s.strip()],
-                              detector=get_detector("dlib"), quality=False, device=torch_device())
+                              detector=get_detector("dlib"), quality=False, device=torch_device(),
+                              search_dirs=_search_dirs())
+            name = result["eval_recognizers"][0]
+            thr = float(threshold) or match_threshold(name)
             sims = result["recognizers"][name]["similarity"]
             annotated = [annotate(rgb, label_text(s, name), verdict_color(s, thr))
                          for rgb, s in zip(_uint8(batch), sims)]

@@ -350,9 +350,66 @@ def test_leak_meter_node(tmp_path, crops):
         batch = torch.cat([crops["obama2"][0], crops["biden"][0], torch.zeros(1, 3, 160, 160)]).permute(0, 2, 3, 1)
         with pytest.warns(UserWarning, match="also an attack surrogate"):
             annotated, summary, chart = cls().measure(batch, refs, "dlib", 0.0, "dlib")
+        choices = cls.INPUT_TYPES()["required"]["recognizer"][0]
+        assert choices[0] == mod.AUTO_CHOICE
+        assert cls.INPUT_TYPES()["optional"]["surrogates"][1]["default"] == "dlib"   # the pack's default surrogate
+        with pytest.warns(UserWarning, match="no held-out recogniser"):           # only dlib is installed here
+            _, auto_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib")
     finally:
         stubs.uninstall()
     assert annotated.shape == batch.shape and chart.shape[0] == 1 and chart.shape[-1] == 3
     bottom = (annotated[:, -1, -1] * 255).round().tolist()
     assert bottom == [[200, 40, 40], [30, 150, 60], [110, 110, 110]]   # obama2 red, biden green, blank grey
     assert "FSR 0.67" in summary and "1/2" in summary and "WARNING" in summary
+    assert "ISM [dlib]" in auto_summary and "WARNING: no held-out recogniser" in auto_summary
+
+
+# ------------------------------------------------------------------------------------------ held-out judges
+
+def _installed(tmp_path, *rel_paths):
+    """A models folder in which the registry finds these files (discovery only checks that they exist)."""
+    for rel in rel_paths:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    return [str(tmp_path)]
+
+
+def test_auto_judges_are_held_out_from_the_surrogates(tmp_path):
+    dirs = _installed(tmp_path, "facerecognition/irse50.pth", "facerecognition/ir152.pth")
+    judges = ev.choose_judges("auto", ["dlib", "irse50"], dirs)
+    assert judges.names == ["ir152"] and judges.held_out and judges.warning is None
+    assert "held-out" in judges.note and str(tmp_path) not in judges.note           # names, never paths
+    assert judges.tokens == [f"ir152:{tmp_path / 'facerecognition/ir152.pth'}"]
+    everything = ev.choose_judges(None, ["ir152"], dirs)                            # dlib is always installed
+    assert everything.names == ["dlib", "irse50"] and everything.held_out
+
+
+def test_auto_judges_fall_back_to_the_surrogates_loudly(tmp_path):
+    only = ev.choose_judges("auto", ["dlib"], [])
+    assert only.names == ["dlib"] and not only.held_out
+    assert only.warning and "no held-out recogniser" in only.warning and "faceres" in only.warning
+    unknown = ev.choose_judges("auto", [], _installed(tmp_path, "facerecognition/irse50.pth"))
+    assert unknown.names == ["dlib", "irse50"] and not unknown.held_out and "not given" in unknown.note
+
+
+def test_explicit_judges_are_used_as_given():
+    judges = ev.choose_judges("dlib", ["arcface"], [])
+    assert judges.names == ["dlib"] and judges.tokens == ["dlib"] and judges.held_out
+    assert not ev.choose_judges(["dlib"], ["dlib"], []).held_out
+
+
+def test_evaluate_reports_its_judges(crops, detector):
+    images = torch.cat([crops["obama2"][0], crops["biden"][0]])
+    with pytest.warns(UserWarning, match="no held-out recogniser"):
+        result = ev.evaluate(images, crops["obama"], surrogates=["dlib"], detector=detector, quality=False,
+                             device="cpu", search_dirs=[])
+    assert result["eval_recognizers"] == ["dlib"] and result["held_out"] is False
+    assert result["warnings"] == [result["judges"]]
+
+
+def test_lora_comment_names_the_surrogates_without_paths():
+    from iddm_core.iddm import IDDMConfig, lora_comment, surrogates_from_comment
+
+    comment = lora_comment(IDDMConfig(surrogates=("dlib", "faceres:/home/me/models/faceres.json")))
+    assert surrogates_from_comment(comment) == ["dlib", "faceres"] and "/home/me" not in comment
+    assert surrogates_from_comment("trained by hand") == []

@@ -183,6 +183,7 @@ def cmd_paper(args) -> int:
     rows = [run_method(METHOD_BASELINE, args, clean, detector, None, cache)]
     rows += [run_method(f"IDDM rho={rho:g}", args, clean, detector, rho, cache) for rho in rhos]
     print(format_table(rows))
+    print(rows[0]["judges"])
     warnings = sorted({w for r in rows for w in r["warnings"]})
     for w in warnings:
         print(f"WARNING: {w}")

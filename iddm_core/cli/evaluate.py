@@ -35,10 +35,14 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's native)")
-    p.add_argument("--eval-recognizers", default="dlib",
-                   help="comma-separated held-out recognisers: dlib, arcface:PATH.onnx, ... (default dlib)")
+    p.add_argument("--eval-recognizers", default="auto",
+                   help="comma-separated judges: dlib, faceres, arcface:PATH.onnx, ...; 'auto' (default) = every "
+                        "installed recogniser that was not a surrogate of the protection")
     p.add_argument("--surrogates", default="",
-                   help="recognisers the protection was optimised against (names; only checked for overlap)")
+                   help="recognisers the protection was optimised against (names; default: read from an IDDM "
+                        "LoRA's metadata, else dlib, the pack's default): the judges are chosen outside them")
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a models folder to search for recognisers (repeatable; $IDDM_MODEL_DIRS is searched too)")
     p.add_argument("--gallery", default=None, help="folder of distractor identities for top-k retrieval "
                                                    "(sub-folder per identity, or files named identity[_N].jpg)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
@@ -72,7 +76,7 @@ def check_generation_args(args) -> None:
     if not args.prompts or not all(p.strip() for p in args.prompts):
         raise InputError("--prompts: give at least one non-empty prompt")
     if not split_names(args.eval_recognizers):
-        raise InputError("--eval-recognizers: name at least one recogniser, e.g. dlib")
+        raise InputError("--eval-recognizers: name at least one recogniser, e.g. faceres, or 'auto'")
 
 
 def apply_lora_file(bundle, path) -> None:
@@ -147,15 +151,38 @@ def write_outputs(result: dict, images, n_columns: int, json_path, sheet_path=No
     write_text_atomic(json_path, json.dumps(result, indent=2), overwrite=overwrite)
 
 
+def search_dirs(args) -> list[str]:
+    from ..face.registry import default_search_dirs
+
+    return list(getattr(args, "models_dir", None) or []) + default_search_dirs()
+
+
+def run_surrogates(args) -> list[str]:
+    """The protection's surrogates: ``--surrogates``, else those an IDDM LoRA names in its metadata, else dlib
+    (the pack's default surrogate)."""
+    given = split_names(getattr(args, "surrogates", ""))
+    if given:
+        return given
+    lora = getattr(args, "lora", None)
+    if lora:
+        from ..iddm import surrogates_from_comment
+        from ..lora import read_lora_metadata
+
+        named = surrogates_from_comment(read_lora_metadata(lora).get("ss_training_comment", ""))
+        if named:
+            return named
+    return ["dlib"]
+
+
 def evaluate_bundle(bundle, clean, args, detector, callback=None) -> tuple[dict, "torch.Tensor"]:
     """Generate with ``bundle`` (whatever adapters are active) and score; shared by the CLI and ``bench paper``."""
     from ..evaluate import evaluate
 
     images, labels = generate_for_prompts(bundle, args.prompts, args.n, args.seed, args.steps, args.guidance,
                                           args.resolution, callback)
-    result = evaluate(images, clean, eval_recognizers=split_names(args.eval_recognizers),
-                      surrogates=split_names(args.surrogates), detector=detector, gallery=args.gallery,
-                      labels=[str(i) for i in labels], device=bundle.device, callback=callback)
+    result = evaluate(images, clean, eval_recognizers=args.eval_recognizers, surrogates=run_surrogates(args),
+                      detector=detector, gallery=args.gallery, labels=[str(i) for i in labels],
+                      device=bundle.device, callback=callback, search_dirs=search_dirs(args))
     result["prompts"] = list(args.prompts)
     result["settings"] = {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
                           "resolution": int(images.shape[-1]), "model": bundle.title}
@@ -181,6 +208,7 @@ def cmd_evaluate(args) -> int:
     result["settings"]["lora"] = bool(args.lora)
     write_outputs(result, images, args.n, args.out_json, args.sheet, args.overwrite)
     print(summary_line(result))
+    print(result["judges"])
     for w in result["warnings"]:
         print(f"WARNING: {w}")
     return 0
