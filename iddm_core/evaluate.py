@@ -20,6 +20,7 @@ together; nothing writes files or logs photo names.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import re
 import warnings
@@ -38,8 +39,11 @@ from .errors import InputError, ModelError
 # Cosine similarity at or above which a recogniser "still recognises the user". dlib: its documented same-person
 # rule is a Euclidean distance < 0.6 between raw descriptors, whose norms are about 1.39, i.e. a cosine above
 # 1 - 0.6^2 / (2 * 1.39^2) ~= 0.907 (measured: obama-obama2 0.96, obama-biden 0.82). ArcFace-family models
-# (arcface, glintr100, irse50, ir152, mobileface, facenet) commonly use about 0.4 on normalised embeddings.
-MATCH_THRESHOLDS = {"dlib": 0.907}
+# (arcface, glintr100, irse50, ir152, mobileface_zoo, facenet) commonly use about 0.4 on normalised embeddings.
+# The TF.js models publish no threshold: faceres and mobileface use the midpoint of their same-person and
+# different-people cosines on the shared photos (`python -m iddm_core.face.tfjs_recognizers separation`:
+# faceres 0.719 vs <= 0.386, mobileface 0.402 vs <= 0.079) — one same-person pair, so a rough calibration.
+MATCH_THRESHOLDS = {"dlib": 0.907, "faceres": 0.55, "mobileface": 0.24}
 DEFAULT_MATCH_THRESHOLD = 0.4
 
 
@@ -319,7 +323,7 @@ def scan_faces(images: torch.Tensor, detector) -> FaceScan:
         faces = detector.detect(rgb)
         found.append(bool(faces))
         if faces:
-            lms.append(torch.as_tensor(np.asarray(faces[0].landmarks, dtype=np.float32)))
+            lms.append(torch.as_tensor(faces[0].points()))
     landmarks = torch.stack(lms) if lms else torch.zeros(0, 5, 2)
     return FaceScan(found, landmarks)
 
@@ -329,7 +333,7 @@ def embed(recognizer, images: torch.Tensor, landmarks: torch.Tensor, chunk: int 
     """Normalised embeddings ``[N, D]`` (float32, CPU) computed in chunks on the recogniser's device."""
     if images.shape[0] == 0:
         return torch.zeros(0, 0)
-    device = next(recognizer.parameters()).device
+    device = next(itertools.chain(recognizer.parameters(), recognizer.buffers())).device   # TF.js: buffers only
     out = [recognizer.embed(images[i:i + chunk].to(device).float(), landmarks[i:i + chunk].to(device).float())
            .float().cpu() for i in range(0, images.shape[0], chunk)]
     return torch.cat(out)
@@ -343,7 +347,7 @@ def embed_photos(recognizer, photos: Iterable[np.ndarray], detector) -> torch.Te
     for rgb in photos:
         faces = detector.detect(rgb)
         if faces:
-            lm = torch.as_tensor(np.asarray(faces[0].landmarks, dtype=np.float32))[None]
+            lm = torch.as_tensor(faces[0].points())[None]
             rows.append(embed(recognizer, to_tensor(rgb)[None], lm))
     return torch.cat(rows) if rows else torch.zeros(0, 0)
 

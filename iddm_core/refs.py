@@ -9,8 +9,6 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .errors import InputError
 from .images import Photo, crop_resize, load_folder, to_tensor
 from .split import Split, split_by_names, split_indices
@@ -25,7 +23,7 @@ DEFAULT_CROP_FACTOR = 2.2
 @dataclass
 class PrivateRefs:
     images: "torch.Tensor"          # [N, 3, R, R] in [0, 1]
-    landmarks: "torch.Tensor"       # [N, 5, 2] pixel coordinates in the R x R crops
+    landmarks: "torch.Tensor"       # [N, 5, 2] pixel coordinates in the R x R crops ([N, 10, 2]: + dlib's parts)
     split: Split
     names: list[str] = field(repr=False)   # for error messages and the user's own preview only; never written out
     skipped: list[str] = field(default_factory=list, repr=False)   # photos with no detectable face
@@ -65,7 +63,7 @@ def prepare_photos(photos: list[Photo], resolution: int, detector, crop_factor: 
         center = tuple(face.landmarks.mean(axis=0))
         crop, (scale, left, top) = crop_resize(photo.rgb, resolution, center=center, side=side)
         images.append(to_tensor(crop))
-        landmarks.append(torch.from_numpy(face.scaled(scale, left, top).landmarks.astype(np.float32)))
+        landmarks.append(torch.from_numpy(face.scaled(scale, left, top).points()))
         names.append(photo.name)
     if not images:
         raise InputError("no face detected in any photo of the folder")

@@ -20,6 +20,12 @@ def _toggle_name(name: str) -> str:
     return f"use_{name}"
 
 
+# The recognisers the node offered when ``extra_surrogates`` was its last widget. ComfyUI's UI-format workflows
+# store widget values by position, so toggles added later (the TF.js models) go *after* extra_surrogates: a
+# workflow saved by an older version then keeps its values where they were.
+FIRST_TOGGLES = ("dlib", "arcface", "glintr100", "irse50", "ir152", "mobileface_zoo", "facenet", "facenet_vggface2")
+
+
 def selected_surrogates(specs, flags: dict, extra: str = "") -> tuple[str, ...]:
     """Registry tokens for the chosen recognisers: "dlib" or "name:PATH" (the path found by discovery).
 
@@ -52,10 +58,10 @@ class IDDMFaceEnsembleLoss:
     def INPUT_TYPES(cls):
         # dlib (always installed) and tau are required; the other recognisers are optional toggles, so a saved
         # API-format workflow stays valid when a later version knows more recognisers.
-        required, optional = {}, {}
+        required, optional, later = {}, {}, {}
         for spec in _discover():
             status = "installed" if spec.available else f"not installed: {spec.hint}"
-            target = required if spec.name == "dlib" else optional
+            target = required if spec.name == "dlib" else optional if spec.name in FIRST_TOGGLES else later
             target[_toggle_name(spec.name)] = ("BOOLEAN", {
                 "default": spec.name == "dlib",
                 "tooltip": f"Attack the {spec.name} face recogniser ({status})."})
@@ -65,6 +71,7 @@ class IDDMFaceEnsembleLoss:
         optional["extra_surrogates"] = ("STRING", {"default": "", "multiline": False,
                                                    "tooltip": "Optional: more recognisers as name:PATH, comma "
                                                               "separated (e.g. irse50:/models/irse50.pth)."})
+        optional.update(later)
         return {"required": required, "optional": optional}
 
     @classmethod

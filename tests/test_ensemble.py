@@ -169,14 +169,14 @@ def test_load_recognizer_from_a_saved_zoo_checkpoint(tmp_path):
     from iddm_core.face.zoo import build_zoo_model
 
     torch.manual_seed(0)
-    original = build_zoo_model("mobileface")
+    original = build_zoo_model("mobileface_zoo")
     path = tmp_path / "facerecognition" / "mobile_face.pth"
     path.parent.mkdir()
     torch.save(original.state_dict(), path)
-    (spec,) = registry.parse_surrogates("mobileface", search_dirs=[str(tmp_path)])
-    assert spec.path == str(path)
+    (spec,) = registry.parse_surrogates("mobile_face", search_dirs=[str(tmp_path)])
+    assert spec.path == str(path) and spec.name == "mobileface_zoo" and spec.kind == "zoo"
     model = registry.load_recognizer(spec, "cpu")
-    assert model.name == "mobileface" and not model.training
+    assert model.name == "mobileface_zoo" and not model.training
     assert all(not p.requires_grad for p in model.parameters())
     crops = torch.rand(2, 3, 112, 112)
     with torch.no_grad():

@@ -187,7 +187,8 @@ def test_ism_equals_hand_computation_and_dlib_cpp(crops, detector, dlib_rec):
     ref_images = torch.cat([crops["obama"][0], crops["obama"][0].flip(-1)])
     ref_landmarks = torch.cat([crops["obama"][1], crops["obama"][1]])
     ref_landmarks[1, :, 0] = 159 - ref_landmarks[1, :, 0]          # mirror: x -> W - 1 - x, and swap sides
-    ref_landmarks[1] = ref_landmarks[1][[1, 0, 2, 4, 3]]
+    # ArcFace points swap sides; so do dlib's parts (eye corners 0/1 <-> 2/3) when the detector gave them
+    ref_landmarks[1] = ref_landmarks[1][[1, 0, 2, 4, 3, 7, 8, 5, 6, 9][:ref_landmarks.shape[1]]]
     probes = torch.cat([crops[n][0] for n in ("obama2", "biden", "astronaut")] + [torch.zeros(1, 3, 160, 160)])
     result = ev.evaluate(probes, (ref_images, ref_landmarks), eval_recognizers=[dlib_rec], detector=detector,
                          quality=False, device="cpu")
@@ -284,8 +285,8 @@ def test_evaluate_cli_writes_json_and_sheet(tmp_path, small_faces_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["n_images"] == 4 and len(result["faces_found"]) == 4 and result["labels"] == ["0", "0", "1", "1"]
-    assert result["fsr"] == 0.0 and result["recognizers"]["dlib"]["ism"] is None   # random tiny model: no faces
-    assert result["warnings"] and "WARNING" in proc.stdout                          # dlib was a surrogate
+    assert result["fsr"] == 0.0 and result["recognizers"]["faceres"]["ism"] is None  # random tiny model: no faces
+    assert result["held_out"] and "held-out recognisers: faceres" in proc.stdout   # dlib was the surrogate
     assert math.isfinite(result["brisque"])
     with Image.open(sheet) as im:
         assert im.size == (4 + 2 * 132, 4 + 2 * 132)                             # 2 x 2 tiles of 128 px + gaps
@@ -306,7 +307,8 @@ def test_bench_paper_runs_end_to_end(tmp_path, small_faces_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| method"))
-    assert "FSR" in header and "ISM dlib" in header and "BRISQUE" in header and "peak" in header
+    assert "FSR" in header and "ISM faceres" in header and "BRISQUE" in header and "peak" in header
+    assert "judged by held-out recognisers: faceres" in proc.stdout
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")
             and not line.startswith("|--")]
     assert [r.split("|")[1].strip() for r in rows] == ["DreamBooth (no defense)", "IDDM rho=0.1", "IDDM rho=0.3",
@@ -353,15 +355,18 @@ def test_leak_meter_node(tmp_path, crops):
         choices = cls.INPUT_TYPES()["required"]["recognizer"][0]
         assert choices[0] == mod.AUTO_CHOICE
         assert cls.INPUT_TYPES()["optional"]["surrogates"][1]["default"] == "dlib"   # the pack's default surrogate
-        with pytest.warns(UserWarning, match="no held-out recogniser"):           # only dlib is installed here
-            _, auto_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib")
+        _, auto_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib")   # faceres judges
+        with pytest.warns(UserWarning, match="no held-out recogniser"):
+            _, fallback_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib,faceres")
     finally:
         stubs.uninstall()
     assert annotated.shape == batch.shape and chart.shape[0] == 1 and chart.shape[-1] == 3
     bottom = (annotated[:, -1, -1] * 255).round().tolist()
     assert bottom == [[200, 40, 40], [30, 150, 60], [110, 110, 110]]   # obama2 red, biden green, blank grey
     assert "FSR 0.67" in summary and "1/2" in summary and "WARNING" in summary
-    assert "ISM [dlib]" in auto_summary and "WARNING: no held-out recogniser" in auto_summary
+    assert "ISM [faceres]" in auto_summary and "held-out" in auto_summary and "WARNING" not in auto_summary
+    assert "recognised as the user by faceres" in auto_summary
+    assert "WARNING: no held-out recogniser" in fallback_summary
 
 
 # ------------------------------------------------------------------------------------------ held-out judges
@@ -377,19 +382,19 @@ def _installed(tmp_path, *rel_paths):
 def test_auto_judges_are_held_out_from_the_surrogates(tmp_path):
     dirs = _installed(tmp_path, "facerecognition/irse50.pth", "facerecognition/ir152.pth")
     judges = ev.choose_judges("auto", ["dlib", "irse50"], dirs)
-    assert judges.names == ["ir152"] and judges.held_out and judges.warning is None
+    assert judges.names == ["ir152", "faceres"] and judges.held_out and judges.warning is None  # faceres: packaged
     assert "held-out" in judges.note and str(tmp_path) not in judges.note           # names, never paths
-    assert judges.tokens == [f"ir152:{tmp_path / 'facerecognition/ir152.pth'}"]
+    assert judges.tokens[0] == f"ir152:{tmp_path / 'facerecognition/ir152.pth'}"
     everything = ev.choose_judges(None, ["ir152"], dirs)                            # dlib is always installed
-    assert everything.names == ["dlib", "irse50"] and everything.held_out
+    assert everything.names == ["dlib", "irse50", "faceres"] and everything.held_out
 
 
 def test_auto_judges_fall_back_to_the_surrogates_loudly(tmp_path):
-    only = ev.choose_judges("auto", ["dlib"], [])
-    assert only.names == ["dlib"] and not only.held_out
-    assert only.warning and "no held-out recogniser" in only.warning and "faceres" in only.warning
+    only = ev.choose_judges("auto", ["dlib", "faceres"], [])
+    assert only.names == ["dlib", "faceres"] and not only.held_out
+    assert only.warning and "no held-out recogniser" in only.warning
     unknown = ev.choose_judges("auto", [], _installed(tmp_path, "facerecognition/irse50.pth"))
-    assert unknown.names == ["dlib", "irse50"] and not unknown.held_out and "not given" in unknown.note
+    assert unknown.names == ["dlib", "irse50", "faceres"] and not unknown.held_out and "not given" in unknown.note
 
 
 def test_explicit_judges_are_used_as_given():
@@ -398,13 +403,19 @@ def test_explicit_judges_are_used_as_given():
     assert not ev.choose_judges(["dlib"], ["dlib"], []).held_out
 
 
-def test_evaluate_reports_its_judges(crops, detector):
+def test_evaluate_judges_with_the_packaged_held_out_recogniser(crops, detector):
+    """With dlib as the surrogate, faceres (shipped with the pack) judges by default, and it tells obama2 (same
+    man) from biden; with both as surrogates the fallback warns."""
     images = torch.cat([crops["obama2"][0], crops["biden"][0]])
+    result = ev.evaluate(images, crops["obama"], surrogates=["dlib"], detector=detector, quality=False,
+                         device="cpu", search_dirs=[])
+    assert result["eval_recognizers"] == ["faceres"] and result["held_out"] is True and result["warnings"] == []
+    same, other = result["recognizers"]["faceres"]["similarity"]
+    assert same > ev.match_threshold("faceres") > other
     with pytest.warns(UserWarning, match="no held-out recogniser"):
-        result = ev.evaluate(images, crops["obama"], surrogates=["dlib"], detector=detector, quality=False,
-                             device="cpu", search_dirs=[])
-    assert result["eval_recognizers"] == ["dlib"] and result["held_out"] is False
-    assert result["warnings"] == [result["judges"]]
+        fallback = ev.evaluate(images, crops["obama"], surrogates=["dlib", "faceres"], detector=detector,
+                               quality=False, device="cpu", search_dirs=[])
+    assert fallback["eval_recognizers"] == ["dlib", "faceres"] and fallback["warnings"] == [fallback["judges"]]
 
 
 def test_lora_comment_names_the_surrogates_without_paths():

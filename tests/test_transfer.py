@@ -41,10 +41,12 @@ def test_transfer_bench_runs_with_dlib(tmp_path, faces_dir):
                           env={**__import__("os").environ, "IDDM_MODEL_DIRS": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    (cell,) = data["cells"]
-    assert cell["surrogates"] == ["dlib"] and cell["judge"] == "dlib" and not cell["held_out"]
-    assert cell["after"] < cell["before"] - 0.05                          # the attack works on its own surrogate
-    levels = data["levels"]["dlib"]
-    assert levels["same"] > levels["different"]                           # obama-obama2 vs the other pairs
+    cells = {c["judge"]: c for c in data["cells"]}                       # dlib and the packaged faceres judge
+    assert set(cells) == {"dlib", "faceres"} and all(c["surrogates"] == ["dlib"] for c in cells.values())
+    assert not cells["dlib"]["held_out"] and cells["faceres"]["held_out"]
+    assert cells["dlib"]["after"] < cells["dlib"]["before"] - 0.05         # the attack works on its own surrogate
+    for judge in cells:
+        levels = data["levels"][judge]
+        assert levels["same"] > levels["different"]                       # obama-obama2 vs the other pairs
     assert "irse50 not installed" in proc.stdout and "| dlib |" in proc.stdout
     assert "obama" not in proc.stdout and "biden" not in proc.stdout     # photos are never named

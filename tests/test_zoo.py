@@ -13,7 +13,7 @@ from iddm_core.face.zoo import (
 )
 
 # name -> (input side, classifier classes stored in the file)
-ZOO = {"irse50": (112, None), "ir152": (112, None), "mobileface": (112, None), "facenet": (160, 8631)}
+ZOO = {"irse50": (112, None), "ir152": (112, None), "mobileface_zoo": (112, None), "facenet": (160, 8631)}
 
 
 def _randomise_norm_stats(model: torch.nn.Module, seed: int) -> None:
@@ -54,7 +54,7 @@ def test_roundtrip_strict_identical_outputs(name, tmp_path):
 
 
 def test_gradients_reach_crops_through_frozen_model(tmp_path):
-    model = build_zoo_model("mobileface")
+    model = build_zoo_model("mobileface_zoo")
     _randomise_norm_stats(model, 3)
     torch.save(model.state_dict(), tmp_path / "m.pth")
     loaded = load_zoo_recognizer("mobile_face", tmp_path / "m.pth")
@@ -85,13 +85,13 @@ def test_preprocessing_ranges():
 
 
 def test_wrapped_prefixed_and_old_checkpoints_load(tmp_path):
-    model = build_zoo_model("mobileface")
+    model = build_zoo_model("mobileface_zoo")
     _randomise_norm_stats(model, 4)
     # DataParallel prefix, {"state_dict": ...} wrapper, and no num_batches_tracked (pre-0.4.1 files)
     state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save({"epoch": 3, "arch": "mobilefacenet", "best_acc": 0.9, "optimizer": {"lr": 0.1}, "state_dict": state},
                tmp_path / "wrapped.pth")
-    loaded = load_zoo_recognizer("mobileface", tmp_path / "wrapped.pth")
+    loaded = load_zoo_recognizer("mobileface_zoo", tmp_path / "wrapped.pth")
     crops = torch.rand(1, 3, 112, 112)
     with torch.no_grad():
         assert torch.equal(model(crops), loaded(crops))
@@ -106,7 +106,7 @@ def test_facenet_without_logits_loads(tmp_path):
 
 def test_wrong_architecture_names_file_and_keys(tmp_path):
     path = tmp_path / "mobile_face.pth"
-    torch.save(build_zoo_model("mobileface").state_dict(), path)
+    torch.save(build_zoo_model("mobileface_zoo").state_dict(), path)
     with pytest.raises(ModelError) as info:
         load_zoo_recognizer("irse50", path)
     msg = str(info.value)
@@ -117,12 +117,12 @@ def test_wrong_architecture_names_file_and_keys(tmp_path):
 
 
 def test_shape_mismatch_is_reported(tmp_path):
-    state = build_zoo_model("mobileface").state_dict()
+    state = build_zoo_model("mobileface_zoo").state_dict()
     state["linear.weight"] = torch.zeros(128, 512)
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(ModelError, match=r"shape mismatch: linear\.weight: file \(128, 512\) vs model \(512, 512\)"):
-        load_zoo_recognizer("mobileface", path)
+        load_zoo_recognizer("mobileface_zoo", path)
 
 
 def test_unreadable_and_missing_files(tmp_path):

@@ -101,7 +101,7 @@ def run_attack(args) -> int:
     loss_fn = FaceEnsembleLoss([load_recognizer(s, device) for s in specs], tau=args.tau).to(device)
     loss_fn.set_references(ref_images.to(device), ref_landmarks.to(device))
     x0 = to_tensor(rgb)[None].to(device)
-    landmarks = torch.from_numpy(np.asarray(face.landmarks, dtype=np.float32))[None].to(device)
+    landmarks = torch.from_numpy(face.points())[None].to(device)
     result = face_attack(x0, landmarks, loss_fn, args.eta, args.alpha, args.steps, callback=ConsoleProgress())
 
     protected = to_uint8(result.image[0])
@@ -129,7 +129,6 @@ def _fmt(d) -> str:
 
 
 def run_embed(args) -> int:
-    import numpy as np
     import torch
 
     from ..face.detect import detect_one, get_detector
@@ -144,7 +143,7 @@ def run_embed(args) -> int:
     model = load_recognizer(specs[0], device)
     rgb = load_rgb(args.image)
     face = detect_one(rgb, get_detector(args.detector), str(args.image))
-    landmarks = torch.from_numpy(np.asarray(face.landmarks, dtype=np.float32))[None].to(device)
+    landmarks = torch.from_numpy(face.points())[None].to(device)
     with torch.no_grad():
         emb = model.embed(to_tensor(rgb)[None].to(device), landmarks)[0].float().cpu()
     print(json.dumps({"model": model.name, "dim": int(emb.numel()), "embedding": [round(float(v), 6) for v in emb]}))

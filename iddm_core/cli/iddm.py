@@ -19,7 +19,8 @@ def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, default=0.03, help="ensemble softmax temperature (default 0.03)")
     g.add_argument("--surrogates", default="dlib",
                    help="comma-separated recognisers: dlib, arcface:PATH.onnx, irse50:PATH, ir152:PATH, "
-                        "mobileface:PATH, facenet:PATH (default dlib)")
+                        "mobileface_zoo:PATH, facenet:PATH, mobileface:PATH.json, faceres:PATH.json "
+                        "(default dlib)")
     m = p.add_argument_group("speed and memory")
     m.add_argument("--gradient", choices=GRADIENTS, default=None,
                    help="PGD gradient: full (paper, default), sds (no UNet backward), face (Stage II on a window "

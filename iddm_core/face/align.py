@@ -75,8 +75,8 @@ def warp_to_template(images: torch.Tensor, landmarks: torch.Tensor, template, si
     """Aligned crops [N, 3, size, size] whose five landmarks sit on ``template`` (crop pixels).
 
     images [N, 3, H, W] in [0, 1]; landmarks [N, 5, 2] in those images' pixel coordinates (pixel centres at
-    integers, as detectors and OpenCV report them). Sampling is bilinear, so the crop is a linear function of the
-    pixels and gradients reach ``images``. Outside the photo the crop is black (``padding_mode="zeros"``): that
+    integers, as detectors and OpenCV report them), or [N, 10, 2] with dlib's parts after them (ignored here).
+    Sampling is bilinear, so the crop is a linear function of the pixels and gradients reach ``images``. Outside the photo the crop is black (``padding_mode="zeros"``): that
     is what insightface's ``cv2.warpAffine`` and dlib's chip extractor give the recognisers at training time;
     ``"border"`` (edge replication) is available for photos cropped tightly around the face.
     The warp runs in float32 even under autocast: half precision coordinates are off by whole pixels on large
@@ -86,12 +86,16 @@ def warp_to_template(images: torch.Tensor, landmarks: torch.Tensor, template, si
 
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"warp_to_template: images must be [N, 3, H, W], got {tuple(images.shape)}")
+    from .base import arcface_points, check_landmarks
+
     landmarks = torch.as_tensor(landmarks, device=images.device)
     if landmarks.dim() == 2:
         landmarks = landmarks.unsqueeze(0)
-    if landmarks.shape != (images.shape[0], 5, 2):
-        raise ValueError(f"warp_to_template: landmarks must be [{images.shape[0]}, 5, 2], "
-                         f"got {tuple(landmarks.shape)}")
+    try:
+        check_landmarks(landmarks, images.shape[0])
+    except ValueError as exc:
+        raise ValueError(f"warp_to_template: {exc}") from None
+    landmarks = arcface_points(landmarks)
     template = torch.as_tensor(np.asarray(template, dtype=np.float32), device=images.device)
     matrix = umeyama(landmarks.float(), template)
     with torch.autocast(device_type=images.device.type, enabled=False):

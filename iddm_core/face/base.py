@@ -11,19 +11,55 @@ import torch.nn.functional as F
 # 0 left eye, 1 right eye, 2 nose tip, 3 left mouth corner, 4 right mouth corner — "left" meaning the image's left.
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
+# Landmark tensors are [N, 5, 2] (the ArcFace points above) or [N, 10, 2]: the ArcFace points, then the 5 parts of
+# dlib's 5-point shape predictor (image-right eye outer/inner corner, image-left eye outer/inner corner, nose
+# base) when the detector has them. Only dlib's recogniser uses the extra parts (it cuts dlib's own chip from them,
+# face/dlib_chip.py); every other consumer reads the first 5 points (:func:`arcface_points`).
+ARCFACE_POINTS = 5
+WITH_DLIB_PARTS = 10
+
 
 @dataclass
 class Face:
     box: tuple[float, float, float, float]   # x0, y0, x1, y1 in pixels
     landmarks: np.ndarray                     # [5, 2] float32, LANDMARK_NAMES order
     score: float = 1.0
+    dlib_parts: np.ndarray | None = None      # [5, 2] float32, dlib's 5-point shape parts (dlib detector only)
 
     def scaled(self, scale: float, left: float = 0.0, top: float = 0.0) -> "Face":
         """The same face after cropping at (left, top) and resizing by ``scale`` (see images.crop_resize)."""
         x0, y0, x1, y1 = self.box
         box = ((x0 - left) * scale, (y0 - top) * scale, (x1 - left) * scale, (y1 - top) * scale)
-        lm = (self.landmarks - np.array([left, top], dtype=np.float32)) * scale
-        return Face(box, lm.astype(np.float32), self.score)
+        offset = np.array([left, top], dtype=np.float32)
+        lm = (self.landmarks - offset) * scale
+        parts = None if self.dlib_parts is None else ((self.dlib_parts - offset) * scale).astype(np.float32)
+        return Face(box, lm.astype(np.float32), self.score, parts)
+
+    def points(self) -> np.ndarray:
+        """The landmark rows this face contributes to a landmark tensor: ``landmarks`` [5, 2], followed by
+        ``dlib_parts`` ([10, 2] in all) when the detector gave them."""
+        if self.dlib_parts is None:
+            return np.array(self.landmarks, dtype=np.float32)
+        return np.concatenate([self.landmarks, self.dlib_parts]).astype(np.float32)
+
+
+def check_landmarks(landmarks, n: int | None = None) -> None:
+    """ValueError unless ``landmarks`` is [n, 5, 2] or [n, 10, 2] (``n`` unchecked when None)."""
+    shape = tuple(landmarks.shape)
+    ok = len(shape) == 3 and shape[1] in (ARCFACE_POINTS, WITH_DLIB_PARTS) and shape[2] == 2
+    if not ok or (n is not None and shape[0] != n):
+        want = "N" if n is None else n
+        raise ValueError(f"landmarks must be [{want}, 5, 2] or [{want}, 10, 2], got {shape}")
+
+
+def arcface_points(landmarks):
+    """The ArcFace-order points [N, 5, 2] of a landmark tensor [N, 5 or 10, 2]."""
+    return landmarks[:, :ARCFACE_POINTS]
+
+
+def dlib_parts(landmarks):
+    """dlib's 5 shape parts [N, 5, 2] of a landmark tensor, or None when it has only the ArcFace points."""
+    return landmarks[:, ARCFACE_POINTS:] if landmarks.shape[1] == WITH_DLIB_PARTS else None
 
 
 class Recognizer(torch.nn.Module):
@@ -42,7 +78,8 @@ class Recognizer(torch.nn.Module):
         raise NotImplementedError
 
     def align(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """images [N, 3, H, W] in [0, 1], landmarks [N, 5, 2] in those images' pixels -> crops [N, 3, s, s]."""
+        """images [N, 3, H, W] in [0, 1], landmarks [N, 5, 2] (or [N, 10, 2], see :func:`dlib_parts`; the first 5
+        are used) in those images' pixels -> crops [N, 3, s, s]."""
         from .align import warp_to_template
 
         return warp_to_template(images, landmarks, self.template, self.input_size)

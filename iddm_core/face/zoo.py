@@ -180,7 +180,7 @@ class MobileFaceNet(_MinusOneToOne, Recognizer):
     The 7x7 global depthwise conv (``conv_6_dw``) replaces pooling so that position information survives.
     """
 
-    def __init__(self, embedding_size: int = 512, name: str = "mobileface"):
+    def __init__(self, embedding_size: int = 512, name: str = "mobileface_zoo"):
         super().__init__()
         self.name = name
         self.template = ARCFACE_TEMPLATE_112.copy()
@@ -331,11 +331,12 @@ class InceptionResnetV1(Recognizer):
 ZOO_ALIASES = {
     "irse50": "irse50", "ir_se50": "irse50", "ir-se-50": "irse50",
     "ir152": "ir152", "ir_152": "ir152",
-    "mobileface": "mobileface", "mobile_face": "mobileface", "mobilefacenet": "mobileface",
+    # "mobileface" alone names the TensorFlow.js MobileFace in the registry (face/tfjs_recognizers.py).
+    "mobileface_zoo": "mobileface_zoo", "mobile_face": "mobileface_zoo", "mobile-face": "mobileface_zoo",
     "facenet": "facenet",
     "facenet_vggface2": "facenet_vggface2", "facenet-vggface2": "facenet_vggface2", "vggface2": "facenet_vggface2",
 }
-ZOO_NAMES = ("irse50", "ir152", "mobileface", "facenet", "facenet_vggface2")
+ZOO_NAMES = ("irse50", "ir152", "mobileface_zoo", "facenet", "facenet_vggface2")
 
 
 def canonical_name(name: str) -> str:
@@ -353,7 +354,7 @@ def build_zoo_model(name: str, num_classes: int | None = None) -> Recognizer:
         model = IRBackbone(50, se=True, name="irse50")
     elif name == "ir152":
         model = IRBackbone(152, se=False, name="ir152")
-    elif name == "mobileface":
+    elif name == "mobileface_zoo":
         model = MobileFaceNet()
     else:
         model = InceptionResnetV1(num_classes=num_classes, name=name)
