@@ -140,12 +140,15 @@ def test_demo_story_compares_no_defense_and_iddm(tmp_path):
     r = run_demo(tmp_path)
     for name in ("iddm_lora.safetensors", "no_defense_lora.safetensors"):
         assert check_kohya(*read_kohya_lora(tmp_path / name)) == []
-    assert r.similarity_after < r.similarity_before - 0.05
+    assert [(j.name, j.role) for j in r.judges] == [("dlib", "surrogate"), ("faceres", "held out")]
+    dlib = r.judges[0]
+    assert dlib.similarity_after < dlib.similarity_before - 0.05
     assert 20.0 < r.psnr < 60.0                         # eta = 0.08 bounds how far X' is from X0
-    assert set(r.rows) == {"no-defense LoRA", "IDDM LoRA"}
-    for scores in r.rows.values():
-        assert scores.n == DEMO_SAMPLES and 0.0 <= scores.fsr <= 1.0
+    for j in r.judges:
+        assert set(j.rows) == set(j.denoise_rows) == {"no-defense LoRA", "IDDM LoRA"}
+        for scores in j.rows.values():
+            assert scores.n == DEMO_SAMPLES and 0.0 <= scores.fsr <= 1.0
     with Image.open(r.sheet) as im:
         assert im.size[1] == 4 * 128 + 5 * 4               # X0, X', no-defense samples, IDDM samples
     text = format_result(r)
-    assert "no-defense LoRA" in text and "IDDM LoRA" in text and "PSNR" in text
+    assert "no-defense LoRA" in text and "IDDM LoRA" in text and "PSNR" in text and "faceres (held out)" in text

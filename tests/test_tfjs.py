@@ -260,7 +260,7 @@ def test_registry_finds_tfjs_models_and_parses_paths(tmp_path):
         registry.parse_surrogates(f"mobileface:{other}", search_dirs=[])
     assert registry.canonical_name("mobile_face") == "mobileface_zoo"
     assert registry.KNOWN["mobileface"][0] == "tfjs" and registry.KNOWN["mobileface_zoo"][0] == "zoo"
-    with pytest.raises(InputError, match="unknown recogniser"):
+    with pytest.raises(InputError, match="not offered"):
         registry.parse_surrogates("mobilefacenet", search_dirs=[])
 
 
