@@ -236,6 +236,11 @@ def test_face_embed_cli_equals_native_descriptor(faces_dir, capsys):
     diff = float(np.abs(emb - native / np.linalg.norm(native)).max())
     print("face-embed vs dlib's normalised descriptor, max abs:", diff)
     assert diff <= 1e-3
+    assert main(["face-embed", "--model", "dlib", "--raw", "--device", "cpu", str(path)]) == 0
+    raw = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    diff = float(np.abs(np.array(raw["embedding"]) - native).max())
+    print("face-embed --raw vs dlib's compute_face_descriptor, max abs:", diff)
+    assert raw["normalised"] is False and diff <= 1e-3
 
 
 def test_landmark_plumbing():

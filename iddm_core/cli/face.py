@@ -38,6 +38,9 @@ def register(sub) -> None:
     e = sub.add_parser("face-embed", help="print a recogniser's L2-normalised descriptor of the face in a photo")
     e.add_argument("image", metavar="IMG")
     e.add_argument("--model", default="dlib", help="recogniser name or name:PATH (see face-models)")
+    e.add_argument("--raw", action="store_true",
+                   help="print the recogniser's raw output instead of the L2-normalised embedding (for dlib: "
+                        "exactly dlib's compute_face_descriptor)")
     e.add_argument("--detector", default="dlib")
     e.add_argument("--device", default="auto")
     _add_model_dirs(e)
@@ -145,8 +148,10 @@ def run_embed(args) -> int:
     face = detect_one(rgb, get_detector(args.detector), str(args.image))
     landmarks = torch.from_numpy(face.points())[None].to(device)
     with torch.no_grad():
-        emb = model.embed(to_tensor(rgb)[None].to(device), landmarks)[0].float().cpu()
-    print(json.dumps({"model": model.name, "dim": int(emb.numel()), "embedding": [round(float(v), 6) for v in emb]}))
+        x = to_tensor(rgb)[None].to(device)
+        emb = (model(model.align(x, landmarks)) if args.raw else model.embed(x, landmarks))[0].float().cpu()
+    print(json.dumps({"model": model.name, "dim": int(emb.numel()), "normalised": not args.raw,
+                      "embedding": [round(float(v), 6) for v in emb]}))
     return 0
 
 
