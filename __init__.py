@@ -1,6 +1,34 @@
-"""IDDM node pack for ComfyUI. ComfyUI imports this package from its custom_nodes folder."""
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+"""IDDM node pack for ComfyUI. ComfyUI imports this package from its custom_nodes folder.
+
+On a ComfyUI with the versioned node API (``comfy_api``, see nodes/v3.py) the nodes are registered on the V3
+schema through ``comfy_entrypoint``; ComfyUI's loader uses ``NODE_CLASS_MAPPINGS`` instead whenever a module
+defines it, so it is then left out. On older ComfyUI the V1 mappings are exported as before. Node ids, inputs
+and their order are the same either way.
+"""
+from .nodes import NODE_CLASS_MAPPINGS as _V1_CLASSES, NODE_DISPLAY_NAME_MAPPINGS as _V1_NAMES
+from .nodes.v3 import load_api as _load_api
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+_API = _load_api()
+if _API is not None:
+    from .nodes.v3 import extension as _extension, v3_nodes as _v3_nodes
+
+    try:
+        V3_NODES = _v3_nodes(_API, _V1_CLASSES, _V1_NAMES)
+    except Exception:           # an io this module does not fit: keep the pack working on V1
+        import logging
+
+        logging.getLogger(__name__).warning("IDDM: V3 node schema unavailable, using V1 nodes", exc_info=True)
+        _API = None
+
+if _API is None:
+    NODE_CLASS_MAPPINGS = _V1_CLASSES
+    NODE_DISPLAY_NAME_MAPPINGS = _V1_NAMES
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+else:
+    async def comfy_entrypoint():
+        """ComfyUI's V3 entry point: the extension listing the pack's nodes."""
+        return _extension(_API, V3_NODES)
+
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -245,6 +245,23 @@ class DreamBoothTrainer:
             cond = torch.cat([cond, self.prompt_embeds[1:2].expand(bs, -1, -1)])
         return latents, cond
 
+    def instance_embeds(self) -> torch.Tensor:
+        """Instance-prompt embeddings ``[1, 77, D]`` of the model as it is *now* (what PGD conditions on).
+
+        Without a text-encoder LoRA these are the base embeddings computed once. With one they are recomputed
+        from the current (LoRA-trained) text encoder, in eval mode and without gradient (PGD differentiates
+        w.r.t. pixels only), so PGD attacks the model that is being trained."""
+        if not self.spec.train_text_encoder:
+            return self.prompt_embeds[0:1]
+        te = self.bundle.text_encoder
+        mode = te.training
+        te.eval()
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                return te(self.input_ids[0:1])[0].detach().clone()
+        finally:
+            te.train(mode)
+
     def _text_conditioning(self, n_inst: int, n_class: int):
         if not self.spec.train_text_encoder:
             return None

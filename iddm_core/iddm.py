@@ -9,7 +9,11 @@
     write Θ_K as a kohya LoRA
 
 One set of LoRA adapters lives in the UNet for the whole run: "temporary" and "main" model are successive
-states of it, so nothing is deep-copied or reloaded. Class images and prompt embeddings are made once.
+states of it, so nothing is deep-copied or reloaded. Class images are made once; the prompt embeddings PGD
+conditions on are made once too, unless the text encoder is trained (``train_text_encoder``): then every PGD call
+takes them from the current, LoRA-trained text encoder, so PGD attacks the model that is being trained.
+Stage I has floor(rho*T) steps per call, which is 0 for the paper's own rho 0.1, T 8: the run says so
+(``schedule_text``, ``report["schedule"]``) instead of failing. Resume state: checkpoint.py.
 """
 from __future__ import annotations
 
@@ -98,7 +102,7 @@ def total_steps(config: IDDMConfig) -> int:
 def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "iddm_lora", ensemble=None,
              report_path=None, checkpoint_dir=None, resume: bool = False, overwrite: bool = False,
              callback=None, class_images=None, class_cache_dir=None, stop_after: int | None = None,
-             check_memory: bool | None = None) -> IDDMResult:
+             check_memory: bool | None = None, model_source=None, on_mismatch: str = "error") -> IDDMResult:
     """Run IDDM on prepared ``refs`` (refs.PrivateRefs) and write the kohya LoRA to ``out_path``.
 
     ``callback(Event)`` is called after every step and may raise to cancel: then no LoRA is written (the resume
@@ -106,23 +110,60 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     run after iteration k without writing a LoRA (tests use it to simulate an interruption). ``check_memory``
     (default: on CUDA) tries one fine-tune step and one Stage II PGD step first (fit.py), so settings that cannot
     fit fail with advice before any training.
+
+    Resume (checkpoint.py): with ``checkpoint_dir`` the state is saved after every iteration and deleted after
+    success. ``resume=True`` continues a saved state only if it is the same run (base model — ``model_source``,
+    the file or folder ``bundle`` was loaded from, is hashed; without it the loaded weights are —, photos, split,
+    class images, settings). A state of another run raises :class:`~.checkpoint.StateMismatch` before any work
+    (``on_mismatch="error"``), or is deleted and the run starts over (``"restart"``, the ComfyUI node's choice;
+    ``report["resume"]["discarded"]`` says why). ``resume=False`` deletes any old state and starts over.
     """
     from .atomic import check_writable
 
     config.validate()
+    if on_mismatch not in ("error", "restart"):
+        raise InputError(f"on_mismatch={on_mismatch!r}: use 'error' or 'restart'")
     if out_path is not None:
         check_writable(out_path, overwrite)      # fail before hours of work, not after
     # ComfyUI runs nodes under inference_mode: switch it off and work on clones of the inputs.
     with torch.inference_mode(False), torch.enable_grad():
         return _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume,
-                    overwrite, callback, class_images, class_cache_dir, stop_after, check_memory)
+                    overwrite, callback, class_images, class_cache_dir, stop_after, check_memory, model_source,
+                    on_mismatch)
+
+
+def schedule_text(config: IDDMConfig) -> str:
+    """What a run will do, in one line per fact (printed by the CLI before a run, shown by the node)."""
+    return (f"schedule: K={config.K} iterations, each 2 fine-tune bursts of {config.ft_steps} steps and "
+            f"{config.pgd.T} PGD steps\n{config.pgd.schedule_text()}")
+
+
+def _open_state(checkpoint_dir, resume: bool, fingerprint: dict, on_mismatch: str):
+    """(saved state or None, what happened to an old state: {} | {"discarded": reasons}); before any work."""
+    from . import checkpoint as ckpt
+
+    if not resume:
+        ckpt.clear_state(checkpoint_dir)               # starting over: an old run's X' does not linger
+        return None, {}
+    try:
+        return ckpt.load_state(checkpoint_dir, fingerprint), {}
+    except ckpt.StateMismatch as exc:
+        if on_mismatch == "error":
+            raise
+        ckpt.clear_state(checkpoint_dir)
+        return None, {"discarded": "; ".join(exc.reasons)}
+    except InputError:
+        if on_mismatch == "error":
+            raise
+        ckpt.clear_state(checkpoint_dir)
+        return None, {"discarded": "the saved state could not be read"}
 
 
 def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume, overwrite,
-         callback, class_images, class_cache_dir, stop_after, check_memory) -> IDDMResult:
+         callback, class_images, class_cache_dir, stop_after, check_memory, model_source, on_mismatch) -> IDDMResult:
     from . import checkpoint as ckpt
     from .atomic import write_text_atomic
-    from .finetune import DreamBoothTrainer
+    from .finetune import DreamBoothTrainer, load_class_folder
     from .lora import LoraSpec, save_kohya_lora
 
     device = bundle.unet.device
@@ -130,6 +171,15 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     timings = {"finetune": 0.0, "pgd": 0.0}
     t_start = time.perf_counter()
     emit = Emitter(callback, total=total_steps(config))
+
+    # The resume state is checked first: a state of another run is refused before any model or image work.
+    if config.prior_preservation and class_images is not None and not isinstance(class_images, torch.Tensor):
+        class_images = load_class_folder(class_images, resolution)    # loaded once: hashed, then trained on
+    state, resume_info = None, {}
+    if checkpoint_dir is not None:
+        fp = ckpt.run_fingerprint(bundle, refs, config, class_images if config.prior_preservation else None,
+                                  model_source)
+        state, resume_info = _open_state(checkpoint_dir, resume, fp, on_mismatch)
 
     if ensemble is None:
         ensemble = build_ensemble(config.surrogates, config.tau, device)
@@ -141,7 +191,6 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
     trainer = DreamBoothTrainer(bundle, spec, finetune_config(config, resolution), class_images=class_images,
                                 class_cache_dir=class_cache_dir)
-    embeds = trainer.prompt_embeds[0:1]          # instance prompt, computed once by the trainer
     ref_posterior = trainer.encode(x_ref)        # Xc never changes: its latents are encoded once per run
     generator = torch.Generator().manual_seed(config.seed + 1)
     if check_memory if check_memory is not None else device.type == "cuda":
@@ -149,28 +198,26 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
 
         b = config.pgd.batch
         check_fits(lambda: trainer.trial_step(ref_posterior),
-                   lambda: pgd_two_stage(bundle, ensemble, x_clean[:b], lm_prot[:b], embeds,
+                   lambda: pgd_two_stage(bundle, ensemble, x_clean[:b], lm_prot[:b], trainer.instance_embeds(),
                                          trial_pgd_config(config.pgd), torch.Generator().manual_seed(0),
                                          precision=trainer.precision, checkpointing=trainer.checkpointing),
                    config, trainer.precision.name, trainer.checkpointing, resolution, device)
 
-    report = {"config": config.to_dict(), "resolution": resolution, "precision": trainer.precision.name,
-              "gradient_checkpointing": trainer.checkpointing,
+    report = {"config": config.to_dict(), "schedule": config.pgd.schedule(), "resolution": resolution,
+              "precision": trainer.precision.name, "gradient_checkpointing": trainer.checkpointing,
               "n_reference": len(refs.split.reference), "n_protect": len(refs.split.protect), "iterations": []}
-    fp = ckpt.fingerprint(report["config"], refs.images)
     start_k = 1
-    if checkpoint_dir is not None and resume:
-        state = ckpt.load_state(checkpoint_dir, fp)
-        if state is not None:
-            trainer.load_state_dict(state["trainer"])
-            x_prot = state["x_protect"].to(device)
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            report["iterations"] = state["iterations"]
-            timings = state["timings"]
-            t_start -= state["elapsed"]                # the report's total covers the interrupted part too
-            start_k = state["k"] + 1
-            emit.done = (start_k - 1) * (2 * config.ft_steps + config.pgd.T)
+    if state is not None:
+        resume_info = {"resumed_after": int(state["k"])}
+        trainer.load_state_dict(state["trainer"])
+        x_prot = state["x_protect"].to(device)
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        report["iterations"] = state["iterations"]
+        timings = state["timings"]
+        t_start -= state["elapsed"]                # the report's total covers the interrupted part too
+        start_k = state["k"] + 1
+        emit.done = (start_k - 1) * (2 * config.ft_steps + config.pgd.T)
 
     def finetune(images, k, which):
         t0 = time.perf_counter()
@@ -190,6 +237,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
                  similarity=step["similarity"], linf=step["linf"])
 
         t0 = time.perf_counter()
+        embeds = trainer.instance_embeds()       # c of the model now: the trained text encoder's when it is trained
         x_prot = pgd_two_stage(bundle, ensemble, x_clean, lm_prot, embeds, config.pgd, generator,   # X' <- PGD(Θ'_k; X0)
                                on_step=on_pgd_step, precision=trainer.precision, checkpointing=trainer.checkpointing,
                                x_init=x_prot)
@@ -202,12 +250,16 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "iterations": report["iterations"], "timings": timings, "elapsed": time.perf_counter() - t_start})
         if stop_after is not None and k >= stop_after:
+            if resume_info:
+                report["resume"] = resume_info
             return IDDMResult(None, report, x_prot.cpu())
 
     total = time.perf_counter() - t_start
     report["timings"] = {**timings, "other": max(0.0, total - timings["finetune"] - timings["pgd"]), "total": total}
     report["nonfinite"] = nonfinite_counts(report["iterations"], trainer.skipped_steps)
     report["final_similarity"] = _final_similarity(ensemble, x_prot, lm_prot)
+    if resume_info:
+        report["resume"] = resume_info
     lora_path = None
     if out_path is not None:
         emit("save", advance=0, message="writing LoRA")

@@ -308,6 +308,58 @@ def resolve_tokenizer(kind: str, tokenizer: str | os.PathLike | None = None,
         f"that has tokenizer/, or run inside ComfyUI (which ships comfy/sd1_tokenizer)")
 
 
+CLIP_VOCAB_SIZE = 49408    # tokens of the CLIP BPE tokenizer that every SD 1.x / 2.x text encoder was trained with
+_LEGACY_EOS_ID = 2         # old CLIP configs (e.g. SD 1.5's diffusers folder) say eos_token_id 2; transformers ignores it
+
+
+def _tiny_tokenizer_size() -> int:
+    from .tiny import tiny_vocab_and_merges
+
+    return len(tiny_vocab_and_merges()[0])
+
+
+def _tokenizer_advice(rows: int) -> str:
+    """Which tokenizer a text encoder with ``rows`` token embeddings needs, and how to pass it."""
+    if rows == CLIP_VOCAB_SIZE:
+        return (f"this model needs the standard CLIP tokenizer of SD 1.x/2.x ({CLIP_VOCAB_SIZE} tokens: vocab.json + "
+                f"merges.txt of openai/clip-vit-large-patch14, which ComfyUI ships as comfy/sd1_tokenizer); put "
+                f"them in a folder and pass tokenizer=<folder> (CLI: --tokenizer <folder>)")
+    if rows == _tiny_tokenizer_size():
+        from .demo_model import ASSET_DIR, TOKENIZER_DIR
+
+        return (f"this is an IDDM tiny/demo model ({rows} tokens): use its tokenizer, "
+                f"tokenizer={ASSET_DIR / TOKENIZER_DIR} (CLI: --tokenizer {ASSET_DIR / TOKENIZER_DIR}); for the "
+                f"demo model itself choose 'demo' instead of the file (CLI: --model demo; ComfyUI: the IDDM demo "
+                f"model entry of ckpt_name)")
+    return (f"this model needs its own tokenizer ({rows} tokens), which the file does not contain: pass its "
+            f"folder with tokenizer=<folder> (CLI: --tokenizer <folder>), or load the model as a diffusers folder "
+            f"that has tokenizer/")
+
+
+def check_tokenizer_fits(tok, rows: int, eos_token_id: int | None = None, source: str = "model") -> None:
+    """A :class:`ModelError` when tokenizer ``tok`` does not belong to a text encoder with ``rows`` token embeddings.
+
+    Mismatch: a token id the embedding does not have (prompts would die with "index out of range"), or a smaller
+    vocabulary whose end-of-text token differs from the encoder's ``eos_token_id`` (prompts would silently mean
+    something else). A larger embedding with the same special tokens (added tokens) is accepted. The message says
+    which tokenizer to use.
+    """
+    vocab = tok.get_vocab()
+    n = len(tok)
+    max_id = max([n - 1, *vocab.values()]) if vocab else n - 1
+    origin = getattr(tok, "name_or_path", "") or "built in"
+    problem = None
+    if max_id >= rows:
+        problem = (f"the tokenizer ({origin}) has token ids up to {max_id}, but the text encoder's token embedding "
+                   f"has only {rows} rows")
+    elif (n < rows and eos_token_id is not None and eos_token_id != _LEGACY_EOS_ID
+          and tok.eos_token_id != eos_token_id):
+        problem = (f"the tokenizer ({origin}) has {n} tokens and end-of-text id {tok.eos_token_id}, but the text "
+                   f"encoder has {rows} token embeddings and end-of-text id {eos_token_id}")
+    if problem:
+        raise ModelError(f"{source}: tokenizer and text encoder do not match: {problem}; {_tokenizer_advice(rows)}")
+
+
 # ------------------------------------------------------------------------------------------------ loaders
 def _resolution(vae_config: Mapping, kind: str) -> int:
     size = vae_config.get("sample_size")
@@ -322,37 +374,48 @@ def _scheduler(config: dict, prediction_type: str):
     return DDPMScheduler.from_config({**_clean(config), "prediction_type": prediction_type})
 
 
-def load_single_file(path: str | os.PathLike, kind: str | None = None,
-                     tokenizer: str | os.PathLike | None = None) -> ModelBundle:
-    """An original-layout SD checkpoint -> :class:`ModelBundle` (float32, CPU).
+def _token_rows(state: Mapping[str, Any]) -> int | None:
+    """Rows of the text encoder's token embedding in an original-layout state dict (SD1 and SD2 keys)."""
+    for k, v in state.items():
+        if k.startswith("cond_stage_model.") and k.endswith("token_embedding.weight"):
+            return int(_shape(v)[0])
+    return None
 
-    Keys are converted with diffusers' public single-file conversion functions (pure functions on a dict; no
-    hub access). The architecture comes from the file's ``iddm.configs`` metadata when present (files written
-    by :func:`save_single_file`, e.g. the tiny model), else from ``iddm_core/configs/<kind>/``.
-    """
+
+def _single_file_configs(path: Path, metadata: Mapping[str, str], kind: str) -> dict:
+    if CONFIGS_METADATA_KEY in metadata:
+        try:
+            return json.loads(metadata[CONFIGS_METADATA_KEY])
+        except ValueError as exc:
+            raise ModelError(f"{path}: corrupt {CONFIGS_METADATA_KEY} metadata") from exc
+    return shipped_configs(kind)
+
+
+def _single_file_setup(path: Path, state: dict, metadata: dict, kind: str | None, tokenizer):
+    """(kind, configs, tokenizer) of a single file, the tokenizer checked against the text encoder's embedding.
+
+    Runs before any network is built, so a wrong tokenizer fails in a second, not after the UNet is loaded."""
+    kind = kind or detect_kind(state, str(path), metadata)
+    configs = _single_file_configs(path, metadata, kind)
+    tok = resolve_tokenizer(kind, tokenizer, None, str(path))
+    rows = _token_rows(state) or int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE))
+    check_tokenizer_fits(tok, rows, configs["text_encoder"].get("eos_token_id"), str(path))
+    return kind, configs, tok
+
+
+def _single_file_parts(path: Path, state: dict, configs: dict, kind: str) -> list:
+    """[(part, factory, converted state)] for the UNet, VAE and text encoder of an original-layout state dict.
+
+    Conversion is renaming and reshaping, so it also works on meta tensors (:func:`validate_model`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    path = Path(path)
-    state, metadata = read_checkpoint(path)
-    kind = kind or detect_kind(state, str(path), metadata)
-    if CONFIGS_METADATA_KEY in metadata:
-        try:
-            configs = json.loads(metadata[CONFIGS_METADATA_KEY])
-        except ValueError as exc:
-            raise ModelError(f"{path}: corrupt {CONFIGS_METADATA_KEY} metadata") from exc
-    else:
-        configs = shipped_configs(kind)
-    tok = resolve_tokenizer(kind, tokenizer, None, str(path))
-
     unet_config, vae_config = _clean(configs["unet"]), _clean(configs["vae"])
     try:
-        unet = _build_loaded(lambda: UNet2DConditionModel.from_config(unet_config),
-                             convert_ldm_unet_checkpoint(state, unet_config), str(path), "UNet", kind)
-        vae = _build_loaded(lambda: AutoencoderKL.from_config(vae_config),
-                            convert_ldm_vae_checkpoint(state, vae_config), str(path), "VAE", kind)
+        unet_state = convert_ldm_unet_checkpoint(state, unet_config)
+        vae_state = convert_ldm_vae_checkpoint(state, vae_config)
     except (KeyError, IndexError) as exc:  # the converters index keys blindly
         raise ModelError(f"{path}: the UNet/VAE weights do not fit the {kind} layout (missing {exc})") from exc
 
@@ -366,13 +429,26 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
     text_cfg = CLIPTextConfig(**text_config)
     with torch.device("meta"):
         probe = CLIPTextModel(text_cfg)
-    if openclip:
-        converted = convert_open_clip_checkpoint(probe, state)
-    else:
-        converted = convert_ldm_clip_checkpoint(state)
-    text_encoder = _build_loaded(lambda: CLIPTextModel(text_cfg), _match_text_prefix(probe, converted),
-                                 str(path), "text encoder", kind)
+    converted = convert_open_clip_checkpoint(probe, state) if openclip else convert_ldm_clip_checkpoint(state)
+    return [("UNet", lambda: UNet2DConditionModel.from_config(unet_config), unet_state),
+            ("VAE", lambda: AutoencoderKL.from_config(vae_config), vae_state),
+            ("text encoder", lambda: CLIPTextModel(text_cfg), _match_text_prefix(probe, converted))]
 
+
+def load_single_file(path: str | os.PathLike, kind: str | None = None,
+                     tokenizer: str | os.PathLike | None = None) -> ModelBundle:
+    """An original-layout SD checkpoint -> :class:`ModelBundle` (float32, CPU).
+
+    Keys are converted with diffusers' public single-file conversion functions (pure functions on a dict; no
+    hub access). The architecture comes from the file's ``iddm.configs`` metadata when present (files written
+    by :func:`save_single_file`, e.g. the tiny model), else from ``iddm_core/configs/<kind>/``. A tokenizer that
+    does not fit the text encoder is a :class:`ModelError` before any network is built.
+    """
+    path = Path(path)
+    state, metadata = read_checkpoint(path)
+    kind, configs, tok = _single_file_setup(path, state, metadata, kind, tokenizer)
+    unet, vae, text_encoder = (_build_loaded(factory, part_state, str(path), part, kind)
+                               for part, factory, part_state in _single_file_parts(path, state, configs, kind))
     prediction_type = PREDICTION_TYPES[kind]
     return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                        noise_scheduler=_scheduler(configs["scheduler"], prediction_type), kind=kind,
@@ -380,11 +456,40 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
                        title=path.stem)
 
 
-def _folder_kind(unet_config: Mapping, text_config, scheduler_config: Mapping) -> str:
-    sd2 = unet_config.get("cross_attention_dim") == 1024 or getattr(text_config, "hidden_act", "") == "gelu"
+def _folder_kind(unet_config: Mapping, text_config: Mapping, scheduler_config: Mapping) -> str:
+    sd2 = unet_config.get("cross_attention_dim") == 1024 or text_config.get("hidden_act", "") == "gelu"
     if not sd2:
         return "sd1"
     return "sd2v" if scheduler_config.get("prediction_type") == "v_prediction" else "sd2"
+
+
+_FOLDER_CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                   "scheduler": "scheduler_config.json"}
+_FOLDER_WEIGHTS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+                   "text_encoder": ("model", "pytorch_model")}
+
+
+def _folder_configs(folder: Path) -> dict:
+    """The four JSON configs of a diffusers folder (no weights read); a missing part is a :class:`ModelError`."""
+    configs = {}
+    for part, name in _FOLDER_CONFIGS.items():
+        if not (folder / part).is_dir():
+            raise ModelError(f"{folder}: not a diffusers model folder (no {part}/ subfolder)")
+        try:
+            configs[part] = json.loads((folder / part / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{folder}: cannot read {part}/{name} ({exc.__class__.__name__})") from exc
+    return configs
+
+
+def _folder_setup(folder: Path, kind: str | None, tokenizer):
+    """(kind, configs, tokenizer) of a diffusers folder, the tokenizer checked against the text encoder config."""
+    configs = _folder_configs(folder)
+    kind = kind or _folder_kind(configs["unet"], configs["text_encoder"], configs["scheduler"])
+    tok = resolve_tokenizer(kind, tokenizer, folder, str(folder))
+    text = configs["text_encoder"]
+    check_tokenizer_fits(tok, int(text.get("vocab_size", CLIP_VOCAB_SIZE)), text.get("eos_token_id"), str(folder))
+    return kind, configs, tok
 
 
 def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
@@ -394,9 +499,7 @@ def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
     from transformers import CLIPTextModel
 
     folder = Path(folder)
-    for part in ("unet", "vae", "text_encoder", "scheduler"):
-        if not (folder / part).is_dir():
-            raise ModelError(f"{folder}: not a diffusers model folder (no {part}/ subfolder)")
+    kind, configs, tok = _folder_setup(folder, kind, tokenizer)   # before any weights are read
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
@@ -404,13 +507,128 @@ def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
         scheduler_config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}: cannot load the diffusers model ({exc})") from exc
-    kind = kind or _folder_kind(unet.config, text_encoder.config, scheduler_config)
-    prediction_type = PREDICTION_TYPES[kind] if kind else scheduler_config.get("prediction_type", "epsilon")
-    tok = resolve_tokenizer(kind, tokenizer, folder, str(folder))
+    rows = int(text_encoder.get_input_embeddings().weight.shape[0])
+    check_tokenizer_fits(tok, rows, text_encoder.config.eos_token_id, str(folder))
+    prediction_type = PREDICTION_TYPES[kind]
     return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,
                        noise_scheduler=_scheduler(dict(scheduler_config), prediction_type), kind=kind,
                        prediction_type=prediction_type, resolution=_resolution(vae.config, kind),
                        title=folder.name)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`validate_model` found out about a model without loading its weights."""
+
+    kind: str                # "sd1" | "sd2" | "sd2v"
+    prediction_type: str     # "epsilon" | "v_prediction"
+    resolution: int          # native training resolution in pixels
+    title: str               # checkpoint stem / folder name (never a full path)
+    vocab_size: int          # rows of the text encoder's token embedding (the tokenizer was checked against it)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_checkpoint_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(state dict of *meta* tensors with the file's shapes, metadata) of a single-file checkpoint.
+
+    ``.safetensors``: only the header is read, plus the few small tensors kind detection looks at (the last
+    ``norm1.bias`` of the UNet's output blocks, for the SD2 v-prediction heuristic), which are real tensors.
+    Pickles cannot be read partially: they are loaded memory-mapped where possible (else fully, into RAM).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        try:
+            state = _load_pickle_mmap(path)
+        except _NoMmap:
+            state, metadata = read_checkpoint(path)
+            return state, metadata
+        return state, {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
+                state[k] = torch.empty(tuple(sl.get_shape()), dtype=dtype, device="meta")
+            for k in [k for k in state if _OUT_NORM1_BIAS.match(k)]:
+                state[k] = f.get_tensor(k)
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from exc
+    return state, metadata
+
+
+class _NoMmap(Exception):
+    pass
+
+
+def _load_pickle_mmap(path: Path) -> dict:
+    if path.suffix.lower() not in (".ckpt", ".pt", ".pth", ".bin") or not path.is_file():
+        raise _NoMmap()
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        raise _NoMmap() from None   # read_checkpoint gives the proper error (or loads old, non-zip pickles)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise _NoMmap()
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathLike | None = None) -> ModelInfo:
+    """Check that ``path`` will load for training, without loading it: call before long work.
+
+    Same arguments and the same :class:`ModelError` messages as :func:`load_model`. Checks that the model exists,
+    its kind is known (or ``kind`` is valid), a tokenizer is found and fits the text encoder, and (single files)
+    that every UNet / VAE / text-encoder weight the architecture needs is present with the right shape.
+
+    Cost: no network is built with real memory. A ``.safetensors`` file: its header (plus a few KB of tensors)
+    and the architecture built on the meta device, well under a second after the imports (diffusers and
+    transformers take several seconds to import the first time). A pickle (``.ckpt``): memory-mapped when it
+    is a zip pickle, else read whole. A diffusers folder: its JSON configs and tokenizer only (weights are not
+    opened). ``"demo"``/``"tiny"``: constant.
+    """
+    if kind is not None and kind not in KINDS:
+        raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+    if str(path) == "tiny":
+        from .tiny import TINY_RESOLUTION, TINY_TITLE
+
+        k = kind or "sd1"
+        return ModelInfo(k, PREDICTION_TYPES[k], TINY_RESOLUTION, TINY_TITLE, _tiny_tokenizer_size())
+    if str(path) == "demo":
+        from .demo_model import ASSET_DIR, DEMO_TITLE, TOKENIZER_DIR, weights_path
+
+        if not weights_path().is_file():
+            raise ModelError(f"demo model weights missing: {weights_path()} (rebuild with "
+                             f"`python -m iddm_core.demo_model train`)")
+        info = validate_model(str(weights_path()), kind="sd1", tokenizer=ASSET_DIR / TOKENIZER_DIR)
+        return ModelInfo(info.kind, info.prediction_type, info.resolution, DEMO_TITLE, info.vocab_size)
+    p = Path(path)
+    if p.is_dir():
+        kind, configs, _ = _folder_setup(p, kind, tokenizer)
+        for part, stems in _FOLDER_WEIGHTS.items():
+            if not any((p / part / f"{stem}{ext}").is_file() for stem in stems
+                       for ext in (".safetensors", ".bin")):
+                raise ModelError(f"{p}: {part}/ holds no weights file ({stems[0]}.safetensors)")
+        return ModelInfo(kind, PREDICTION_TYPES[kind], _resolution(configs["vae"], kind), p.name,
+                         int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE)))
+    if not p.is_file():
+        raise ModelError(f"model not found: {path} (expected 'demo', 'tiny', a diffusers folder or a .safetensors file)")
+    state, metadata = read_checkpoint_header(p)
+    kind, configs, _ = _single_file_setup(p, state, metadata, kind, tokenizer)
+    for part, factory, part_state in _single_file_parts(p, state, configs, kind):
+        with torch.device("meta"):
+            _check_state(factory().state_dict(), part_state, str(p), part, kind)
+    rows = _token_rows(state) or int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE))
+    return ModelInfo(kind, PREDICTION_TYPES[kind], _resolution(configs["vae"], kind), p.stem, rows)
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -41,6 +41,7 @@ from .precision import FP32_CPU, LossScale, Precision, all_finite
 STAGE_REC = "rec"
 STAGE_ID = "id"
 GRADIENTS = ("full", "sds", "face", "fast")
+NO_STAGE_ONE = "no Stage I step (rho*T < 1)"
 
 
 @dataclass
@@ -75,7 +76,29 @@ class PGDConfig:
 
     @property
     def n_rec(self) -> int:
-        return math.floor(self.rho * self.T)
+        """Stage I steps: floor(rho*T) (a 1e-9 slack so that e.g. rho 0.29, T 100 gives 29, not 28)."""
+        return math.floor(self.rho * self.T + 1e-9)
+
+    @property
+    def n_id(self) -> int:
+        """Stage II steps: the rest of the T."""
+        return self.T - self.n_rec
+
+    def schedule(self) -> dict:
+        """Step counts per PGD call, for reports and messages; ``note`` only when there is no Stage I step."""
+        out = {"stage1_steps": self.n_rec, "stage2_steps": self.n_id}
+        if self.n_rec == 0:
+            out["note"] = NO_STAGE_ONE
+        return out
+
+    def schedule_text(self) -> str:
+        """One line, e.g. "PGD per iteration: 0 Stage I (L_rec) + 8 Stage II (L_id) steps (rho 0.1 x T 8 = 0.8)"."""
+        text = (f"PGD per iteration: {self.n_rec} Stage I (L_rec) + {self.n_id} Stage II (L_id) steps "
+                f"(rho {self.rho:g} x T {self.T} = {self.rho * self.T:g})")
+        if self.n_rec == 0:
+            text += f"; {NO_STAGE_ONE}: every PGD step attacks identity (the paper's defaults rho 0.1, T 8 " \
+                    "give this; raise rho or T for Stage I steps)"
+        return text
 
     @property
     def sds(self) -> bool:

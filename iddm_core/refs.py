@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .images import Photo, crop_resize, load_folder, to_tensor
-from .split import Split, split_by_names, split_indices
+from .split import Split, check_count, split_by_names, split_indices
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +26,9 @@ class PrivateRefs:
     landmarks: "torch.Tensor"       # [N, 5, 2] pixel coordinates in the R x R crops ([N, 10, 2]: + dlib's parts)
     split: Split
     names: list[str] = field(repr=False)   # for error messages and the user's own preview only; never written out
-    skipped: list[str] = field(default_factory=list, repr=False)   # photos with no detectable face
+    # names of the photos left out because no face was found in them: for the user's own screen (terminal, error
+    # messages), in memory only; never logged, never written to a LoRA, report or file
+    skipped: list[str] = field(default_factory=list, repr=False)
 
     @property
     def resolution(self) -> int:
@@ -44,19 +46,30 @@ class PrivateRefs:
         return int(self.images.shape[0])
 
 
-def prepare_photos(photos: list[Photo], resolution: int, detector, crop_factor: float = DEFAULT_CROP_FACTOR,
-                   skip_faceless: bool = True):
-    """Detect the largest face of each photo, crop around it, resize. Returns (images, landmarks, names, skipped)."""
+def skipped_note(skipped: list[str]) -> str:
+    """One sentence naming the photos in which no face was found, for the user's own screen ("" when none).
+
+    Shown in error messages and printed to the terminal only; never logged, never written to a file."""
+    if not skipped:
+        return ""
+    return f"No face was found in {len(skipped)} photo(s), not used: {', '.join(skipped)}."
+
+
+def _photo_label(photo: Photo) -> str:
+    return str(getattr(photo, "path", None) or photo.name)
+
+
+def _prepare(photos: list[Photo], resolution: int, detector, crop_factor: float, skip_faceless: bool):
+    """Like :func:`prepare_photos`, but with no photo left the lists are empty instead of an error."""
     import torch
 
-    images, landmarks, names, skipped = [], [], [], []
+    images, landmarks, names, skipped, faceless = [], [], [], [], []
     for photo in photos:
         faces = detector.detect(photo.rgb)
         if not faces:
-            if skip_faceless:
-                skipped.append(photo.name)
-                continue
-            raise InputError(f"no face detected in {getattr(photo, 'path', None) or photo.name}")
+            skipped.append(photo.name)
+            faceless.append(_photo_label(photo))
+            continue
         face = faces[0]
         x0, y0, x1, y1 = face.box
         side = crop_factor * max(x1 - x0, y1 - y0)
@@ -65,31 +78,68 @@ def prepare_photos(photos: list[Photo], resolution: int, detector, crop_factor: 
         images.append(to_tensor(crop))
         landmarks.append(torch.from_numpy(face.scaled(scale, left, top).points()))
         names.append(photo.name)
+    if faceless and not skip_faceless:
+        # every faceless photo at once, so the user can fix the folder in one go
+        raise InputError(f"no face detected in {', '.join(faceless)}")
+    return images, landmarks, names, skipped
+
+
+def prepare_photos(photos: list[Photo], resolution: int, detector, crop_factor: float = DEFAULT_CROP_FACTOR,
+                   skip_faceless: bool = True):
+    """Detect the largest face of each photo, crop around it, resize. Returns (images, landmarks, names, skipped).
+
+    ``skipped``: the names of the photos in which no face was found (``skip_faceless=False``: an error naming
+    all of them instead). No face in any photo is an error that names the photos."""
+    import torch
+
+    images, landmarks, names, skipped = _prepare(photos, resolution, detector, crop_factor, skip_faceless)
     if not images:
-        raise InputError("no face detected in any photo of the folder")
+        raise InputError(f"no face detected in any photo of the folder ({', '.join(skipped)})")
     return torch.stack(images), torch.stack(landmarks), names, skipped
 
 
 def load_private_refs(folder: str | os.PathLike, resolution: int, detector=None, seed: int = 0,
                       n_reference: int | None = None, reference_files: list[str] | None = None,
-                      protect_files: list[str] | None = None, crop_factor: float = DEFAULT_CROP_FACTOR) -> PrivateRefs:
-    """Everything IDDM needs from the user's photo folder."""
+                      protect_files: list[str] | None = None, crop_factor: float = DEFAULT_CROP_FACTOR,
+                      skip_faceless: bool = True) -> PrivateRefs:
+    """Everything IDDM needs from the user's photo folder.
+
+    Photos without a face are left out and their names kept in :attr:`PrivateRefs.skipped` (in memory only: show
+    them to the user, e.g. with :func:`skipped_note`); ``skip_faceless=False`` makes any of them an error naming
+    every such file. Fewer than 3 photos with a face is an error naming the folder and the photos left out."""
+    if resolution < 32 or resolution % 8:   # before the detector is loaded
+        raise InputError(f"resolution={resolution} must be a multiple of 8 and at least 32")
+    photos = load_folder(folder)
     if detector is None:
         from .face.detect import get_detector
 
         detector = get_detector("dlib")
-    photos = load_folder(folder)
-    return refs_from_photos(photos, resolution, detector, seed, n_reference, reference_files, protect_files, crop_factor)
+    return refs_from_photos(photos, resolution, detector, seed, n_reference, reference_files, protect_files,
+                            crop_factor, skip_faceless=skip_faceless, source=str(folder))
 
 
 def refs_from_photos(photos: list[Photo], resolution: int, detector, seed: int = 0, n_reference: int | None = None,
                      reference_files: list[str] | None = None, protect_files: list[str] | None = None,
-                     crop_factor: float = DEFAULT_CROP_FACTOR) -> PrivateRefs:
+                     crop_factor: float = DEFAULT_CROP_FACTOR, skip_faceless: bool = True,
+                     source: str | None = None) -> PrivateRefs:
+    """:func:`load_private_refs` on photos already in memory (``source``: the folder, named in errors)."""
+    import torch
+
     if resolution < 32 or resolution % 8:
         raise InputError(f"resolution={resolution} must be a multiple of 8 and at least 32")
-    images, landmarks, names, skipped = prepare_photos(photos, resolution, detector, crop_factor)
+    if source is None:
+        parents = {str(p.path.parent) for p in photos if getattr(p, "path", None) is not None}
+        source = parents.pop() if len(parents) == 1 else None
+    images, landmarks, names, skipped = _prepare(photos, resolution, detector, crop_factor, skip_faceless)
+    note = skipped_note(skipped)
+    check_count(len(names), f" in {source}" if source else "", note)
+    listed = list(reference_files or []) + list(protect_files or [])
+    faceless_listed = [n for n in listed if n in skipped]
+    if faceless_listed:
+        raise InputError(f"listed photo(s) {', '.join(faceless_listed)}: no face was found in them; remove them "
+                         f"from the list or replace the photos")
     if reference_files:
         split = split_by_names(names, reference_files, protect_files)
     else:
         split = split_indices(len(names), seed=seed, n_reference=n_reference)
-    return PrivateRefs(images, landmarks, split, names, skipped)
+    return PrivateRefs(torch.stack(images), torch.stack(landmarks), split, names, skipped)

@@ -11,6 +11,16 @@ from .errors import InputError
 
 MIN_REFERENCE = 2
 MIN_PROTECT = 1
+MIN_PHOTOS = MIN_REFERENCE + MIN_PROTECT
+
+
+def check_count(n: int, where: str = "", note: str = "") -> None:
+    """Fewer than :data:`MIN_PHOTOS` usable photos is an :class:`InputError` saying how many are needed and how
+    many were found (``where``: e.g. " in <folder>", right after the count; ``note``: a sentence added after)."""
+    if n < MIN_PHOTOS:
+        raise InputError(
+            f"need at least {MIN_PHOTOS} photos with a face ({MIN_REFERENCE} reference + {MIN_PROTECT} protected); "
+            f"found {n}{where}. {note + ' ' if note else ''}Add more photos of the person.")
 
 
 @dataclass(frozen=True)
@@ -29,11 +39,12 @@ def _check_sizes(n_ref: int, n_protect: int) -> None:
 def split_indices(n: int, seed: int = 0, n_reference: int | None = None) -> Split:
     """Shuffle ``n`` photos with ``seed`` and take ``n_reference`` of them as Xc (default: half, rounded down, as
     the paper's 4 + 4), the rest as X0."""
+    check_count(n)
     if n_reference is None:
         n_reference = max(MIN_REFERENCE, n // 2)
-    if n_reference < 0 or n_reference > n:
-        raise InputError(f"n_reference={n_reference} is outside 0..{n} (the number of usable photos)")
-    _check_sizes(n_reference, n - n_reference)
+    if n_reference < MIN_REFERENCE or n - n_reference < MIN_PROTECT:
+        raise InputError(f"n_reference={n_reference} must be between {MIN_REFERENCE} and {n - MIN_PROTECT}: {n} "
+                         f"usable photos, of which at least {MIN_REFERENCE} reference and {MIN_PROTECT} protected")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return Split(tuple(sorted(order[:n_reference])), tuple(sorted(order[n_reference:])))

@@ -5,10 +5,12 @@ import only the standard library at module level; torch-heavy code (diffusers, t
 imported inside the node functions when a workflow actually runs.
 """
 from .comfy_env import register_model_folders
+from .errors import plain_errors
 from .leak_meter import IdentityLeakMeter
 from .loss_node import IDDMFaceEnsembleLoss
 from .pgd_node import IDDMPGDTwoStage
 from .refs_node import LoadPrivateRefs
+from .save_node import SaveImageNoMetadata
 from .train_node import IDDMTrainLoRA
 
 register_model_folders()
@@ -19,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "IDDMPGDTwoStage": IDDMPGDTwoStage,
     "IDDMTrainLoRA": IDDMTrainLoRA,
     "IDDMIdentityLeakMeter": IdentityLeakMeter,
+    "IDDMSaveImageNoMetadata": SaveImageNoMetadata,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,6 +30,12 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IDDMPGDTwoStage": "PGD Two-Stage (IDDM)",
     "IDDMTrainLoRA": "IDDM Train LoRA",
     "IDDMIdentityLeakMeter": "Identity Leak Meter (IDDM)",
+    "IDDMSaveImageNoMetadata": "Save Image (no metadata)",
 }
+
+# ComfyUI shows an error as "<module>.<class>: message" (see errors.py): every node re-raises library errors
+# under their plain class names.
+for _cls in NODE_CLASS_MAPPINGS.values():
+    plain_errors(_cls)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

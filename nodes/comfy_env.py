@@ -145,6 +145,17 @@ def input_folder(folder: str) -> Path:
     return path
 
 
+def image_target(filename_prefix: str, width: int, height: int, temp: bool = False):
+    """Where ComfyUI's own save nodes would put the next image of ``filename_prefix``: (folder, file stem,
+    counter, subfolder, kind). ComfyUI's ``get_save_image_path`` resolves a sub-folder and its %year%/%width%-style
+    variables in the prefix, and refuses a prefix that leaves the output (or temp) folder."""
+    import folder_paths
+
+    base = folder_paths.get_temp_directory() if temp else folder_paths.get_output_directory()
+    folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, base, width, height)
+    return Path(folder), stem, int(counter), subfolder, "temp" if temp else "output"
+
+
 def class_cache_dir() -> str | None:
     """A temp folder for the generated prior-preservation class images (made by the base model, not private)."""
     try:

@@ -51,17 +51,36 @@ def _clean_refs(refs):
     return refs.images, refs.landmarks
 
 
-def summary_text(result: dict, name: str, threshold: float) -> str:
+def resolve_threshold(threshold: float, name: str) -> tuple[float, str]:
+    """The match threshold in effect and where it comes from: the widget's value, or with 0 (auto) the judge's
+    own (iddm_core.evaluate.MATCH_THRESHOLDS)."""
+    from ..iddm_core.evaluate import match_threshold
+
+    if float(threshold) > 0:
+        return float(threshold), "set on the node"
+    return float(match_threshold(name)), f"{name}'s own; threshold 0 = auto"
+
+
+def threshold_help() -> str:
+    """Each known recogniser's own threshold, for the widget's tooltip."""
+    from ..iddm_core.evaluate import DEFAULT_MATCH_THRESHOLD, MATCH_THRESHOLDS
+
+    own = ", ".join(f"{name} {value:g}" for name, value in MATCH_THRESHOLDS.items())
+    return f"{own}, others {DEFAULT_MATCH_THRESHOLD:g}"
+
+
+def summary_text(result: dict, name: str, threshold: float, source: str = "set on the node") -> str:
     """Counts and averages only (the text may be saved with the workflow). ``name`` is the judge drawn on the
-    images; every judge's ISM is listed."""
+    images; every judge's ISM is listed. ``threshold`` is the one in effect (stated in full, with ``source``)."""
     entry = result["recognizers"][name]
     n, faces = result["n_images"], sum(result["faces_found"])
     lines = [f"FSR {result['fsr']:.2f} ({faces}/{n} images with a face)"]
     for judge, e in result["recognizers"].items():
         lines.append(f"ISM [{judge}] " + ("n/a (no face)" if e["ism"] is None else f"{e['ism']:.3f}"))
+    lines.append(f"match threshold [{name}]: cosine >= {threshold:g} ({source})")
     if entry["ism"] is not None:
-        matched = round(entry["match_rate"] * faces)
-        lines.append(f"recognised as the user by {name} (cosine >= {threshold:.2f}): {matched}/{faces}")
+        matched = sum(s is not None and s >= threshold for s in entry["similarity"])
+        lines.append(f"recognised as the user by {name} (cosine >= {threshold:g}): {matched}/{faces}")
     if result.get("judges"):
         lines.append(result["judges"])
     lines += [f"WARNING: {w}" for w in result.get("warnings", [])]
@@ -91,7 +110,9 @@ class IdentityLeakMeter:
                                "surrogates are installed it says so loudly. dlib is always available."}),
                 "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005,
                                         "tooltip": "Cosine similarity at or above which a face counts as you "
-                                                   "(red). 0 = the recogniser's default (dlib 0.907, others 0.4)."}),
+                                                   "(red). 0 = auto: the judge's own threshold ("
+                                                   + threshold_help() + "); the summary states the value "
+                                                   "in effect."}),
             },
             "optional": {
                 "surrogates": ("STRING", {"default": "dlib", "multiline": False,
@@ -106,7 +127,7 @@ class IdentityLeakMeter:
         import numpy as np
         import torch
 
-        from ..iddm_core.evaluate import _uint8, evaluate, match_threshold
+        from ..iddm_core.evaluate import _uint8, evaluate
         from ..iddm_core.face.detect import get_detector
         from ..iddm_core.leak_render import annotate, bar_chart, label_text, verdict_color
         from .comfy_env import torch_device
@@ -121,13 +142,13 @@ class IdentityLeakMeter:
                               detector=get_detector("dlib"), quality=False, device=torch_device(),
                               search_dirs=_search_dirs())
             name = result["eval_recognizers"][0]
-            thr = float(threshold) or match_threshold(name)
+            thr, source = resolve_threshold(threshold, name)
             sims = result["recognizers"][name]["similarity"]
             annotated = [annotate(rgb, label_text(s, name), verdict_color(s, thr))
                          for rgb, s in zip(_uint8(batch), sims)]
             out = torch.from_numpy(np.stack(annotated)).float().div(255.0)
             chart = torch.from_numpy(np.array(bar_chart(sims, thr, f"{name} similarity"))).float().div(255.0)[None]
-        return (out, summary_text(result, name, thr), chart)
+        return (out, summary_text(result, name, thr, source), chart)
 
 
 NODE_CLASS_MAPPINGS = {"IDDMIdentityLeakMeter": IdentityLeakMeter}

@@ -25,6 +25,22 @@ def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float, gradie
     return PGDConfig(T=int(T), eta=float(eta), alpha=float(alpha), batch=int(pgd_batch), **values).validate()
 
 
+def settings_text(config, preset: str, rho: float, gradient: str) -> str:
+    """The PGD settings in effect, with a note for each widget the preset overrides (a named preset fixes rho,
+    and 'fast' the gradient, whatever those widgets show)."""
+    lines = [f"in effect: preset {preset}, rho {config.rho:g} (Stage I {config.n_rec} + Stage II {config.n_id} of "
+             f"T={config.T} steps), gradient {config.gradient}, eta {config.eta:g}, alpha {config.alpha:g}, "
+             f"pgd_batch {config.batch}"]
+    if preset != "custom":
+        if abs(float(rho) - config.rho) > 1e-9:
+            lines.append(f"note: the rho widget ({float(rho):g}) is not used: preset '{preset}' sets rho "
+                         f"{config.rho:g}; choose preset 'custom' to use the widget")
+        if str(gradient) != config.gradient:
+            lines.append(f"note: the gradient widget ({gradient}) is not used: preset '{preset}' sets gradient "
+                         f"{config.gradient}")
+    return "\n".join(lines)
+
+
 def similarity_drop_text(before: dict, after: dict, linf: float) -> str:
     """"dlib: 0.912 -> 0.640 (-0.272)" per recogniser: mean cosine similarity to the reference prototype."""
     lines = [f"{name}: {before[name]:.3f} -> {after[name]:.3f} ({after[name] - before[name]:+.3f})" for name in before]
@@ -88,7 +104,8 @@ class IDDMPGDTwoStage:
     RETURN_NAMES = ("pgd", "protected_preview", "similarity_drop")
     OUTPUT_TOOLTIPS = ("PGD settings for IDDM Train LoRA.",
                        "Preview only: the protected photos X' after one PGD run on the base model.",
-                       "Preview only: per recogniser, mean similarity to your references before -> after.")
+                       "With a preview: per recogniser, mean similarity to your references before -> after; "
+                       "always: the settings in effect (a named preset overrides the rho widget).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -103,8 +120,10 @@ class IDDMPGDTwoStage:
                 "T": ("INT", {"default": 8, "min": 1, "max": 1000,
                               "tooltip": "PGD steps per outer iteration (paper 8)."}),
                 "rho": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 0.99, "step": 0.01,
-                                  "tooltip": "Share of Stage I (fidelity) steps, only with preset 'custom'. "
-                                             "Smaller = more privacy."}),
+                                  "tooltip": "Share of Stage I (fidelity) steps; smaller = more privacy. "
+                                             "Used only with preset 'custom': any other preset sets its own "
+                                             "rho (see preset), and the node's text says which value is in "
+                                             "effect."}),
                 "eta": ("FLOAT", {"default": 0.08, "min": 0.001, "max": 1.0, "step": 0.001,
                                   "tooltip": "L-inf budget of the perturbation, pixels in [0,1] (paper 0.08 "
                                              "= 20/255)."}),
@@ -139,11 +158,14 @@ class IDDMPGDTwoStage:
         import torch
 
         config = pgd_config(preset, T, rho, eta, alpha, gradient, pgd_batch)
+        settings = settings_text(config, preset, rho, gradient)
         if refs is None or not preview_ckpt or preview_ckpt == NO_PREVIEW:
-            return (config, torch.zeros(1, 64, 64, 3), "no preview (connect refs and choose preview_ckpt)")
+            text = "no preview (connect refs and choose preview_ckpt)\n" + settings
+            return {"ui": {"text": [text]}, "result": (config, torch.zeros(1, 64, 64, 3), text)}
         if loss is None:
             from .specs import LossSpec
 
             loss = LossSpec(surrogates=("dlib",))
-        image, text = run_preview(refs, loss, config, preview_ckpt, preview_resolution, preview_seed, unique_id)
-        return (config, image, text)
+        image, drop = run_preview(refs, loss, config, preview_ckpt, preview_resolution, preview_seed, unique_id)
+        text = drop + "\n" + settings
+        return {"ui": {"text": [text]}, "result": (config, image, text)}

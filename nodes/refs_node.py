@@ -1,4 +1,8 @@
-"""LoadPrivateRefs: the user's photo folder -> IDDM_REFS (+ a preview of the face crops and a count summary)."""
+"""LoadPrivateRefs: the user's photo folder -> IDDM_REFS (+ the face crops in memory and a summary).
+
+Nothing of the photos is written anywhere unless the user turns on ``preview_on_node`` (crops to ComfyUI's temp
+folder, like a Preview Image node). Photo names appear only in the summary shown to the user (photos left out).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -15,11 +19,15 @@ def parse_file_list(text: str) -> list[str] | None:
 
 
 def summary_text(refs) -> str:
-    """Counts only: the preview text may be saved with the workflow, so it never names a photo."""
+    """Counts, and the names of the photos left out (no face found) so the user can fix the folder.
+
+    Shown on the node and given as the ``summary`` output, in memory only: it is not part of the workflow, and the
+    pack never writes it into a LoRA, a report or a log line."""
     n_ref, n_prot = len(refs.split.reference), len(refs.split.protect)
     lines = [f"{len(refs)} photos with a face at {refs.resolution}px: {n_ref} reference (Xc), {n_prot} protected (X0)"]
     if refs.skipped:
-        lines.append(f"{len(refs.skipped)} photo(s) without a detectable face were skipped")
+        lines.append(f"{len(refs.skipped)} photo(s) without a detectable face were skipped: "
+                     + ", ".join(refs.skipped))
     return "\n".join(lines)
 
 
@@ -41,14 +49,16 @@ def folder_fingerprint(folder) -> str:
 
 class LoadPrivateRefs:
     DESCRIPTION = ("Loads your photos, finds the face in each (dlib), crops and splits them into a reference set "
-                   "Xc and a protected set X0. Photo names never leave this node.")
+                   "Xc and a protected set X0. Photo names stay in memory: only the summary on this node names the "
+                   "photos left out (no face found); none go into a LoRA, report or log line.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (REFS, "IMAGE", "STRING")
     RETURN_NAMES = ("refs", "faces", "summary")
     OUTPUT_TOOLTIPS = ("Prepared photos and their split, for PGD Two-Stage and IDDM Train LoRA.",
-                       "The face-centred crops (reference set first), for a Preview Image node.",
-                       "How many photos were used, per set (counts only).")
+                       "The face-centred crops (reference set first), in memory. A Preview Image node would "
+                       "write them to ComfyUI's temp folder (served over /view).",
+                       "How many photos were used, per set, and the names of the photos left out (no face).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -77,6 +87,13 @@ class LoadPrivateRefs:
                 "protect_files": ("STRING", {"default": "", "multiline": True,
                                              "tooltip": "Optional: file names that form X0 (default: all photos not "
                                                         "in reference_files)."}),
+                # appended last: UI workflows store widget values by position
+                "preview_on_node": ("BOOLEAN", {"default": False,
+                                                "tooltip": "Off (default): the face crops stay in memory (the "
+                                                           "'faces' output). On: they are also shown on this node, "
+                                                           "which writes them as PNG files to ComfyUI's temp "
+                                                           "folder; the server serves that folder over /view to "
+                                                           "anyone who can reach it, until ComfyUI restarts."}),
             },
         }
 
@@ -89,7 +106,8 @@ class LoadPrivateRefs:
         except Exception:          # let the run itself report the problem
             return float("nan")
 
-    def load(self, folder, resolution, split_seed, n_reference, skip_faceless=True, reference_files="", protect_files=""):
+    def load(self, folder, resolution, split_seed, n_reference, skip_faceless=True, reference_files="", protect_files="",
+             preview_on_node=False):
         from .comfy_env import input_folder
 
         handle = RefsHandle(folder=str(input_folder(folder)), seed=int(split_seed),
@@ -99,4 +117,12 @@ class LoadPrivateRefs:
         refs = handle.at(int(resolution))
         order = list(refs.split.reference) + list(refs.split.protect)
         preview = refs.images[order].permute(0, 2, 3, 1).contiguous().float().clamp(0, 1)
-        return (handle, preview, summary_text(refs))
+        summary = summary_text(refs)
+        ui = {"text": [summary]}
+        if preview_on_node:                 # the only path that writes crops to disk (temp), and only when asked
+            import secrets
+
+            from .save_node import save_images
+
+            ui["images"] = save_images(preview, f"iddm_faces_{secrets.token_hex(4)}", temp=True)
+        return {"ui": ui, "result": (handle, preview, summary)}

@@ -62,26 +62,13 @@ class RefsHandle:
         return self._cache[resolution]
 
     def _load(self, resolution: int):
-        from ..iddm_core.errors import InputError
+        """The library names the folder, every faceless photo (an error when ``skip_faceless`` is off) and the
+        "need at least 3 photos" case itself."""
         from ..iddm_core.refs import load_private_refs
 
-        try:
-            refs = load_private_refs(self.folder, resolution, seed=self.seed, n_reference=self.n_reference,
-                                     reference_files=self.reference_files, protect_files=self.protect_files)
-        except InputError as exc:
-            if "no face detected in any photo" in str(exc):
-                raise InputError(f"no face detected in any photo of {self.folder}") from None
-            raise
-        if refs.skipped and not self.skip_faceless:
-            missing = ", ".join(str(_join(self.folder, n)) for n in refs.skipped)
-            raise InputError(f"no face detected in {missing} (enable skip_faceless to ignore such photos)")
-        return refs
-
-
-def _join(folder, name):
-    from pathlib import Path
-
-    return Path(folder) / name
+        return load_private_refs(self.folder, resolution, seed=self.seed, n_reference=self.n_reference,
+                                 reference_files=self.reference_files, protect_files=self.protect_files,
+                                 skip_faceless=self.skip_faceless)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,18 @@
 The node returns the LoRA's file name as a combo-compatible value, so it can be wired into the stock
 LoraLoader's ``lora_name``. Progress goes three ways: ComfyUI's progress bar, Cancel (checked after every
 step; iddm_core then writes nothing), and ``iddm.progress`` websocket events drawn as a chart by web/iddm.js.
+
+Resume (``resume``, on by default): the run's state is saved after every finished iteration in a private folder
+(:func:`state_root`, one per LoRA file name, 0700/0600) and deleted when the run finishes. Queued again after a
+Cancel or a crash, the node continues from that iteration if the base model, photos, split, class images and
+settings are the same; if anything differs it deletes the old state and starts over, saying so in the summary
+(an error would make the user hunt for a hidden folder; the CLI, where the user asked for --resume, refuses).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 from .specs import CATEGORY, LOSS, PGD, REFS, ComboName
 
@@ -25,13 +33,40 @@ def lora_file_name(lora_name: str) -> str:
     return name + LORA_SUFFIX
 
 
-def iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation, num_class_images):
+def iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation, num_class_images,
+                train_text_encoder=False):
     from ..iddm_core.iddm import IDDMConfig
 
     return IDDMConfig(K=int(K), pgd=dataclasses.replace(pgd), tau=float(loss.tau), surrogates=tuple(loss.surrogates),
                       ft_steps=int(ft_steps), rank=int(rank), lr=float(lr), resolution=int(resolution) or None,
                       seed=int(seed), prior_preservation=bool(prior_preservation),
-                      num_class_images=max(1, int(num_class_images))).validate()
+                      num_class_images=max(1, int(num_class_images)),
+                      train_text_encoder=bool(train_text_encoder)).validate()
+
+
+def state_root() -> Path:
+    """Where the node keeps resume states (they hold derived private images), never under a models folder:
+    ``$IDDM_CACHE_DIR/state`` if set; else ComfyUI's system-user folder ``user/__iddm/state`` (not served over
+    HTTP; survives a restart); on a ComfyUI without system users ``<user dir>/__iddm/state``; else ComfyUI's
+    temp folder (which ComfyUI empties at start, so there a crash can only be resumed within one session)."""
+    import folder_paths
+
+    if os.environ.get("IDDM_CACHE_DIR"):
+        return Path(os.environ["IDDM_CACHE_DIR"]).expanduser() / "state"
+    system_dir = getattr(folder_paths, "get_system_user_directory", None)
+    if callable(system_dir):
+        return Path(system_dir("iddm")) / "state"
+    user_dir = getattr(folder_paths, "get_user_directory", None)
+    if callable(user_dir):
+        return Path(user_dir()) / "__iddm" / "state"
+    return Path(folder_paths.get_temp_directory()) / "iddm_state"
+
+
+def train_state_dir(out_path) -> Path:
+    """The resume-state folder of the run writing ``out_path`` (one per LoRA file)."""
+    from ..iddm_core.checkpoint import state_dir_for
+
+    return state_dir_for(out_path, root=state_root(), namespace="comfyui")
 
 
 def result_summary(file_name: str, report: dict) -> str:
@@ -45,6 +80,19 @@ def result_summary(file_name: str, report: dict) -> str:
     sims = report.get("final_similarity") or {}
     if sims:
         lines.append("final similarity of protected photos: " + ", ".join(f"{k} {v:.3f}" for k, v in sims.items()))
+    sched = report.get("schedule") or {}
+    if sched:
+        lines.append(f"PGD per iteration: {sched.get('stage1_steps')} Stage I + {sched.get('stage2_steps')} Stage II "
+                     "steps" + (f" - {sched['note']}: every PGD step attacks identity" if sched.get("note") else ""))
+    if cfg.get("train_text_encoder"):
+        lines.append("text encoder trained too (LoRA); PGD conditioned on the trained text encoder")
+    resume = report.get("resume") or {}
+    if resume.get("resumed_after"):
+        lines.append(f"resumed after iteration {resume['resumed_after']} of {cfg.get('K')} (interrupted run, same "
+                     "model, photos and settings)")
+    if resume.get("discarded"):
+        lines.append(f"a saved resume state for this LoRA name was from a different run ({resume['discarded']}): "
+                     "discarded, started over")
     t = report.get("timings") or {}
     if t:
         lines.append(f"time {t.get('total', 0):.1f}s (fine-tune {t.get('finetune', 0):.1f}s, PGD {t.get('pgd', 0):.1f}s)")
@@ -99,26 +147,53 @@ class IDDMTrainLoRA:
                 "num_class_images": ("INT", {"default": 8, "min": 1, "max": 1000,
                                              "tooltip": "How many class images prior preservation generates."}),
             },
+            # Added later, so optional and at the END: UI-format workflows store widget values by position, and
+            # API-format ones saved before them stay valid (see FIRST_TOGGLES in loss_node.py).
+            "optional": {
+                "resume": ("BOOLEAN", {"default": True,
+                                       "tooltip": "Continue a cancelled or crashed run of this LoRA name from its "
+                                                  "last finished iteration when queued again with the same model, "
+                                                  "photos and settings (anything changed: starts over). The state "
+                                                  "is kept privately under ComfyUI's user folder and deleted when "
+                                                  "the run finishes. Off: always start over, save no state."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False,
+                                                   "tooltip": "Also train a LoRA on the CLIP text encoder (the "
+                                                              "paper fine-tunes UNet and text encoder); PGD then "
+                                                              "conditions on the trained text encoder. Bigger "
+                                                              "LoRA, slower."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, ckpt_name, refs, loss, pgd, K, ft_steps, rank, lr, resolution, train_seed, lora_name, overwrite,
-              prior_preservation=True, num_class_images=8, unique_id=None):
+              prior_preservation=True, num_class_images=8, resume=True, train_text_encoder=False, unique_id=None):
         import torch
 
         from ..iddm_core.atomic import check_writable
+        from ..iddm_core.checkpoint import clear_state
         from ..iddm_core.iddm import run_iddm, total_steps
-        from .comfy_env import NodeProgress, class_cache_dir, loras_dir
+        from ..iddm_core.models import validate_model
+        from .comfy_env import NodeProgress, class_cache_dir, loras_dir, resolve_checkpoint
         from .session import trainable_refs, training_model
 
-        config = iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, train_seed, prior_preservation, num_class_images)
+        config = iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, train_seed, prior_preservation,
+                             num_class_images, train_text_encoder)
         file_name = lora_file_name(lora_name)
         out_path = loras_dir() / file_name
         check_writable(out_path, bool(overwrite))          # before loading anything
+        state_dir = train_state_dir(out_path)
+        if not resume:
+            clear_state(state_dir)                         # an old state of this LoRA name is not kept around
+        # The checkpoint (kind, tokenizer) and the photos are checked before ComfyUI's models are unloaded and
+        # before any training: a wrong file fails in seconds, not after the run.
+        info = validate_model(resolve_checkpoint(ckpt_name))
+        photos = refs.at(config.resolution or info.resolution)
         progress = NodeProgress(unique_id, total_steps(config))
         with torch.inference_mode(False), training_model(ckpt_name) as bundle:
-            prepared = trainable_refs(refs.at(config.resolution or bundle.resolution))
+            prepared = trainable_refs(photos)
             result = run_iddm(bundle, prepared, config, out_path=out_path, lora_name=file_name[: -len(LORA_SUFFIX)],
-                              overwrite=bool(overwrite), callback=progress, class_cache_dir=class_cache_dir())
+                              overwrite=bool(overwrite), callback=progress, class_cache_dir=class_cache_dir(),
+                              checkpoint_dir=state_dir if resume else None, resume=bool(resume),
+                              on_mismatch="restart", model_source=resolve_checkpoint(ckpt_name))
         summary = result_summary(file_name, result.report)
         return {"ui": {"text": [summary]}, "result": (file_name, summary)}

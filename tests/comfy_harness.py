@@ -5,6 +5,8 @@ No ComfyUI is installed in CI, so this module builds the four modules the pack u
 what the pack does with them (progress updates, websocket messages, memory calls), loads the pack the way
 ComfyUI's ``load_custom_node`` does (``spec_from_file_location`` on the pack's ``__init__.py`` under a fresh
 module name) and runs the pack's own nodes of a workflow in dependency order under ``torch.inference_mode()``.
+``core_nodes`` adds minimal stand-ins for the ComfyUI built-ins of the example workflows (Load Checkpoint, Load
+LoRA, KSampler, ..., and Save Image / Preview Image, which embed the prompt and workflow as ComfyUI does).
 """
 from __future__ import annotations
 
@@ -44,9 +46,10 @@ class ComfyStubs:
         self.models = self.root / "models"
         self.input = self.root / "input"
         self.temp = self.root / "temp"
+        self.output = self.root / "output"
         self.comfy_dir = self.root / "comfy"
         for d in (self.models / "checkpoints", self.models / "loras", self.models / "diffusers", self.input,
-                  self.temp, self.comfy_dir):
+                  self.temp, self.output, self.comfy_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.progress: list[tuple] = []        # (node_id, value, total)
         self.messages: list[tuple] = []        # (event, data, sid)
@@ -112,9 +115,23 @@ class ComfyStubs:
         fp.get_filename_list = get_filename_list
         fp.get_full_path = get_full_path
         fp.get_full_path_or_raise = get_full_path_or_raise
+        def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+            # ComfyUI's contract: (folder, file stem, next counter, subfolder, prefix); the prefix may name a
+            # sub-folder but never leave output_dir; files are "<stem>_<counter:05>_.png"
+            prefix = filename_prefix.replace("%width%", str(image_width)).replace("%height%", str(image_height))
+            subfolder, stem = os.path.split(os.path.normpath(prefix))
+            folder = os.path.abspath(os.path.join(output_dir, subfolder))
+            if os.path.commonpath((folder, os.path.abspath(output_dir))) != os.path.abspath(output_dir):
+                raise Exception("Saving image outside the output folder is not allowed.")
+            os.makedirs(folder, exist_ok=True)
+            used = [int(name[len(stem) + 1:len(stem) + 6]) for name in os.listdir(folder)
+                    if name.startswith(stem + "_") and name[len(stem) + 1:len(stem) + 6].isdigit()]
+            return folder, stem, max(used, default=0) + 1, subfolder, prefix
+
         fp.get_input_directory = lambda: str(self.input)
         fp.get_temp_directory = lambda: str(self.temp)
-        fp.get_output_directory = lambda: str(self.root / "output")
+        fp.get_output_directory = lambda: str(self.output)
+        fp.get_save_image_path = get_save_image_path
         return fp
 
     def _comfy_package(self):
@@ -344,49 +361,56 @@ def _is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def run_workflow(pack, workflow: dict, only_pack_nodes: bool = True) -> dict:
-    """Execute the pack's nodes of ``workflow`` (API format) in order, under ``torch.inference_mode()`` as
-    ComfyUI's executor does. Returns {node_id: outputs tuple}; for other nodes (ComfyUI core nodes absent here)
-    returns {node_id: {"resolved": {input: value from a pack node}}} so callers can check what they would get.
-    Link types into pack nodes are checked with ComfyUI's rule first.
+def run_workflow(pack, workflow: dict, core: dict | None = None, extra_pnginfo: dict | None = None,
+                 ui: dict | None = None) -> dict:
+    """Execute ``workflow`` (API format) in dependency order, under ``torch.inference_mode()`` as ComfyUI's
+    executor does. Pack nodes run for real; other nodes run from ``core`` (e.g. :func:`core_nodes`) when given
+    there, else are skipped. Returns {node_id: outputs tuple}; for a skipped node {node_id: {"resolved": {input:
+    value from an executed node}}} so callers can check what it would get. Link types are checked with ComfyUI's
+    rule first. Hidden inputs get what ComfyUI gives: UNIQUE_ID the node id, PROMPT the workflow, EXTRA_PNGINFO
+    ``extra_pnginfo`` (the frontend sends {"workflow": <UI-format workflow>}). ``ui``: collects each node's
+    ``ui`` dict by node id.
     """
     import torch
 
-    mapping = pack.NODE_CLASS_MAPPINGS
+    classes = dict(core or {})
+    classes.update(pack.NODE_CLASS_MAPPINGS)
+    hidden_values = {"PROMPT": workflow, "EXTRA_PNGINFO": extra_pnginfo}
     results: dict = {}
     for nid in execution_order(workflow):
         node = workflow[nid]
-        cls = mapping.get(node["class_type"])
+        cls = classes.get(node["class_type"])
         kwargs = {}
         for name, value in node["inputs"].items():
             if _is_link(value):
                 src = str(value[0])
                 src_out = results.get(src)
                 if isinstance(src_out, tuple):
-                    _check_link(workflow, mapping, src, value[1], nid, name)
+                    _check_link(workflow, classes, src, value[1], nid, name)
                     kwargs[name] = src_out[value[1]]
             else:
                 kwargs[name] = value
         if cls is None:
             results[nid] = {"resolved": kwargs}
             continue
-        hidden = cls.INPUT_TYPES().get("hidden", {})
-        if "unique_id" in hidden:
-            kwargs["unique_id"] = nid
+        for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
+            kwargs[name] = nid if kind == "UNIQUE_ID" else hidden_values.get(kind)
         with torch.inference_mode():
             out = getattr(cls(), cls.FUNCTION)(**kwargs)
         if isinstance(out, dict):
-            out = out["result"]
+            if ui is not None and "ui" in out:
+                ui[nid] = out["ui"]
+            out = out.get("result", ())
         if len(out) != len(cls.RETURN_TYPES):
             raise AssertionError(f"{node['class_type']} returned {len(out)} values for {len(cls.RETURN_TYPES)} outputs")
         results[nid] = tuple(out)
     return results
 
 
-def _check_link(workflow, mapping, src, index, dst, input_name) -> None:
-    src_cls = mapping[workflow[src]["class_type"]]
+def _check_link(workflow, classes, src, index, dst, input_name) -> None:
+    src_cls = classes[workflow[src]["class_type"]]
     received = src_cls.RETURN_TYPES[index]
-    dst_cls = mapping.get(workflow[dst]["class_type"])
+    dst_cls = classes.get(workflow[dst]["class_type"])
     if dst_cls is None:
         return
     spec = dst_cls.INPUT_TYPES()
@@ -395,3 +419,159 @@ def _check_link(workflow, mapping, src, index, dst, input_name) -> None:
         raise AssertionError(f"node {dst} has no input {input_name!r}")
     if not linked_type_ok(received, entry[0]):
         raise AssertionError(f"link {src}:{index} -> {dst}.{input_name}: {received!r} does not fit {entry[0]!r}")
+
+
+def comfy_error_type(exc_type: type) -> str:
+    """How ComfyUI names a failed node's exception type in its error dialog and console (execution.py,
+    ``full_type_name``): the class's qualified name, prefixed with its module unless that is ``builtins``."""
+    if exc_type.__module__ == "builtins":
+        return exc_type.__qualname__
+    return f"{exc_type.__module__}.{exc_type.__qualname__}"
+
+
+# ------------------------------------------------------------------------ ComfyUI's built-in nodes, minimally
+def core_nodes(stubs: ComfyStubs, embed_metadata: bool = True) -> dict:
+    """Stand-ins for the ComfyUI built-ins the example workflows use: ComfyUI's class names, input names and
+    socket types; files are looked up as ComfyUI does (a missing checkpoint or LoRA is an error); images are
+    deterministic noise of the right shape. SaveImage and PreviewImage write PNGs the way ComfyUI does unless
+    started with ``--disable-metadata`` (``embed_metadata=False``): a "prompt" text chunk holding the API-format
+    prompt and one chunk per EXTRA_PNGINFO key (the frontend sends the whole UI workflow as "workflow")."""
+    import json
+
+    import torch
+
+    fp = stubs.modules["folder_paths"]
+
+    def combo(folder, tip):
+        return (fp.get_filename_list(folder), {"tooltip": tip})
+
+    class CheckpointLoaderSimple:
+        FUNCTION, RETURN_TYPES = "load", ("MODEL", "CLIP", "VAE")
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"ckpt_name": combo("checkpoints", "checkpoint")}}
+
+        def load(self, ckpt_name):
+            fp.get_full_path_or_raise("checkpoints", ckpt_name)
+            return ({"ckpt": ckpt_name, "loras": []}, {"ckpt": ckpt_name, "loras": []}, {"ckpt": ckpt_name})
+
+    class LoraLoader:
+        FUNCTION, RETURN_TYPES = "load", ("MODEL", "CLIP")
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "lora_name": combo("loras", "lora"),
+                                 "strength_model": ("FLOAT",), "strength_clip": ("FLOAT",)}}
+
+        def load(self, model, clip, lora_name, strength_model, strength_clip):
+            fp.get_full_path_or_raise("loras", lora_name)
+            return ({**model, "loras": model["loras"] + [lora_name]}, {**clip, "loras": clip["loras"] + [lora_name]})
+
+    class CLIPTextEncode:
+        FUNCTION, RETURN_TYPES = "encode", ("CONDITIONING",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"text": ("STRING",), "clip": ("CLIP",)}}
+
+        def encode(self, text, clip):
+            return ({"text": text, "loras": clip["loras"]},)
+
+    class EmptyLatentImage:
+        FUNCTION, RETURN_TYPES = "generate", ("LATENT",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"width": ("INT",), "height": ("INT",), "batch_size": ("INT",)}}
+
+        def generate(self, width, height, batch_size):
+            return ({"samples": torch.zeros(batch_size, 4, height // 8, width // 8)},)
+
+    class KSampler:
+        FUNCTION, RETURN_TYPES = "sample", ("LATENT",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",), "seed": ("INT",), "steps": ("INT",), "cfg": ("FLOAT",),
+                                 "sampler_name": (["euler", "dpmpp_2m"],), "scheduler": (["normal", "karras"],),
+                                 "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                                 "latent_image": ("LATENT",), "denoise": ("FLOAT",)}}
+
+        def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                   denoise=1.0):
+            shape = latent_image["samples"].shape
+            return ({"samples": torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))},)
+
+    class VAEDecode:
+        FUNCTION, RETURN_TYPES = "decode", ("IMAGE",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}
+
+        def decode(self, samples, vae):
+            x = torch.sigmoid(samples["samples"][:, :3]).repeat_interleave(8, 2).repeat_interleave(8, 3)
+            return (x.permute(0, 2, 3, 1).contiguous(),)
+
+    class SaveImage:
+        FUNCTION, RETURN_TYPES, OUTPUT_NODE = "save_images", (), True
+        directory, kind = stubs.output, "output"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING",)},
+                    "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+        def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+            from PIL import Image
+            from PIL.PngImagePlugin import PngInfo
+
+            h, w = images.shape[1:3]
+            folder, stem, counter, subfolder, _ = fp.get_save_image_path(filename_prefix, str(self.directory), w, h)
+            saved = []
+            for i, image in enumerate(images):
+                info = PngInfo()
+                if embed_metadata:
+                    if prompt is not None:
+                        info.add_text("prompt", json.dumps(prompt))
+                    for key, value in (extra_pnginfo or {}).items():
+                        info.add_text(key, json.dumps(value))
+                name = f"{stem}_{counter + i:05}_.png"
+                rgb = image.mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(rgb).save(os.path.join(folder, name), pnginfo=info)
+                saved.append({"filename": name, "subfolder": subfolder, "type": self.kind})
+            return {"ui": {"images": saved}}
+
+    class PreviewImage(SaveImage):
+        directory, kind = stubs.temp, "temp"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"images": ("IMAGE",)},
+                    "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+        def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+            return super().save_images(images, "ComfyUI_temp_preview", prompt, extra_pnginfo)
+
+    return {cls.__name__: cls for cls in (CheckpointLoaderSimple, LoraLoader, CLIPTextEncode, EmptyLatentImage,
+                                          KSampler, VAEDecode, SaveImage, PreviewImage)}
+
+
+def png_files(*folders) -> list[Path]:
+    """Every PNG under the given folders."""
+    return sorted(p for folder in folders for p in Path(folder).rglob("*.png"))
+
+
+def png_chunk_types(path) -> list[str]:
+    """The chunk types of a PNG file, in order (read from the bytes, not through PIL)."""
+    import struct
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    types_, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        types_.append(data[pos + 4:pos + 8].decode("ascii"))
+        pos += 12 + length
+    return types_

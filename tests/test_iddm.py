@@ -1,5 +1,6 @@
 """The alternating IDDM loop on the tiny model with the real dlib surrogate."""
 import json
+import stat
 
 import pytest
 import torch
@@ -95,7 +96,9 @@ def test_resume_gives_the_same_lora(tmp_path, refs, ensemble, one_thread):
     partial = run_iddm(fresh_model(), refs, cfg, out_path=tmp_path / "resumed.safetensors", ensemble=ensemble,
                        checkpoint_dir=state, stop_after=1)                  # "interrupted" after k=1
     assert partial.lora_path is None and not (tmp_path / "resumed.safetensors").exists()
-    assert (state / "iddm_state.pt").exists()
+    assert (state / "state.iddm").exists()
+    assert stat.S_IMODE((state / "state.iddm").stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
     resumed = run_iddm(fresh_model(), refs, cfg, out_path=tmp_path / "resumed.safetensors", ensemble=ensemble,
                        checkpoint_dir=state, resume=True)
     assert [it["k"] for it in resumed.report["iterations"]] == [1, 2]

@@ -318,3 +318,158 @@ def test_shipped_configs_describe_the_real_architectures(kind, unet_m, text_m):
     assert count(text) == pytest.approx(text_m, abs=2)
     assert cfg["scheduler"]["prediction_type"] == models_mod.PREDICTION_TYPES[kind]
     assert cfg["vae"]["sample_size"] == models_mod.RESOLUTIONS[kind]
+
+
+# ------------------------------------------------------------------------ tokenizer / text encoder (issue 12)
+def _write_padded_tokenizer(folder, size):
+    """The tiny tokenizer's files with filler tokens so that it has ``size`` ids, the specials last (CLIP layout:
+    a stand-in for ComfyUI's 49408-token comfy/sd1_tokenizer)."""
+    import json
+
+    from iddm_core.tiny import tiny_vocab_and_merges
+
+    write_tiny_tokenizer(folder)
+    vocab, _ = tiny_vocab_and_merges()
+    tokens = [t for t in vocab if not t.startswith("<|")]
+    tokens += [f"filler{i}" for i in range(size - 2 - len(tokens))] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    return folder
+
+
+def _fake_comfy(tmp_path, monkeypatch, size):
+    tok = _write_padded_tokenizer(tmp_path / "comfy" / "sd1_tokenizer", size)
+    (tmp_path / "comfy" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", REAL_COMFY_DIR)
+    return tok
+
+
+def _no_network_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network was built before the tokenizer was checked")
+
+    monkeypatch.setattr(models_mod, "_build_loaded", refuse)
+
+
+def test_comfy_clip_tokenizer_on_tiny_text_encoder_is_a_clear_error_before_loading(written, tmp_path, monkeypatch):
+    from iddm_core.demo_model import ASSET_DIR
+
+    # In ComfyUI a single file whose text encoder has fewer token rows than comfy/sd1_tokenizer died at the first
+    # prompt with "IndexError: index out of range in self". It must fail at load time, saying which tokenizer.
+    _fake_comfy(tmp_path, monkeypatch, 49408)
+    _no_network_built(monkeypatch)
+    for check in (load_model, models_mod.validate_model):
+        with pytest.raises(ModelError) as err:
+            check(str(written[1]))
+        msg = str(err.value)
+        assert written[1].name in msg and "do not match" in msg
+        assert "49407" in msg and "585 rows" in msg
+        assert str(ASSET_DIR / "tokenizer") in msg          # the tokenizer to use, by its full path
+        assert "--model demo" in msg
+
+
+def test_tokenizer_larger_than_text_encoder_is_refused_when_given_explicitly(written, tmp_path):
+    big = _write_padded_tokenizer(tmp_path / "big", 600)
+    with pytest.raises(ModelError, match="token ids up to 599.*585 rows"):
+        load_model(str(written[1]), tokenizer=str(big))
+    with pytest.raises(ModelError, match="token ids up to 599"):   # the diffusers folder path checks it too
+        load_model(str(written[0]), tokenizer=str(big))
+
+
+def test_small_tokenizer_on_clip_sized_text_encoder_names_the_clip_tokenizer(tmp_path, monkeypatch):
+    from transformers import CLIPTextModel
+
+    from iddm_core.tiny import _text_config
+
+    bundle = build_tiny_bundle(0)
+    bundle.text_encoder = CLIPTextModel(_text_config(49408)).eval()    # real CLIP vocabulary size, eos 49407
+    path = save_single_file(bundle, tmp_path / "clip_sized.safetensors")
+    _no_network_built(monkeypatch)
+    tok = write_tiny_tokenizer(tmp_path / "tok")
+    with pytest.raises(ModelError) as err:
+        load_model(str(path), tokenizer=str(tok))
+    msg = str(err.value)
+    assert "clip_sized.safetensors" in msg and "end-of-text id 584" in msg and "49407" in msg
+    assert "standard CLIP tokenizer" in msg and "comfy/sd1_tokenizer" in msg and "--tokenizer" in msg
+
+
+def test_check_tokenizer_fits_accepts_matching_and_extended_embeddings(tmp_path):
+    from transformers import CLIPTokenizer
+
+    clip = CLIPTokenizer.from_pretrained(str(_write_padded_tokenizer(tmp_path / "clip", 49408)), local_files_only=True)
+    models_mod.check_tokenizer_fits(clip, 49408, 49407)
+    models_mod.check_tokenizer_fits(clip, 49410, 49407)     # added tokens (e.g. embeddings baked into the model)
+    models_mod.check_tokenizer_fits(clip, 49408, 2)         # legacy eos id 2 of old CLIP configs
+    tiny = build_tiny_bundle(0).tokenizer
+    models_mod.check_tokenizer_fits(tiny, 585, 584)
+    with pytest.raises(ModelError, match="ids up to 49407"):
+        models_mod.check_tokenizer_fits(clip, 585, 584)
+    with pytest.raises(ModelError, match="end-of-text"):
+        models_mod.check_tokenizer_fits(tiny, 49408, 49407)
+
+
+# ------------------------------------------------------------------------------- validate_model (issue 12)
+def _nothing_loaded(monkeypatch):
+    _no_network_built(monkeypatch)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validate_model read the weights")
+
+    monkeypatch.setattr(models_mod, "read_checkpoint", refuse)
+
+
+def test_validate_model_single_file_reads_only_the_header(written, monkeypatch):
+    _nothing_loaded(monkeypatch)
+    info = models_mod.validate_model(str(written[1]), tokenizer=str(written[0] / "tokenizer"))
+    assert info == models_mod.ModelInfo("sd1", "epsilon", 64, "tiny", 585)
+    with pytest.raises(ModelError, match="vocab.json"):      # no tokenizer: the same message as load_model
+        models_mod.validate_model(str(written[1]))
+
+
+@pytest.mark.parametrize("kind", ["sd2", "sd2v"])
+def test_validate_model_detects_sd2_kinds(tmp_path, kind, monkeypatch):
+    path = save_single_file(build_tiny_bundle(0, kind=kind), tmp_path / "m.safetensors")
+    tok = write_tiny_tokenizer(tmp_path / "tok")
+    _nothing_loaded(monkeypatch)
+    info = models_mod.validate_model(str(path), tokenizer=str(tok))
+    assert (info.kind, info.prediction_type) == (kind, "v_prediction" if kind == "sd2v" else "epsilon")
+
+
+def test_validate_model_finds_wrong_architecture_and_missing_weights(written, tmp_path, monkeypatch):
+    state, _ = read_checkpoint(written[1])
+    wrong = tmp_path / "tiny_without_meta.safetensors"
+    save_file(state, str(wrong))                 # no iddm.configs metadata -> checked against the real SD1 shapes
+    trimmed = tmp_path / "no_vae_conv.safetensors"
+    save_file({k: v for k, v in state.items() if "first_stage_model.encoder.conv_in" not in k}, str(trimmed),
+              metadata=read_checkpoint(written[1])[1])
+    _nothing_loaded(monkeypatch)
+    tok = str(written[0] / "tokenizer")
+    with pytest.raises(ModelError, match="tiny_without_meta.safetensors.*sd1 architecture"):
+        models_mod.validate_model(str(wrong), tokenizer=tok)
+    with pytest.raises(ModelError, match="no_vae_conv.safetensors.*VAE"):
+        models_mod.validate_model(str(trimmed), tokenizer=tok)
+    with pytest.raises(ModelError, match="model not found"):
+        models_mod.validate_model(str(tmp_path / "nope.safetensors"))
+
+
+def test_validate_model_diffusers_folder_pickle_demo_and_tiny(written, tmp_path, monkeypatch):
+    import shutil
+
+    state, _ = read_checkpoint(written[1])
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state}, ckpt)
+    _no_network_built(monkeypatch)
+    monkeypatch.setattr("diffusers.UNet2DConditionModel.from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights loaded")))
+    assert models_mod.validate_model(str(written[0])) == models_mod.ModelInfo("sd1", "epsilon", 64, "tiny", 585)
+    # a pickle carries no architecture metadata: checked against real SD1 shapes, which the tiny weights are not
+    with pytest.raises(ModelError, match="model.ckpt: the UNet does not match the sd1 architecture"):
+        models_mod.validate_model(str(ckpt), tokenizer=str(written[0] / "tokenizer"))
+    assert models_mod.validate_model("demo") == models_mod.ModelInfo("sd1", "epsilon", 128, "demo", 585)
+    assert models_mod.validate_model("tiny").resolution == 64
+    broken = tmp_path / "broken"
+    shutil.copytree(written[0], broken)
+    for f in (broken / "unet").glob("diffusion_pytorch_model.*"):
+        f.unlink()
+    with pytest.raises(ModelError, match="unet/ holds no weights"):
+        models_mod.validate_model(str(broken))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, linked_type_ok, load_pack, node_problems, \
-    run_workflow
+from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, comfy_error_type, core_nodes, \
+    linked_type_ok, load_pack, node_problems, png_chunk_types, png_files, run_workflow
 
 PACK = "comfyui-iddm"
 PRIVATE = "secret_alice"          # a private-looking photo name that must never appear in any output
-API_WORKFLOW = REPO / "example_workflows" / "iddm_train_and_sample_api.json"
-UI_WORKFLOW = REPO / "example_workflows" / "iddm_train_and_sample.json"
+WORKFLOWS = REPO / "example_workflows"
+TRAIN_UI, GEN_UI = WORKFLOWS / "iddm_1_train_lora.json", WORKFLOWS / "iddm_2_generate.json"
+TRAIN_API, GEN_API = WORKFLOWS / "api" / "iddm_1_train_lora_api.json", WORKFLOWS / "api" / "iddm_2_generate_api.json"
 HEAVY = ("diffusers", "transformers", "dlib", "_dlib_pybind11", "kornia")
 
 
@@ -62,11 +64,21 @@ def clean(env):
     stubs.interrupted, stubs.interrupt_after = False, None
     for f in (stubs.models / "loras").iterdir():
         f.unlink()
+    for d in (stubs.output, stubs.temp):        # images saved by earlier tests
+        shutil.rmtree(d)
+        d.mkdir()
     return stubs, pack
 
 
 def _errors():
-    return sys.modules[f"{PACK}.iddm_core.errors"]
+    import importlib
+
+    return importlib.import_module(f"{PACK}.iddm_core.errors")
+
+
+def _result(returned):
+    """A node function's outputs: the tuple itself, or the "result" of a {"ui", "result"} dict."""
+    return returned["result"] if isinstance(returned, dict) else returned
 
 
 def _node(pack, name):
@@ -74,11 +86,11 @@ def _node(pack, name):
 
 
 def _tiny_workflow(lora_name="test_avatar") -> dict:
-    wf = json.loads(API_WORKFLOW.read_text())
-    wf["1"]["inputs"]["ckpt_name"] = "tiny.safetensors"
-    wf["2"]["inputs"]["resolution"] = 128
-    wf["4"]["inputs"].update(T=2, preset="fidelity")          # rho 0.5: one Stage I step, one Stage II step
-    wf["5"]["inputs"].update(ckpt_name="tiny.safetensors", K=1, ft_steps=2, resolution=128, prior_preservation=False,
+    """The training example (node 1 refs, 3 PGD, 4 train) on the tiny model with tiny settings."""
+    wf = json.loads(TRAIN_API.read_text())
+    wf["1"]["inputs"]["resolution"] = 128
+    wf["3"]["inputs"].update(T=2, preset="fidelity")          # rho 0.5: one Stage I step, one Stage II step
+    wf["4"]["inputs"].update(ckpt_name="tiny.safetensors", K=1, ft_steps=2, resolution=128, prior_preservation=False,
                              lora_name=lora_name)
     return wf
 
@@ -146,14 +158,15 @@ def test_lora_output_links_to_lora_loader_combo(env):
 
 
 # --------------------------------------------------------------------------------------------- workflows
-def test_ui_workflow_matches_node_definitions(env):
+@pytest.mark.parametrize("ui_path, api_path", [(TRAIN_UI, TRAIN_API), (GEN_UI, GEN_API)], ids=["train", "generate"])
+def test_ui_workflow_matches_node_definitions(env, ui_path, api_path):
     _, pack = env
-    ui = json.loads(UI_WORKFLOW.read_text())
-    api = json.loads(API_WORKFLOW.read_text())
+    ui = json.loads(ui_path.read_text())
+    api = json.loads(api_path.read_text())
     nodes = {n["id"]: n for n in ui["nodes"]}
-    assert {str(i) for i in nodes} == set(api) and {n["type"] for n in ui["nodes"]} >= {
-        "CheckpointLoaderSimple", "LoraLoader", "KSampler", "SaveImage", "EmptyLatentImage", "CLIPTextEncode"}
+    assert {str(i) for i in nodes} == set(api)
     for node in ui["nodes"]:
+        assert api[str(node["id"])]["class_type"] == node["type"]
         cls = pack.NODE_CLASS_MAPPINGS.get(node["type"])
         if cls is None:
             continue
@@ -167,40 +180,195 @@ def test_ui_workflow_matches_node_definitions(env):
     for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
         assert nodes[src]["outputs"][src_slot]["type"] == typ and link_id in nodes[src]["outputs"][src_slot]["links"]
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
-    lora_in = [i for i in nodes[6]["inputs"] if i["name"] == "lora_name"][0]
-    assert lora_in["widget"] == {"name": "lora_name"} and api["6"]["inputs"]["lora_name"] == ["5", 0]
+        assert api[str(dst)]["inputs"][nodes[dst]["inputs"][dst_slot]["name"]] == [str(src), src_slot]
 
 
-def test_api_workflow_end_to_end_on_tiny_model(clean):
+def test_examples_split_training_from_generation(env):
+    """Training ends at the LoRA file and saves no image; generation loads the LoRA by file name and saves with the
+    pack's no-metadata node; nothing private is in the generation files. ComfyUI lists every
+    example_workflows/*.json as a template, so only UI-format files sit there (API twins in api/)."""
+    _, pack = env
+    train, gen = (json.loads(p.read_text()) for p in (TRAIN_API, GEN_API))
+    assert {n["class_type"] for n in train.values()} == {
+        "IDDMLoadPrivateRefs", "IDDMFaceEnsembleLoss", "IDDMPGDTwoStage", "IDDMTrainLoRA"}
+    refs = train["1"]["inputs"]
+    assert refs["folder"] == "iddm_photos" and refs["reference_files"] == refs["protect_files"] == ""
+    assert refs["preview_on_node"] is False and train["3"]["inputs"]["preview_ckpt"] == "(none)"
+    assert {n["class_type"] for n in gen.values()} == {
+        "CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
+        "IDDMSaveImageNoMetadata"}
+    default_lora = pack.NODE_CLASS_MAPPINGS["IDDMTrainLoRA"].INPUT_TYPES()["required"]["lora_name"][1]["default"]
+    assert gen["2"]["inputs"]["lora_name"] == default_lora + ".safetensors"
+    for path in (GEN_UI, GEN_API):
+        text = path.read_text()
+        for private in ("iddm_photos", "IDDMLoadPrivateRefs", "reference_files", "protect_files", "folder", "/home"):
+            assert private not in text, (path.name, private)
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == [TRAIN_UI.name, GEN_UI.name]
+    assert all("nodes" in json.loads(p.read_text()) for p in WORKFLOWS.glob("*.json"))
+
+
+def _private_strings(stubs, folder) -> list[str]:
+    return [PRIVATE, "iddm_photos", str(folder), str(stubs.root)]
+
+
+def _assert_pixels_only(path, private) -> None:
+    from PIL import Image
+
+    assert not {"tEXt", "zTXt", "iTXt", "eXIf"} & set(png_chunk_types(path)), path
+    raw = path.read_bytes()
+    with Image.open(path) as im:
+        assert im.text == {} and not {"prompt", "workflow"} & set(im.info), path
+    assert not any(s.encode() in raw for s in private), path
+
+
+def test_training_then_generation_workflows_on_tiny_model(clean):
+    """Both examples through the harness: training on the tiny model with tiny settings (photos given by absolute
+    path and by name, as a user may), then generation with ComfyUI's built-ins stubbed (SaveImage/PreviewImage
+    would embed prompt + workflow). The LoRA works, the training saves no image, and no saved PNG carries any text
+    chunk, photo folder, photo name or path."""
     stubs, pack = clean
     from iddm_core.lora import inspect_lora
 
-    results = run_workflow(pack, _tiny_workflow())
+    core = core_nodes(stubs)
+    folder = stubs.input / "iddm_photos"
+    picked = f"{PRIVATE}_0.jpg, {PRIVATE}_1_m.jpg"
+    wf = _tiny_workflow()
+    wf["1"]["inputs"].update(folder=str(folder), reference_files=picked)
+    ui_wf = json.loads(TRAIN_UI.read_text())           # what the frontend sends as extra_pnginfo, same edits
+    ui_wf["nodes"][0]["widgets_values"][0], ui_wf["nodes"][0]["widgets_values"][5] = str(folder), picked
+    ui: dict = {}
+    results = run_workflow(pack, wf, core=core, extra_pnginfo={"workflow": ui_wf}, ui=ui)
     fp = stubs.modules["folder_paths"]
-    # LoraLoader (not present here) would receive this value for lora_name: it must resolve to the new file
-    lora_name = results["6"]["resolved"]["lora_name"]
+    lora_name = results["4"][0]
     assert lora_name == "test_avatar.safetensors" and lora_name in fp.get_filename_list("loras")
     info = inspect_lora(fp.get_full_path_or_raise("loras", lora_name))
     assert info["compatible"], info["problems"]
     assert info["kind"] == "sd1" and info["rank"] == 4 and info["modules"]["unet"] > 0
-    # refs preview: [B, H, W, C] in [0, 1], counts-only summary
-    _, faces, summary = results["2"]
+    # refs: crops in memory [B, H, W, C] in [0, 1], the summary shown on the node, nothing written
+    _, faces, summary = results["1"]
     assert tuple(faces.shape) == (4, 128, 128, 3) and 0 <= float(faces.min()) and float(faces.max()) <= 1
     assert "4 photos" in summary and "2 reference" in summary and "2 protected" in summary
+    assert ui["1"] == {"text": [summary]}
+    assert png_files(stubs.output, stubs.temp) == []          # the training example saves no image
     # progress: one update per step, ending at the total (K * (2 * ft_steps + T) = 6)
-    train_updates = [p for p in stubs.progress if p[0] == "5"]
+    train_updates = [p for p in stubs.progress if p[0] == "4"]
     values = [p[1] for p in train_updates]
     assert sorted(set(values)) == list(range(1, 7)) and values == sorted(values) and train_updates[-1][2] == 6
     events = [d for e, d, sid in stubs.messages if e == "iddm.progress"]
-    assert events and all(d["node"] == "5" for d in events) and all(sid == "test-client" for *_, sid in stubs.messages)
+    assert events and all(d["node"] == "4" for d in events) and all(sid == "test-client" for *_, sid in stubs.messages)
     pgd = [d for d in events if d["phase"] == "pgd"]
     assert [d["t"] for d in pgd] == [1, 2] and [d["stage"] for d in pgd] == ["rec", "id"]
     assert "dlib" in pgd[-1]["similarity"] and 0 < pgd[-1]["linf"] <= 0.08 + 1e-6
     assert any(d["phase"] == "finetune" and d["loss"] is not None for d in events)
     assert "unload_all_models" in stubs.memory_calls and "soft_empty_cache" in stubs.memory_calls
-    # privacy: no photo name in messages, summary text or LoRA metadata
-    text = json.dumps([d for _, d, _ in stubs.messages]) + results["5"][1] + summary + json.dumps(info["metadata"])
-    assert PRIVATE not in text and "iddm_photos" not in text
+    private = _private_strings(stubs, folder)
+    # no photo name or folder in messages, summaries or the LoRA's metadata
+    text = json.dumps([d for _, d, _ in stubs.messages]) + results["4"][1] + summary + json.dumps(info["metadata"])
+    assert not any(s in text for s in private)
+    raw_lora = Path(fp.get_full_path_or_raise("loras", lora_name)).read_bytes()
+    assert not any(s.encode() in raw_lora for s in private)
+
+    # generation: the LoRA by file name, portraits saved by the pack's node
+    gen = json.loads(GEN_API.read_text())
+    gen["1"]["inputs"]["ckpt_name"] = "tiny.safetensors"
+    gen["2"]["inputs"]["lora_name"] = lora_name
+    gen["5"]["inputs"].update(width=64, height=48, batch_size=2)
+    out = run_workflow(pack, gen, core=core, extra_pnginfo={"workflow": json.loads(GEN_UI.read_text())}, ui=ui)
+    assert out["2"][0]["loras"] == [lora_name] and out["3"][0]["loras"] == [lora_name]
+    saved = png_files(stubs.output, stubs.temp)
+    assert [p.name for p in saved] == ["iddm_portrait_00001_.png", "iddm_portrait_00002_.png"]
+    assert ui["8"] == {"images": [{"filename": p.name, "subfolder": "", "type": "output"} for p in saved]}
+    for path in saved:
+        _assert_pixels_only(path, private)
+
+
+def test_save_image_stub_leaks_like_comfyui(clean):
+    """Why the examples are split: ComfyUI's Save Image after Load Private Refs (the harness stub embeds as
+    ComfyUI does) writes the photo folder and names into the PNG; with --disable-metadata it does not."""
+    from PIL import Image
+
+    stubs, pack = clean
+    folder = stubs.input / "iddm_photos"
+    wf = {"1": {"class_type": "IDDMLoadPrivateRefs",
+                "inputs": {"folder": str(folder), "resolution": 64, "split_seed": 0, "n_reference": 0,
+                           "reference_files": f"{PRIVATE}_0.jpg, {PRIVATE}_1.jpg"}},
+          "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 1], "filename_prefix": "leak"}}}
+    run_workflow(pack, wf, core=core_nodes(stubs), extra_pnginfo={"workflow": {"nodes": []}})
+    leaked = png_files(stubs.output)
+    assert len(leaked) == 4
+    with Image.open(leaked[0]) as im:
+        assert str(folder) in im.text["prompt"] and PRIVATE in im.text["prompt"] and "workflow" in im.text
+    run_workflow(pack, wf, core=core_nodes(stubs, embed_metadata=False))
+    with Image.open(png_files(stubs.output)[-1]) as im:
+        assert im.text == {}
+
+
+def test_save_node_writes_pngs_without_any_text_chunk(clean):
+    import torch
+    from PIL import Image
+
+    stubs, pack = clean
+    cls = pack.NODE_CLASS_MAPPINGS["IDDMSaveImageNoMetadata"]
+    assert cls.OUTPUT_NODE is True and "hidden" not in cls.INPUT_TYPES()       # never receives prompt/workflow
+    images = torch.rand(3, 40, 48, 3, generator=torch.Generator().manual_seed(0))
+    shown = cls().save(images, "portraits/me")["ui"]["images"]
+    assert shown == [{"filename": f"me_0000{i}_.png", "subfolder": "portraits", "type": "output"} for i in (1, 2, 3)]
+    for entry, image in zip(shown, images):
+        path = stubs.output / "portraits" / entry["filename"]
+        assert set(png_chunk_types(path)) == {"IHDR", "IDAT", "IEND"}
+        with Image.open(path) as im:
+            assert im.text == {} and im.mode == "RGB"
+            assert np.array_equal(np.array(im), image.mul(255).round().to(torch.uint8).numpy())
+    cls().save(images[:1], "portraits/me")                                     # the counter goes on
+    assert sorted(os.listdir(stubs.output / "portraits")) == [f"me_0000{i}_.png" for i in (1, 2, 3, 4)]
+    with pytest.raises(Exception, match="outside"):
+        cls().save(images[:1], "../escape")
+    assert not (stubs.root / "escape_00001_.png").exists()
+
+
+def test_refs_node_writes_nothing_to_temp_by_default(clean):
+    stubs, pack = clean
+    cls = pack.NODE_CLASS_MAPPINGS["IDDMLoadPrivateRefs"]
+    optional = cls.INPUT_TYPES()["optional"]
+    assert list(optional)[-1] == "preview_on_node" and optional["preview_on_node"][1]["default"] is False
+    before = sorted(stubs.temp.rglob("*")), sorted(stubs.output.rglob("*"))
+    returned = cls().load("iddm_photos", 64, 0, 0)
+    assert (sorted(stubs.temp.rglob("*")), sorted(stubs.output.rglob("*"))) == before
+    _, faces, summary = returned["result"]
+    assert returned["ui"] == {"text": [summary]} and tuple(faces.shape) == (4, 64, 64, 3)
+    # only the explicit switch shows the crops on the node, via temp files that carry pixels only
+    shown = cls().load("iddm_photos", 64, 0, 0, preview_on_node=True)["ui"]["images"]
+    assert len(shown) == 4 and all(e["type"] == "temp" and PRIVATE not in e["filename"] for e in shown)
+    for e in shown:
+        _assert_pixels_only(stubs.temp / e["subfolder"] / e["filename"], [PRIVATE, str(stubs.root)])
+
+
+def test_errors_show_as_plain_type_names_in_comfyui(clean):
+    """ComfyUI names an exception by module + class unless the module is builtins; the pack is imported under its
+    folder path, so library errors would read "<path>.iddm_core.errors.InputError". They read "InputError"."""
+    import pickle
+
+    stubs, pack = clean
+    errors = _errors()
+    with pytest.raises(errors.InputError) as caught:
+        _node(pack, "IDDMLoadPrivateRefs").load("no_such_folder", 128, 0, 0)
+    line = f"{comfy_error_type(caught.type)}: {caught.value}"
+    assert line.startswith("InputError: ") and "no_such_folder" in line and isinstance(caught.value, ValueError)
+    for cls in pack.NODE_CLASS_MAPPINGS.values():          # every node, the train node included
+        assert getattr(getattr(cls, cls.FUNCTION), "_iddm_plain_errors", False), cls
+    assert any(frame.name == "_load" for frame in __import__("traceback").extract_tb(caught.tb))   # frames kept
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert type(again) is errors.InputError and again.args == caught.value.args
+    handle = _result(_node(pack, "IDDMLoadPrivateRefs").load("iddm_photos", 64, 0, 0))[0]
+    loss = _node(pack, "IDDMFaceEnsembleLoss").build(0.03, use_dlib=True)[0]
+    config = _result(_node(pack, "IDDMPGDTwoStage").build("privacy", 2, 0.1, 0.08, 0.008))[0]
+    with pytest.raises(errors.ModelError) as caught:
+        _node(pack, "IDDMTrainLoRA").train("missing.safetensors", handle, loss, config, 1, 1, 4, 1e-4, 64, 0, "x",
+                                           False, unique_id="4")
+    assert comfy_error_type(caught.type) == "ModelError" and "missing.safetensors" in str(caught.value)
+    with pytest.raises(errors.InputError) as caught:
+        _node(pack, "IDDMPGDTwoStage").build("custom", 8, 0.1, 0.01, 0.02)
+    assert comfy_error_type(caught.type) == "InputError" and "alpha" in str(caught.value)
 
 
 def test_cancel_mid_run_leaves_no_lora(clean):
@@ -209,15 +377,15 @@ def test_cancel_mid_run_leaves_no_lora(clean):
     with pytest.raises(InterruptProcessingException):
         run_workflow(pack, _tiny_workflow("cancelled"))
     assert list((stubs.models / "loras").iterdir()) == []
-    assert len([p for p in stubs.progress if p[0] == "5"]) == 1
+    assert len([p for p in stubs.progress if p[0] == "4"]) == 1
 
 
 def test_pgd_preview_returns_protected_images_and_drop(clean):
     stubs, pack = clean
-    handle, _, _ = _node(pack, "IDDMLoadPrivateRefs").load("iddm_photos", 128, 0, 0)
-    config, image, text = _node(pack, "IDDMPGDTwoStage").build(
+    handle, _, _ = _result(_node(pack, "IDDMLoadPrivateRefs").load("iddm_photos", 128, 0, 0))
+    config, image, text = _result(_node(pack, "IDDMPGDTwoStage").build(
         "custom", 1, 0.5, 0.03, 0.01, refs=handle, preview_ckpt="[diffusers] tiny", preview_resolution=64,
-        unique_id="4")
+        unique_id="4"))
     assert config.rho == 0.5 and config.n_rec == 0          # one Stage II (identity) step
     assert tuple(image.shape) == (2, 64, 64, 3)
     clean_x, _ = handle.at(64).protect()
@@ -229,10 +397,45 @@ def test_pgd_preview_returns_protected_images_and_drop(clean):
 
 def test_pgd_without_preview_is_instant_and_preset_sets_rho(env):
     _, pack = env
-    config, image, text = _node(pack, "IDDMPGDTwoStage").build("fidelity", 8, 0.1, 0.08, 0.008)
+    config, image, text = _result(_node(pack, "IDDMPGDTwoStage").build("fidelity", 8, 0.1, 0.08, 0.008))
     assert config.rho == 0.5 and "no preview" in text and tuple(image.shape) == (1, 64, 64, 3)
     with pytest.raises(_errors().InputError, match="alpha"):
         _node(pack, "IDDMPGDTwoStage").build("custom", 8, 0.1, 0.01, 0.02)
+
+
+def test_pgd_node_states_the_rho_in_effect(env):
+    """A named preset overrides the rho widget: the node's text (output and on the node) says so."""
+    _, pack = env
+    build = _node(pack, "IDDMPGDTwoStage").build
+    returned = build("fidelity", 8, 0.1, 0.08, 0.008)
+    text = _result(returned)[2]
+    assert "rho 0.5 (Stage I 4 + Stage II 4 of T=8 steps)" in text
+    assert "the rho widget (0.1) is not used: preset 'fidelity' sets rho 0.5" in text
+    assert returned["ui"] == {"text": [text]}
+    custom = _result(build("custom", 8, 0.2, 0.08, 0.008))[2]
+    assert "rho 0.2 (Stage I 1 + Stage II 7 of T=8 steps)" in custom and "not used" not in custom
+    same = _result(build("privacy", 8, 0.1, 0.08, 0.008))[2]
+    assert "rho 0.1" in same and "not used" not in same
+    fast = _result(build("fast", 8, 0.1, 0.08, 0.008, gradient="full"))[2]
+    assert "gradient fast" in fast and "the gradient widget (full) is not used" in fast
+
+
+def test_leak_meter_states_its_threshold(env):
+    """Threshold 0 means "the judge's own": the tooltip lists each recogniser's value and the summary states the
+    value in effect (3 decimals: dlib's 0.907 used to print as 0.91)."""
+    _, pack = env
+    mod = sys.modules[f"{PACK}.nodes.leak_meter"]
+    tip = pack.NODE_CLASS_MAPPINGS["IDDMIdentityLeakMeter"].INPUT_TYPES()["required"]["threshold"][1]["tooltip"]
+    assert "dlib 0.907" in tip and "faceres 0.55" in tip and "mobileface 0.24" in tip and "others 0.4" in tip
+    assert mod.resolve_threshold(0.0, "dlib")[0] == 0.907 and mod.resolve_threshold(0.0, "irse50")[0] == 0.4
+    assert mod.resolve_threshold(0.8, "dlib") == (0.8, "set on the node")
+    result = {"n_images": 3, "faces_found": [True, True, False], "fsr": 2 / 3,
+              "recognizers": {"dlib": {"ism": 0.92, "similarity": [0.93, 0.91, None]}}}
+    auto = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.0, "dlib"))
+    assert "match threshold [dlib]: cosine >= 0.907 (dlib's own; threshold 0 = auto)" in auto
+    assert "recognised as the user by dlib (cosine >= 0.907): 2/2" in auto
+    strict = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.92, "dlib"))
+    assert "cosine >= 0.92 (set on the node)" in strict and "(cosine >= 0.92): 1/2" in strict
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -254,9 +457,11 @@ def test_faceless_photo_is_named_or_skipped(env):
         Image.fromarray(noise).save(folder / "zz_noface.png")
     with pytest.raises(_errors().InputError, match="zz_noface.png"):
         _node(pack, "IDDMLoadPrivateRefs").load("with_faceless", 128, 0, 0, skip_faceless=False)
-    _, faces, summary = _node(pack, "IDDMLoadPrivateRefs").load(str(folder), 128, 0, 0, skip_faceless=True)
-    assert faces.shape[0] == 4 and "1 photo(s) without a detectable face were skipped" in summary
-    assert "zz_noface" not in summary
+    returned = _node(pack, "IDDMLoadPrivateRefs").load(str(folder), 128, 0, 0, skip_faceless=True)
+    _, faces, summary = returned["result"]
+    # the dropped photo is named to the user, in the summary output and on the node
+    assert faces.shape[0] == 4 and "1 photo(s) without a detectable face were skipped: zz_noface.png" in summary
+    assert returned["ui"]["text"] == [summary] and PRIVATE not in summary
     only = stubs.input / "only_faceless"
     only.mkdir(exist_ok=True)
     shutil.copy(folder / "zz_noface.png", only / "zz_noface.png")
@@ -266,9 +471,9 @@ def test_faceless_photo_is_named_or_skipped(env):
 
 def test_missing_checkpoint_names_the_file(clean):
     _, pack = clean
-    handle, _, _ = _node(pack, "IDDMLoadPrivateRefs").load("iddm_photos", 128, 0, 0)
+    handle, _, _ = _result(_node(pack, "IDDMLoadPrivateRefs").load("iddm_photos", 128, 0, 0))
     loss = _node(pack, "IDDMFaceEnsembleLoss").build(0.03, use_dlib=True)[0]
-    config = _node(pack, "IDDMPGDTwoStage").build("privacy", 2, 0.1, 0.08, 0.008)[0]
+    config = _result(_node(pack, "IDDMPGDTwoStage").build("privacy", 2, 0.1, 0.08, 0.008))[0]
     with pytest.raises(_errors().ModelError, match="missing_model.safetensors"):
         _node(pack, "IDDMTrainLoRA").train("missing_model.safetensors", handle, loss, config, 1, 1, 4, 1e-4, 128, 0,
                                            "x", False, unique_id="5")
@@ -277,9 +482,9 @@ def test_missing_checkpoint_names_the_file(clean):
 def test_existing_lora_is_refused_before_training(clean):
     stubs, pack = clean
     (stubs.models / "loras" / "taken.safetensors").write_bytes(b"keep me")
-    handle, _, _ = _node(pack, "IDDMLoadPrivateRefs").load("iddm_photos", 128, 0, 0)
+    handle, _, _ = _result(_node(pack, "IDDMLoadPrivateRefs").load("iddm_photos", 128, 0, 0))
     loss = _node(pack, "IDDMFaceEnsembleLoss").build(0.03, use_dlib=True)[0]
-    config = _node(pack, "IDDMPGDTwoStage").build("privacy", 2, 0.1, 0.08, 0.008)[0]
+    config = _result(_node(pack, "IDDMPGDTwoStage").build("privacy", 2, 0.1, 0.08, 0.008))[0]
     train = _node(pack, "IDDMTrainLoRA").train
     with pytest.raises(_errors().InputError, match="taken.safetensors"):
         train("tiny.safetensors", handle, loss, config, 1, 1, 4, 1e-4, 128, 0, "taken", False, unique_id="5")

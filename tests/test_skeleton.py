@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -69,3 +70,65 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644   # readable by the app's other users, like any output
+
+
+# ------------------------------------------------------------------------------ the `iddm` command (issue 12)
+def _project():
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _run_from(cwd, args, extra_path=True):
+    import os
+
+    env = dict(os.environ)
+    if extra_path:   # where `pip install -e .` has not been run: the repo on the path, but not the working dir
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_declared_entry_point_works_from_another_directory(tmp_path):
+    # pyproject's [project.scripts] iddm = "module:function", called the way pip's console script calls it
+    module, func = _project()["project"]["scripts"]["iddm"].split(":")
+    code = f"import sys; from {module} import {func} as entry; sys.argv[0] = 'iddm'; sys.exit(entry(sys.argv[1:]))"
+    out = _run_from(tmp_path, [sys.executable, "-c", code, "--help"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: iddm ") and "face-models" in out.stdout and "train" in out.stdout
+    out = _run_from(tmp_path, [sys.executable, "-c", code, "face-models"])
+    assert out.returncode == 0, out.stderr
+    assert "faceres" in out.stdout and "packaged (iddm_core/assets/recognizers)" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_installed_iddm_command_runs_anywhere(tmp_path):
+    """Runs where `pip install -e .` was done (.ci/run does it); skipped otherwise."""
+    import pytest
+
+    script = Path(sys.executable).parent / "iddm"
+    if not script.exists():
+        pytest.skip("the iddm command is not installed here (pip install -e .)")
+    out = _run_from(tmp_path, [str(script), "--help"], extra_path=False)
+    assert out.returncode == 0 and out.stdout.startswith("usage: iddm "), out.stderr
+    out = _run_from(tmp_path, [str(script), "face-models"], extra_path=False)
+    assert out.returncode == 0 and "faceres" in out.stdout, out.stderr
+    where = _run_from(tmp_path, [sys.executable, "-c", "import iddm_core; print(iddm_core.__file__)"], extra_path=False)
+    assert Path(where.stdout.strip()).resolve() == (ROOT / "iddm_core" / "__init__.py").resolve(), where.stderr
+
+
+def test_package_installs_only_the_library_with_all_its_data_files():
+    from fnmatch import fnmatchcase
+
+    project = _project()
+    assert project["build-system"]["build-backend"] == "setuptools.build_meta"
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["packages"]["find"]["include"] == ["iddm_core", "iddm_core.*"]
+    patterns = setuptools["package-data"]["iddm_core"]
+    package = ROOT / "iddm_core"
+    data = [p.relative_to(package).parts for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert any(parts[:2] == ("assets", "demo_model") for parts in data)
+    uncovered = ["/".join(parts) for parts in data
+                 if not any(len(pat.split("/")) == len(parts) and all(map(fnmatchcase, parts, pat.split("/")))
+                            for pat in patterns)]
+    assert uncovered == []    # the demo model, sample faces, recogniser and configs ship with an installed copy

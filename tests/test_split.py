@@ -16,10 +16,14 @@ def test_split_is_disjoint_deterministic_and_covers_all():
 def test_split_minimum_is_two_plus_one():
     s = split_indices(3)
     assert (len(s.reference), len(s.protect)) == (2, 1)
-    with pytest.raises(InputError, match="at least 2 reference and 1 protected"):
-        split_indices(2)
-    with pytest.raises(InputError, match="n_reference"):
-        split_indices(5, n_reference=9)
+    for n in (0, 1, 2):   # one photo used to say "n_reference=2 is outside 0..1"
+        with pytest.raises(InputError, match=rf"need at least 3 photos with a face \(2 reference \+ 1 protected\); "
+                                             rf"found {n}\."):
+            split_indices(n)
+    for bad in (9, 5, 1, 0):
+        with pytest.raises(InputError, match=rf"n_reference={bad} must be between 2 and 4: 5 usable photos"):
+            split_indices(5, n_reference=bad)
+    assert len(split_indices(5, n_reference=4).protect) == 1
 
 
 def test_split_by_names_override():

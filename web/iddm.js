@@ -1,5 +1,8 @@
 // IDDM live chart: draws the loss and each face recogniser's similarity on the "IDDM Train LoRA" node while it
 // trains, from the "iddm.progress" websocket events the node sends (numbers only, never photo names).
+// Status text: the text a node returns in its `ui` (Load Private Refs: counts and the photos left out; PGD
+// Two-Stage: the settings in effect; Train LoRA: its summary) is drawn under the node. It is kept on the node
+// object only, never in a widget, so it is not saved with the workflow.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -7,6 +10,10 @@ const NODE_TYPES = new Set(["IDDMTrainLoRA", "IDDMPGDTwoStage"]);
 const MAX_POINTS = 400;          // keep the chart cheap to draw on long runs
 const CHART_HEIGHT = 120;
 const PAD = 8;
+const STATUS_TYPES = new Set(["IDDMLoadPrivateRefs", "IDDMPGDTwoStage", "IDDMTrainLoRA"]);
+const STATUS_LINE = 14;
+const STATUS_CHARS = 60;         // wrap width in characters (11px sans-serif on a ~380px node)
+const STATUS_MAX_LINES = 16;
 const COLORS = ["#4fc3f7", "#ffb74d", "#ba68c8", "#81c784", "#e57373", "#fff176", "#90a4ae"];
 
 // node id -> { loss: [], sims: {name: []}, text: "" }
@@ -107,23 +114,73 @@ function drawChart(node, ctx) {
   ctx.restore();
 }
 
+function wrapStatus(text) {
+  const out = [];
+  for (const raw of String(text || "").split("\n")) {
+    let line = "";
+    for (const word of raw.split(" ")) {
+      if (line && line.length + 1 + word.length > STATUS_CHARS) { out.push(line); line = "  " + word; }
+      else line = line ? line + " " + word : word;
+    }
+    out.push(line);
+  }
+  if (out.length > STATUS_MAX_LINES) out.splice(STATUS_MAX_LINES - 1, out.length, "...");
+  return out.filter((l, i) => l || i < out.length - 1);
+}
+
+function statusHeight(node) {
+  const n = node.iddmStatus?.length || 0;
+  return n ? n * STATUS_LINE + 8 : 0;
+}
+
+function drawStatus(node, ctx, below) {
+  const lines = node.iddmStatus;
+  if (!lines?.length) return;
+  const h = statusHeight(node);
+  const top = node.size[1] - below - h;
+  ctx.save();
+  ctx.fillStyle = "rgba(0,0,0,0.25)";
+  ctx.fillRect(PAD, top, node.size[0] - 2 * PAD, h - 4);
+  ctx.font = "11px sans-serif";
+  ctx.fillStyle = "#ddd";
+  lines.forEach((line, i) => ctx.fillText(line, PAD + 4, top + 12 + i * STATUS_LINE, node.size[0] - 2 * PAD - 8));
+  ctx.restore();
+}
+
 app.registerExtension({
   name: "iddm.live_chart",
   async setup() {
     api.addEventListener("iddm.progress", onProgress);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!NODE_TYPES.has(nodeData.name)) return;
+    const chart = NODE_TYPES.has(nodeData.name);
+    const status = STATUS_TYPES.has(nodeData.name);
+    if (!chart && !status) return;
+    const chartSpace = chart ? CHART_HEIGHT + PAD : 0;
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       const r = onDrawForeground?.apply(this, arguments);
-      if (!this.flags?.collapsed) drawChart(this, ctx);
+      if (!this.flags?.collapsed) {
+        if (status) drawStatus(this, ctx, chartSpace);
+        if (chart) drawChart(this, ctx);
+      }
       return r;
     };
     const computeSize = nodeType.prototype.computeSize;
     nodeType.prototype.computeSize = function () {
       const size = computeSize ? computeSize.apply(this, arguments) : [320, 200];
-      return [Math.max(size[0], 320), size[1] + CHART_HEIGHT + PAD];
+      return [Math.max(size[0], 320), size[1] + chartSpace + statusHeight(this)];
     };
+    if (status) {
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        const r = onExecuted?.apply(this, arguments);
+        this.iddmStatus = message?.text ? wrapStatus(message.text.join("\n")) : [];
+        const size = this.computeSize();
+        this.setSize([Math.max(this.size[0], size[0]), Math.max(this.size[1], size[1])]);
+        this.setDirtyCanvas(true, true);
+        return r;
+      };
+    }
   },
 });

@@ -1,4 +1,4 @@
-"""Command line: ``python -m iddm_core <command> ...``.
+"""Command line: ``iddm <command> ...`` (installed with ``pip install -e .``) or ``python -m iddm_core <command> ...``.
 
 Every module in this package that defines ``register(subparsers)`` contributes commands. A command's
 parser sets ``func=callable(args) -> int``; heavy imports happen inside that callable so ``--help`` is fast.
@@ -13,9 +13,9 @@ import sys
 from ..errors import IDDMError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "iddm") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m iddm_core",
+        prog=prog,
         description="IDDM: train personal Stable Diffusion LoRAs whose outputs are hard to link to you by face recognition.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "iddm") -> int:
+    """The ``iddm`` console command (``prog``: the name usage lines show)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -50,3 +50,15 @@ class ConsoleProgress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def print_skipped(skipped, folder, stream=None) -> None:
+    """Tell the user, on the terminal (stderr), which photos of ``folder`` were left out because no face was found
+    in them. Names go to the user's own screen only: never to a log file or an output."""
+    if not skipped:
+        return
+    from ..refs import skipped_note
+
+    stream = stream or sys.stderr
+    stream.write(f"warning: {folder}: {skipped_note(list(skipped))}\n")
+    stream.flush()

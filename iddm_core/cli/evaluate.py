@@ -120,8 +120,10 @@ def load_clean_refs(folder, detector, resolution: int = REF_RESOLUTION):
     """Face-centred crops + landmarks of every clean photo with a face (photos without one are skipped)."""
     from ..images import load_folder
     from ..refs import prepare_photos
+    from ._common import print_skipped
 
-    images, landmarks, _, _ = prepare_photos(load_folder(folder), resolution, detector)
+    images, landmarks, _, skipped = prepare_photos(load_folder(folder), resolution, detector)
+    print_skipped(skipped, folder)            # to the terminal only: names never go into the report
     return images, landmarks
 
 

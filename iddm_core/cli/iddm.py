@@ -65,9 +65,15 @@ def register(sub) -> None:
     p.add_argument("--n-reference", type=int, default=None, help="size of the reference set Xc (default: half)")
     p.add_argument("--reference-files", default=None, help="comma-separated file names forming Xc (overrides split)")
     p.add_argument("--protect-files", default=None, help="comma-separated file names forming X0 (default: the rest)")
-    p.add_argument("--resume", action="store_true", help="continue from the state saved after the last iteration")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the state saved after its last finished iteration; "
+                        "refused if the base model, photos, split, class images or settings differ")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the saved state of an interrupted run for this output and start over")
     p.add_argument("--state-dir", default=None,
-                   help="where the resume state is kept (default: <out>.iddm-state/); deleted after success")
+                   help="folder of the resume state (holds derived private images; default: a private folder "
+                        "under $IDDM_CACHE_DIR/state, else ~/.cache/iddm/state, one per output); deleted after "
+                        "success")
     p.add_argument("--save-protected", default=None, help="also write the final protected images X' to this folder")
     _add_io_args(p)
     _add_algorithm_args(p)
@@ -103,25 +109,46 @@ def _split_list(text):
 
 
 def cmd_train(args) -> int:
+    import sys
+
+    from .. import checkpoint as ckpt
     from ..atomic import check_writable
-    from ..iddm import run_iddm
-    from ..models import load_model
+    from ..errors import InputError
+    from ..iddm import run_iddm, schedule_text
+    from ..models import load_model, validate_model
     from ..refs import load_private_refs
-    from ._common import ConsoleProgress, pick_device
+    from ._common import ConsoleProgress, pick_device, print_skipped
 
     config = config_from_args(args)                       # parameter errors before anything is loaded
     out = Path(args.out)
     check_writable(out, args.overwrite)
-    device = pick_device(args.device)
-    bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device)
-    resolution = config.resolution or bundle.resolution
+    if args.resume and args.fresh:
+        raise InputError("--resume and --fresh contradict each other: choose one")
+    state_dir = Path(args.state_dir) if args.state_dir else ckpt.state_dir_for(out)
+    legacy = out.with_name(out.name + ".iddm-state")
+    if (legacy / "iddm_state.pt").is_file():
+        print(f"warning: {legacy} holds the resume state of an older version (derived private images beside "
+              "your output); this version cannot resume it: delete that folder", file=sys.stderr)
+    if ckpt.has_state(state_dir) and not (args.resume or args.fresh):
+        raise InputError(f"an interrupted run left its resume state for {out} (in {state_dir}): add --resume to "
+                         "continue it, or --fresh to discard it and start over")
+    if args.resume and not ckpt.has_state(state_dir):
+        print(f"no resume state for {out}: starting from iteration 1", file=sys.stderr)
+    text = schedule_text(config)
+    print(text)
+    if config.pgd.n_rec == 0:
+        print(f"warning: {config.pgd.schedule()['note']}", file=sys.stderr)
+    info = validate_model(args.model, kind=args.kind, tokenizer=args.tokenizer)   # header only: seconds, not minutes
+    resolution = config.resolution or info.resolution
     refs = load_private_refs(args.refs, resolution, seed=config.seed, n_reference=args.n_reference,
                              reference_files=_split_list(args.reference_files),
                              protect_files=_split_list(args.protect_files))
-    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".iddm-state")
+    print_skipped(refs.skipped, args.refs)
+    device = pick_device(args.device)
+    bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device)
     result = run_iddm(bundle, refs, config, out_path=out, lora_name=args.name or out.stem, report_path=args.report,
                       checkpoint_dir=state_dir, resume=args.resume, overwrite=args.overwrite,
-                      callback=ConsoleProgress(), class_images=args.class_images)
+                      callback=ConsoleProgress(), class_images=args.class_images, model_source=args.model)
     if args.save_protected:
         save_protected(result.protected, args.save_protected)
     _print_summary(result)
@@ -146,6 +173,11 @@ def _print_summary(result) -> None:
     t = r["timings"]
     sims = ", ".join(f"{k} {v:.3f}" for k, v in r.get("final_similarity", {}).items())
     print(f"LoRA written: {result.lora_path}")
+    if r.get("resume", {}).get("resumed_after"):
+        print(f"resumed after iteration {r['resume']['resumed_after']} of {r['config']['K']}")
+    s = r.get("schedule", {})
+    print(f"PGD per iteration: {s.get('stage1_steps')} Stage I + {s.get('stage2_steps')} Stage II steps"
+          + (f" ({s['note']})" if s.get("note") else ""))
     print(f"time: total {t['total']:.1f}s (fine-tune {t['finetune']:.1f}s, PGD {t['pgd']:.1f}s, other {t['other']:.1f}s)")
     print(f"similarity of X' to the reference prototype: {sims}")
 
