@@ -16,6 +16,8 @@ if _API is not None:
 
     try:
         V3_NODES = _v3_nodes(_API, _V1_CLASSES, _V1_NAMES)
+        for _cls in V3_NODES:   # build and validate every schema now: a failure here still falls back to V1,
+            getattr(_cls, "GET_SCHEMA", _cls.define_schema)()   # one inside ComfyUI's loader would lose the pack
     except Exception:           # an io this module does not fit: keep the pack working on V1
         import logging
 
