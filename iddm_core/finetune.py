@@ -159,6 +159,9 @@ class DreamBoothTrainer:
 
     def __init__(self, bundle, lora_spec: LoraSpec, config: FinetuneConfig | None = None,
                  class_images: torch.Tensor | str | None = None, class_cache_dir=None):
+        from .models import require_trainable
+
+        require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
         self.bundle, self.spec = bundle, lora_spec
         self.config = config = config or FinetuneConfig()
         self.resolution = int(config.resolution or bundle.resolution)

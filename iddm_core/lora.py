@@ -108,6 +108,9 @@ def add_lora(bundle, spec: LoraSpec, seed: int = 0) -> list[torch.nn.Parameter]:
     LoRA weights are kept in float32 whatever the base dtype: fp16 master weights would lose small updates.
     Calling it again on the same bundle is a no-op (IDDM re-enters training many times without reloading).
     """
+    from .models import require_trainable
+
+    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     from peft import LoraConfig, inject_adapter_in_model
 
     if has_lora(bundle):
@@ -205,6 +208,9 @@ def kohya_state_dict(bundle, spec: LoraSpec, dtype: torch.dtype = torch.float32)
     their 4-D shapes as kohya stores them. ``alpha`` is read from each layer and must match ``spec`` (a mismatch
     would silently change the strength of the LoRA in every front end).
     """
+    from .models import require_trainable
+
+    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     out = {}
     for prefix, (_, module) in zip((UNET_PREFIX, TE_PREFIX), _parts(bundle)):
         for name, layer in _lora_layers(module):

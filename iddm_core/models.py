@@ -22,9 +22,11 @@ import torch  # noqa: E402
 from .errors import ModelError  # noqa: E402
 from .atomic import atomic_write, check_writable  # noqa: E402
 
-KINDS = ("sd1", "sd2", "sd2v")
-PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "epsilon", "sd2v": "v_prediction"}
-RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2v": 768}
+KINDS = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
+SDXL_KINDS = ("sdxl", "sdxl-v")   # loadable, but not trainable yet (see require_trainable)
+PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon",
+                    "sdxl-v": "v_prediction"}
+RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024, "sdxl-v": 1024}
 
 
 @dataclass
@@ -40,10 +42,14 @@ class ModelBundle:
     prediction_type: str          # "epsilon" | "v_prediction"
     resolution: int               # native training resolution in pixels
     title: str                    # checkpoint stem, shown in LoRA metadata (never a full path)
+    text_encoder_2: Any = None    # SDXL only: OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
+    tokenizer_2: Any = None       # SDXL only: its tokenizer (CLIP vocabulary, pads with "!")
 
     def to(self, device=None, dtype=None) -> "ModelBundle":
-        """Move the three networks (in place) and return self, so ``bundle.to("cuda")`` chains."""
-        for module in (self.unet, self.vae, self.text_encoder):
+        """Move the networks (in place) and return self, so ``bundle.to("cuda")`` chains."""
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is None:
+                continue
             if device is not None:
                 module.to(device=device)
             # only cast when needed: diffusers warns on every dtype cast, even a no-op one
@@ -74,6 +80,14 @@ class ModelBundle:
         return self.resolution // self.vae_scale_factor
 
 
+def require_trainable(bundle) -> None:
+    """A clear :class:`ModelError` for bundles the trainers cannot handle yet (SDXL: two text encoders,
+    size/crop conditioning); called at every training / LoRA entry point before any work."""
+    if getattr(bundle, "kind", None) in SDXL_KINDS or getattr(bundle, "text_encoder_2", None) is not None:
+        raise ModelError(f"{getattr(bundle, 'title', 'model')}: SDXL training is not supported yet (SDXL models "
+                         f"load, but DreamBooth/IDDM/LoRA export work on SD 1.x / 2.x only)")
+
+
 def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
                device="cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Load a Stable Diffusion model for training.
@@ -81,8 +95,9 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
     ``path``: ``"demo"`` (the small trained model shipped in ``iddm_core/assets/demo_model``, 128 px), ``"tiny"``
     (the built-in tiny random model, seed 0, built in memory), a diffusers folder, or a single-file checkpoint
     (``.safetensors``; ``.ckpt``/``.pt`` only if ``torch.load(weights_only=True)`` accepts them) in the original
-    SD key layout. ``kind`` overrides detection ("sd1" | "sd2" | "sd2v"). ``tokenizer`` is a folder holding
-    ``vocab.json`` + ``merges.txt`` (needed for single files outside ComfyUI).
+    SD key layout. ``kind`` overrides detection ("sd1" | "sd2" | "sd2v" | "sdxl" | "sdxl-v"). ``tokenizer`` is a
+    folder holding ``vocab.json`` + ``merges.txt`` (needed for single files outside ComfyUI; for SDXL it serves
+    both text encoders).
     """
     if kind is not None and kind not in KINDS:
         raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
@@ -93,7 +108,8 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
     if str(path) == "tiny":
         from .tiny import build_tiny_bundle
 
-        # kind="sd2"/"sd2v" gives the SD2-flavoured tiny variant (e.g. to exercise v-prediction training)
+        # kind="sd2"/"sd2v" gives the SD2-flavoured tiny variant (e.g. to exercise v-prediction training);
+        # "sdxl"/"sdxl-v" the SDXL-shaped one
         return build_tiny_bundle(0, kind or "sd1").to(device, dtype)
     p = Path(path)
     if p.is_dir():
@@ -130,7 +146,7 @@ def detect_kind(state: Mapping[str, Any], source: str = "checkpoint", metadata: 
     """
     keys = list(state.keys())
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelError(f"{source}: SDXL checkpoints are not supported (only SD 1.x / 2.x)")
+        return _detect_sdxl(keys, state, source, metadata or {})
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelError(f"{source}: unknown checkpoint layout (no model.diffusion_model.* UNet weights); "
                          "expected an original-layout Stable Diffusion 1.x/2.x checkpoint")
@@ -153,12 +169,39 @@ def detect_kind(state: Mapping[str, Any], source: str = "checkpoint", metadata: 
     return "sd2v" if _is_v_prediction(state, metadata or {}) else "sd2"
 
 
-def _is_v_prediction(state: Mapping[str, Any], metadata: Mapping[str, str]) -> bool:
+_SDXL_PARTS = (("model.diffusion_model.", "UNet"), ("conditioner.embedders.0.transformer.", "CLIP ViT-L text encoder"),
+               ("conditioner.embedders.1.model.", "OpenCLIP ViT-bigG text encoder"))
+
+
+def _detect_sdxl(keys: list, state: Mapping[str, Any], source: str, metadata: Mapping[str, str]) -> str:
+    """"sdxl" | "sdxl-v" for an SGM-layout (``conditioner.embedders.*``) checkpoint; refiners, inpainting and
+    incomplete files are refused. SDXL has no reliable weight heuristic for v-prediction, so only an explicit
+    ``v_pred`` key or prediction-type metadata makes it ``sdxl-v`` (else pass kind="sdxl-v")."""
+    for prefix, part in _SDXL_PARTS:
+        if not any(k.startswith(prefix) for k in keys):
+            raise ModelError(f"{source}: incomplete or unsupported SDXL checkpoint (no {prefix}* {part} weights; "
+                             f"SDXL refiner checkpoints are not supported)")
+    conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and _shape(conv_in)[1] != 4:
+        raise ModelError(f"{source}: SDXL UNet takes {_shape(conv_in)[1]} input channels; inpainting models "
+                         "are not supported")
+    return "sdxl-v" if _declared_v_prediction(state, metadata) else "sdxl"
+
+
+def _declared_v_prediction(state: Mapping[str, Any], metadata: Mapping[str, str]) -> bool | None:
+    """True/False when the file says (a ``v_pred`` key, prediction-type metadata), else None."""
     if "v_pred" in state:
         return True
     declared = str(metadata.get("modelspec.prediction_type", metadata.get("prediction_type", ""))).lower()
     if declared:
         return declared.startswith("v")
+    return None
+
+
+def _is_v_prediction(state: Mapping[str, Any], metadata: Mapping[str, str]) -> bool:
+    declared = _declared_v_prediction(state, metadata)
+    if declared is not None:
+        return declared
     norms = sorted(((int(m[1]), k) for k in state if (m := _OUT_NORM1_BIAS.match(k))))
     if not norms or not isinstance(state[norms[-1][1]], torch.Tensor):
         return False
@@ -198,10 +241,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def shipped_configs(kind: str) -> dict:
-    """The architecture JSONs in ``iddm_core/configs/<kind>/`` (unet, vae, text_encoder, scheduler)."""
-    folder = CONFIG_DIR / kind
-    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-            for name in ("unet", "vae", "text_encoder", "scheduler")}
+    """The architecture JSONs in ``iddm_core/configs/<kind>/`` (unet, vae, text_encoder, scheduler; SDXL also
+    text_encoder_2). ``sdxl-v`` shares ``sdxl/`` (only the prediction type differs, set by the loader)."""
+    folder = CONFIG_DIR / ("sdxl" if kind in SDXL_KINDS else kind)
+    names = ("unet", "vae", "text_encoder", "scheduler") + (("text_encoder_2",) if kind in SDXL_KINDS else ())
+    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name in names}
 
 
 def _clean(config: dict) -> dict:
@@ -265,6 +309,23 @@ def comfy_tokenizer_dir(kind: str) -> Path | None:
         if (folder / "vocab.json").is_file():
             return folder
     return None
+
+
+def resolve_tokenizer_2(tokenizer: str | os.PathLike | None = None, model_folder: str | os.PathLike | None = None,
+                        source: str = "model"):
+    """SDXL's second tokenizer: a diffusers folder's ``tokenizer_2/`` (as it is), else the same CLIP vocabulary
+    as the first (explicit folder, ``tokenizer/``, ComfyUI's ``sd1_tokenizer``) padding with ``"!"`` (token 0),
+    as SDXL's OpenCLIP tokenizer and ComfyUI's SDXL clip_g tokenizer do."""
+    from transformers import CLIPTokenizer
+
+    own = Path(model_folder) / "tokenizer_2" if model_folder is not None else None
+    if tokenizer is None and own is not None and _tokenizer_files_present(own):
+        tok = CLIPTokenizer.from_pretrained(str(own), local_files_only=True)
+        tok.model_max_length = min(int(tok.model_max_length), CLIP_CONTEXT_LENGTH)
+        return tok
+    tok = resolve_tokenizer("sdxl", tokenizer, model_folder, source)
+    tok.pad_token = "!"
+    return tok
 
 
 def _tokenizer_files_present(folder: Path) -> bool:
@@ -374,10 +435,11 @@ def _scheduler(config: dict, prediction_type: str):
     return DDPMScheduler.from_config({**_clean(config), "prediction_type": prediction_type})
 
 
-def _token_rows(state: Mapping[str, Any]) -> int | None:
-    """Rows of the text encoder's token embedding in an original-layout state dict (SD1 and SD2 keys)."""
+def _token_rows(state: Mapping[str, Any], prefix: str = "cond_stage_model.") -> int | None:
+    """Rows of the text encoder's token embedding in an original-layout state dict (SD1 and SD2 keys; SDXL:
+    ``prefix`` ``conditioner.embedders.0.`` / ``.1.``)."""
     for k, v in state.items():
-        if k.startswith("cond_stage_model.") and k.endswith("token_embedding.weight"):
+        if k.startswith(prefix) and k.endswith("token_embedding.weight"):
             return int(_shape(v)[0])
     return None
 
@@ -396,8 +458,19 @@ def _single_file_setup(path: Path, state: dict, metadata: dict, kind: str | None
 
     Runs before any network is built, so a wrong tokenizer fails in a second, not after the UNet is loaded."""
     kind = kind or detect_kind(state, str(path), metadata)
+    sgm = any(k.startswith("conditioner.embedders.") for k in state)
+    if (kind in SDXL_KINDS) != sgm:
+        raise ModelError(f"{path}: kind={kind!r} does not fit this file ({'an SDXL' if sgm else 'not an SDXL'} "
+                         f"checkpoint); pass kind=... matching the file, or none to detect it")
     configs = _single_file_configs(path, metadata, kind)
     tok = resolve_tokenizer(kind, tokenizer, None, str(path))
+    if kind in SDXL_KINDS:
+        tok = (tok, resolve_tokenizer_2(tokenizer, None, str(path)))
+        for t, n, part in ((tok[0], 0, "text_encoder"), (tok[1], 1, "text_encoder_2")):
+            rows = _token_rows(state, f"conditioner.embedders.{n}.") or \
+                int(configs[part].get("vocab_size", CLIP_VOCAB_SIZE))
+            check_tokenizer_fits(t, rows, configs[part].get("eos_token_id"), str(path))
+        return kind, configs, tok
     rows = _token_rows(state) or int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE))
     check_tokenizer_fits(tok, rows, configs["text_encoder"].get("eos_token_id"), str(path))
     return kind, configs, tok
@@ -419,6 +492,10 @@ def _single_file_parts(path: Path, state: dict, configs: dict, kind: str) -> lis
     except (KeyError, IndexError) as exc:  # the converters index keys blindly
         raise ModelError(f"{path}: the UNet/VAE weights do not fit the {kind} layout (missing {exc})") from exc
 
+    if kind in SDXL_KINDS:
+        return [("UNet", lambda: UNet2DConditionModel.from_config(unet_config), unet_state),
+                ("VAE", lambda: AutoencoderKL.from_config(vae_config), vae_state),
+                *_sdxl_text_parts(state, configs)]
     text_config = dict(_clean(configs["text_encoder"]))
     openclip = any(k.startswith("cond_stage_model.model.") for k in state)
     if openclip:
@@ -435,6 +512,22 @@ def _single_file_parts(path: Path, state: dict, configs: dict, kind: str) -> lis
             ("text encoder", lambda: CLIPTextModel(text_cfg), _match_text_prefix(probe, converted))]
 
 
+def _sdxl_text_parts(state: dict, configs: dict) -> list:
+    """The two SDXL text encoders: CLIP ViT-L (HF names under ``conditioner.embedders.0.transformer.``) and
+    OpenCLIP ViT-bigG with its projection (``conditioner.embedders.1.model.``, every block used)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg_1 = CLIPTextConfig(**_clean(configs["text_encoder"]))
+    cfg_2 = CLIPTextConfig(**_clean(configs["text_encoder_2"]))
+    with torch.device("meta"):
+        probe_1, probe_2 = CLIPTextModel(cfg_1), CLIPTextModelWithProjection(cfg_2)
+    first = {k: v for k, v in state.items() if k.startswith("conditioner.embedders.0.transformer.")}
+    second = convert_open_clip_checkpoint(probe_2, state, prefix="conditioner.embedders.1.model.")
+    return [("text encoder", lambda: CLIPTextModel(cfg_1), _match_text_prefix(probe_1, convert_ldm_clip_checkpoint(first))),
+            ("text encoder 2", lambda: CLIPTextModelWithProjection(cfg_2), second)]
+
+
 def load_single_file(path: str | os.PathLike, kind: str | None = None,
                      tokenizer: str | os.PathLike | None = None) -> ModelBundle:
     """An original-layout SD checkpoint -> :class:`ModelBundle` (float32, CPU).
@@ -447,13 +540,17 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
     path = Path(path)
     state, metadata = read_checkpoint(path)
     kind, configs, tok = _single_file_setup(path, state, metadata, kind, tokenizer)
-    unet, vae, text_encoder = (_build_loaded(factory, part_state, str(path), part, kind)
-                               for part, factory, part_state in _single_file_parts(path, state, configs, kind))
+    modules = [_build_loaded(factory, part_state, str(path), part, kind)
+               for part, factory, part_state in _single_file_parts(path, state, configs, kind)]
     prediction_type = PREDICTION_TYPES[kind]
+    extra = {}
+    if kind in SDXL_KINDS:   # tok is (tokenizer, tokenizer_2), modules end with text_encoder_2
+        tok, extra = tok[0], {"text_encoder_2": modules.pop(), "tokenizer_2": tok[1]}
+    unet, vae, text_encoder = modules
     return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                        noise_scheduler=_scheduler(configs["scheduler"], prediction_type), kind=kind,
                        prediction_type=prediction_type, resolution=_resolution(configs["vae"], kind),
-                       title=path.stem)
+                       title=path.stem, **extra)
 
 
 def _folder_kind(unet_config: Mapping, text_config: Mapping, scheduler_config: Mapping) -> str:
@@ -479,16 +576,39 @@ def _folder_configs(folder: Path) -> dict:
             configs[part] = json.loads((folder / part / name).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ModelError(f"{folder}: cannot read {part}/{name} ({exc.__class__.__name__})") from exc
+    if (folder / "text_encoder_2").is_dir():   # SDXL
+        try:
+            configs["text_encoder_2"] = json.loads((folder / "text_encoder_2" / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{folder}: cannot read text_encoder_2/config.json ({exc.__class__.__name__})") from exc
     return configs
+
+
+def _folder_is_sdxl(configs: Mapping) -> bool:
+    return "text_encoder_2" in configs or configs["unet"].get("addition_embed_type") == "text_time"
 
 
 def _folder_setup(folder: Path, kind: str | None, tokenizer):
     """(kind, configs, tokenizer) of a diffusers folder, the tokenizer checked against the text encoder config."""
     configs = _folder_configs(folder)
+    if _folder_is_sdxl(configs):
+        if kind is not None and kind not in SDXL_KINDS:
+            raise ModelError(f"{folder}: kind={kind!r} does not fit this SDXL folder; pass kind='sdxl' or 'sdxl-v'")
+        if "text_encoder_2" not in configs:
+            raise ModelError(f"{folder}: SDXL folder without text_encoder_2/ (refiners are not supported)")
+        predicted = configs["scheduler"].get("prediction_type")
+        kind = kind or ("sdxl-v" if predicted == "v_prediction" else "sdxl")
+    elif kind in SDXL_KINDS:
+        raise ModelError(f"{folder}: kind={kind!r} does not fit this folder (not SDXL: no text_encoder_2/)")
     kind = kind or _folder_kind(configs["unet"], configs["text_encoder"], configs["scheduler"])
     tok = resolve_tokenizer(kind, tokenizer, folder, str(folder))
     text = configs["text_encoder"]
     check_tokenizer_fits(tok, int(text.get("vocab_size", CLIP_VOCAB_SIZE)), text.get("eos_token_id"), str(folder))
+    if kind in SDXL_KINDS:   # tok becomes (tokenizer, tokenizer_2)
+        tok = (tok, resolve_tokenizer_2(tokenizer, folder, str(folder)))
+        text = configs["text_encoder_2"]
+        check_tokenizer_fits(tok[1], int(text.get("vocab_size", CLIP_VOCAB_SIZE)), text.get("eos_token_id"),
+                             str(folder))
     return kind, configs, tok
 
 
@@ -500,20 +620,31 @@ def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
 
     folder = Path(folder)
     kind, configs, tok = _folder_setup(folder, kind, tokenizer)   # before any weights are read
+    extra = {}
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
         scheduler_config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
+        if kind in SDXL_KINDS:
+            from transformers import CLIPTextModelWithProjection
+
+            extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                str(folder), subfolder="text_encoder_2", local_files_only=True).eval()
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}: cannot load the diffusers model ({exc})") from exc
+    if kind in SDXL_KINDS:
+        tok, extra["tokenizer_2"] = tok
+        enc_2 = extra["text_encoder_2"]
+        check_tokenizer_fits(extra["tokenizer_2"], int(enc_2.get_input_embeddings().weight.shape[0]),
+                             enc_2.config.eos_token_id, str(folder))
     rows = int(text_encoder.get_input_embeddings().weight.shape[0])
     check_tokenizer_fits(tok, rows, text_encoder.config.eos_token_id, str(folder))
     prediction_type = PREDICTION_TYPES[kind]
     return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,
                        noise_scheduler=_scheduler(dict(scheduler_config), prediction_type), kind=kind,
                        prediction_type=prediction_type, resolution=_resolution(vae.config, kind),
-                       title=folder.name)
+                       title=folder.name, **extra)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -521,7 +652,7 @@ def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
 class ModelInfo:
     """What :func:`validate_model` found out about a model without loading its weights."""
 
-    kind: str                # "sd1" | "sd2" | "sd2v"
+    kind: str                # "sd1" | "sd2" | "sd2v" | "sdxl" | "sdxl-v"
     prediction_type: str     # "epsilon" | "v_prediction"
     resolution: int          # native training resolution in pixels
     title: str               # checkpoint stem / folder name (never a full path)
@@ -599,10 +730,11 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
     if kind is not None and kind not in KINDS:
         raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     if str(path) == "tiny":
-        from .tiny import TINY_RESOLUTION, TINY_TITLE
+        from .tiny import TINY_RESOLUTION, TINY_SDXL_TITLE, TINY_TITLE
 
         k = kind or "sd1"
-        return ModelInfo(k, PREDICTION_TYPES[k], TINY_RESOLUTION, TINY_TITLE, _tiny_tokenizer_size())
+        return ModelInfo(k, PREDICTION_TYPES[k], TINY_RESOLUTION, TINY_SDXL_TITLE if k in SDXL_KINDS else TINY_TITLE,
+                         _tiny_tokenizer_size())
     if str(path) == "demo":
         from .demo_model import ASSET_DIR, DEMO_TITLE, TOKENIZER_DIR, weights_path
 
@@ -614,7 +746,9 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
     p = Path(path)
     if p.is_dir():
         kind, configs, _ = _folder_setup(p, kind, tokenizer)
-        for part, stems in _FOLDER_WEIGHTS.items():
+        weights = dict(_FOLDER_WEIGHTS, **({"text_encoder_2": _FOLDER_WEIGHTS["text_encoder"]}
+                                           if kind in SDXL_KINDS else {}))
+        for part, stems in weights.items():
             if not any((p / part / f"{stem}{ext}").is_file() for stem in stems
                        for ext in (".safetensors", ".bin")):
                 raise ModelError(f"{p}: {part}/ holds no weights file ({stems[0]}.safetensors)")
@@ -627,20 +761,26 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
     for part, factory, part_state in _single_file_parts(p, state, configs, kind):
         with torch.device("meta"):
             _check_state(factory().state_dict(), part_state, str(p), part, kind)
-    rows = _token_rows(state) or int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE))
+    rows = _token_rows(state, "conditioner.embedders.0." if kind in SDXL_KINDS else "cond_stage_model.") or \
+        int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE))
     return ModelInfo(kind, PREDICTION_TYPES[kind], _resolution(configs["vae"], kind), p.stem, rows)
 
 
 # ------------------------------------------------------------------------------------------------ writing
 def bundle_to_original(bundle: ModelBundle) -> dict:
-    """The bundle's weights in the original SD single-file key layout (SD1: HF CLIP; SD2: OpenCLIP)."""
+    """The bundle's weights in the original SD single-file key layout (SD1: HF CLIP; SD2: OpenCLIP; SDXL: both,
+    under ``conditioner.embedders.0/1``)."""
     from . import sd_keys
 
     state = {}
     state.update(sd_keys.unet_to_ldm(bundle.unet.state_dict(), bundle.unet.config))
     state.update(sd_keys.vae_to_ldm(bundle.vae.state_dict(), bundle.vae.config))
     text = bundle.text_encoder.state_dict()
-    if bundle.kind == "sd1":
+    if bundle.kind in SDXL_KINDS:
+        state.update(sd_keys.clip_to_ldm(text, prefix=sd_keys.SDXL_CLIP_PREFIX))
+        state.update(sd_keys.clip_to_openclip(bundle.text_encoder_2.state_dict(), extra_last_layer=False,
+                                              prefix=sd_keys.SDXL_OPENCLIP_PREFIX))
+    elif bundle.kind == "sd1":
         state.update(sd_keys.clip_to_ldm(text))
     else:
         state.update(sd_keys.clip_to_openclip(text, bundle.text_encoder.config.projection_dim))
@@ -658,6 +798,9 @@ def save_single_file(bundle: ModelBundle, path: str | os.PathLike, overwrite: bo
                "text_encoder": bundle.text_encoder.config.to_diff_dict(),
                "scheduler": _clean(dict(bundle.noise_scheduler.config))}
     configs["text_encoder"].pop("transformers_version", None)
+    if bundle.text_encoder_2 is not None:
+        configs["text_encoder_2"] = bundle.text_encoder_2.config.to_diff_dict()
+        configs["text_encoder_2"].pop("transformers_version", None)
     metadata = {CONFIGS_METADATA_KEY: json.dumps(configs, default=list), "iddm.kind": bundle.kind}
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata), overwrite=overwrite)
 
@@ -680,6 +823,14 @@ def save_diffusers(bundle: ModelBundle, folder: str | os.PathLike, overwrite: bo
                  "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
                  "safety_checker": [None, None], "feature_extractor": [None, None],
                  "requires_safety_checker": False}
+        if bundle.text_encoder_2 is not None:   # SDXL
+            bundle.text_encoder_2.save_pretrained(str(tmp / "text_encoder_2"))
+            bundle.tokenizer_2.save_pretrained(str(tmp / "tokenizer_2"))
+            index = {"_class_name": "StableDiffusionXLPipeline", "unet": index["unet"], "vae": index["vae"],
+                     "text_encoder": index["text_encoder"], "tokenizer": index["tokenizer"],
+                     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                     "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": index["scheduler"],
+                     "force_zeros_for_empty_prompt": True}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)

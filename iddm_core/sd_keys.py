@@ -12,6 +12,9 @@ derived from the block structure, generic over ``layers_per_block`` and the numb
 * Text encoder: SD1 keeps the HF CLIP names under ``cond_stage_model.transformer.``; SD2 uses OpenCLIP names
   under ``cond_stage_model.model.`` with fused ``in_proj`` attention weights and one extra final block (SD2
   conditions on the penultimate layer, so the last block is unused; we write a copy of the previous one).
+* SDXL: the UNet adds ``label_emb.0.*`` (the ``text_time`` embedding); CLIP ViT-L goes under
+  ``conditioner.embedders.0.transformer.`` and OpenCLIP ViT-bigG under ``conditioner.embedders.1.model.``
+  (all of its blocks, and its real text projection).
 """
 from __future__ import annotations
 
@@ -23,11 +26,15 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."   # SDXL: CLIP ViT-L, HF names
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."      # SDXL: OpenCLIP ViT-bigG, with text projection
 
 _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             # SDXL's "text_time" added embedding (pooled text + size/crop conditioning)
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _rename_inner(rest: str, table) -> str:
@@ -132,22 +139,25 @@ def with_text_model_prefix(state: dict) -> dict:
             for k, v in state.items()}
 
 
-def clip_to_ldm(state: dict) -> dict:
-    """SD1: the HF CLIPTextModel state dict under ``cond_stage_model.transformer.text_model.``."""
-    return {CLIP_PREFIX + k: v for k, v in with_text_model_prefix(state).items() if not k.endswith("position_ids")}
+def clip_to_ldm(state: dict, prefix: str = CLIP_PREFIX) -> dict:
+    """SD1: the HF CLIPTextModel state dict under ``cond_stage_model.transformer.text_model.`` (SDXL: ``prefix``)."""
+    return {prefix + k: v for k, v in with_text_model_prefix(state).items() if not k.endswith("position_ids")}
 
 
 _OPENCLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
                    ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
 
 
-def clip_to_openclip(state: dict, projection_dim: int | None = None, extra_last_layer: bool = True) -> dict:
+def clip_to_openclip(state: dict, projection_dim: int | None = None, extra_last_layer: bool = True,
+                     prefix: str = OPENCLIP_PREFIX) -> dict:
     """SD2: an HF CLIPTextModel state dict in OpenCLIP layout under ``cond_stage_model.model.``.
 
     q/k/v projections are fused into ``attn.in_proj_weight``/``in_proj_bias``. With ``extra_last_layer`` a
-    final block (a copy of the last one) is appended, as SD2 files carry one block more than they use.
+    final block (a copy of the last one) is appended, as SD2 files carry one block more than they use. SDXL's
+    second encoder (a CLIPTextModelWithProjection) goes under ``prefix`` with no extra block; its real
+    ``text_projection.weight`` [proj, width] is written transposed, as OpenCLIP multiplies ``x @ proj``.
     """
-    p = OPENCLIP_PREFIX
+    p = prefix
     state = with_text_model_prefix(state)
     out: dict = {}
     layers = sorted({int(m[1]) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
@@ -156,7 +166,10 @@ def clip_to_openclip(state: dict, projection_dim: int | None = None, extra_last_
     out[p + "positional_embedding"] = state["text_model.embeddings.position_embedding.weight"]
     out[p + "ln_final.weight"] = state["text_model.final_layer_norm.weight"]
     out[p + "ln_final.bias"] = state["text_model.final_layer_norm.bias"]
-    out[p + "text_projection"] = torch.eye(width, projection_dim or width)
+    if "text_projection.weight" in state:
+        out[p + "text_projection"] = state["text_projection.weight"].T.contiguous()
+    else:
+        out[p + "text_projection"] = torch.eye(width, projection_dim or width)
     sources = layers + ([layers[-1]] if extra_last_layer else [])
     for target, i in enumerate(sources):
         src = f"text_model.encoder.layers.{i}."

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 TINY_RESOLUTION = 64
 TINY_TITLE = "tiny"
+TINY_SDXL_TITLE = "tiny-sdxl"
 
 # Words the tiny tokenizer knows as whole tokens. The instance and class prompts of DreamBooth must tokenize
 # to one token per word (so "sks" is a single rare token, as with the real CLIP vocabulary).
@@ -76,6 +77,46 @@ TEXT_CONFIG = {
     "hidden_act": "quick_gelu",
     "projection_dim": 32,
     "layer_norm_eps": 1e-05,
+}
+
+# SDXL in miniature: no attention in the first level, a second and third level with 1 and 2 transformer layers
+# (SDXL: 1/2/10), linear projections, the "text_time" added embedding fed by the second encoder's pooled
+# projection plus six size/crop numbers, and a context that concatenates both encoders' hidden states.
+SDXL_TEXT_CONFIG_2 = {
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 40,     # differs from hidden_size so a transposed projection cannot go unnoticed
+    "layer_norm_eps": 1e-05,
+}
+SDXL_TIME_EMBED_DIM = 8
+
+SDXL_UNET_CONFIG = {
+    "sample_size": TINY_RESOLUTION // 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 32, 64],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 1, 2],
+    "attention_head_dim": [2, 2, 4],
+    "cross_attention_dim": TEXT_CONFIG["hidden_size"] + SDXL_TEXT_CONFIG_2["hidden_size"],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": SDXL_TEXT_CONFIG_2["projection_dim"] + 6 * SDXL_TIME_EMBED_DIM,
+    "norm_num_groups": 8,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
 }
 
 SCHEDULER_CONFIG = {
@@ -192,12 +233,41 @@ def build_tiny_modules(seed: int = 0, kind: str = "sd1"):
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
+def build_tiny_sdxl_bundle(seed: int = 0, kind: str = "sdxl"):
+    """The tiny SDXL-shaped model (``SDXL_UNET_CONFIG``, the tiny VAE with SDXL's latent scale, a CLIP text
+    encoder + a CLIPTextModelWithProjection, both with the tiny vocabulary; tokenizer_2 pads with "!")."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import ModelBundle
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+    tokenizer_2.pad_token = "!"
+    n = len(tokenizer)
+    config_2 = CLIPTextConfig(vocab_size=n, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=0,
+                              **SDXL_TEXT_CONFIG_2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        vae = AutoencoderKL(**dict(VAE_CONFIG, scaling_factor=0.13025))
+        text_encoder = CLIPTextModel(_text_config(n, "sd1"))
+        text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    prediction = "v_prediction" if kind == "sdxl-v" else "epsilon"
+    scheduler = DDPMScheduler.from_config(dict(SCHEDULER_CONFIG, prediction_type=prediction))
+    return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                       noise_scheduler=scheduler, kind=kind, prediction_type=prediction,
+                       resolution=TINY_RESOLUTION, title=TINY_SDXL_TITLE, text_encoder_2=text_encoder_2.eval(),
+                       tokenizer_2=tokenizer_2)
+
+
 def build_tiny_bundle(seed: int = 0, kind: str = "sd1"):
     """The tiny model as a :class:`~iddm_core.models.ModelBundle` (float32, CPU; SD1-shaped by default)."""
-    from .models import KINDS, ModelBundle
+    from .models import KINDS, SDXL_KINDS, ModelBundle
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    if kind in SDXL_KINDS:
+        return build_tiny_sdxl_bundle(seed, kind)
     unet, vae, text_encoder, tokenizer, scheduler = build_tiny_modules(seed, kind)
     return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                        noise_scheduler=scheduler, kind=kind, prediction_type=scheduler.config.prediction_type,
@@ -205,21 +275,26 @@ def build_tiny_bundle(seed: int = 0, kind: str = "sd1"):
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
+def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, kind: str = "sd1") -> tuple[Path, Path]:
     """Write the tiny model as ``out_dir/tiny`` (diffusers folder) and ``out_dir/tiny.safetensors``.
 
     The single file uses the original SD key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
     ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.models.bundle_to_original`. Both are
     written to temporary names and renamed at the end, so a failure leaves nothing half-written.
+    ``kind="sdxl"``: the tiny SDXL model as ``out_dir/tiny-sdxl`` (with tokenizer/ and tokenizer_2/) and
+    ``out_dir/tiny-sdxl.safetensors`` (SGM layout: ``conditioner.embedders.0/1``).
     """
     from .atomic import check_writable
     from .models import save_single_file, save_diffusers
 
+    if kind not in ("sd1", "sdxl"):
+        raise ValueError(f"kind={kind!r}: the tiny model is written as 'sd1' or 'sdxl'")
+    title = TINY_SDXL_TITLE if kind == "sdxl" else TINY_TITLE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for target in (out_dir / TINY_TITLE, out_dir / f"{TINY_TITLE}.safetensors"):
+    for target in (out_dir / title, out_dir / f"{title}.safetensors"):
         check_writable(target)   # fail before writing either, so we never leave one of the pair behind
-    bundle = build_tiny_bundle(seed)
-    folder = save_diffusers(bundle, out_dir / TINY_TITLE)
-    single = save_single_file(bundle, out_dir / f"{TINY_TITLE}.safetensors")
+    bundle = build_tiny_bundle(seed, kind)
+    folder = save_diffusers(bundle, out_dir / title)
+    single = save_single_file(bundle, out_dir / f"{title}.safetensors")
     return folder, single

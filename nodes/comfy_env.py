@@ -252,3 +252,21 @@ def _finite(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def state_root() -> Path:
+    """Where the node keeps resume states (they hold derived private images), never under a models folder:
+    ``$IDDM_CACHE_DIR/state`` if set; else ComfyUI's system-user folder ``user/__iddm/state`` (not served over
+    HTTP; survives a restart); on a ComfyUI without system users ``<user dir>/__iddm/state``; else ComfyUI's
+    temp folder (which ComfyUI empties at start, so there a crash can only be resumed within one session)."""
+    import folder_paths
+
+    if os.environ.get("IDDM_CACHE_DIR"):
+        return Path(os.environ["IDDM_CACHE_DIR"]).expanduser() / "state"
+    system_dir = getattr(folder_paths, "get_system_user_directory", None)
+    if callable(system_dir):
+        return Path(system_dir("iddm")) / "state"
+    user_dir = getattr(folder_paths, "get_user_directory", None)
+    if callable(user_dir):
+        return Path(user_dir()) / "__iddm" / "state"
+    return Path(folder_paths.get_temp_directory()) / "iddm_state"

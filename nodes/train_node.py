@@ -5,7 +5,7 @@ LoraLoader's ``lora_name``. Progress goes three ways: ComfyUI's progress bar, Ca
 step; iddm_core then writes nothing), and ``iddm.progress`` websocket events drawn as a chart by web/iddm.js.
 
 Resume (``resume``, on by default): the run's state is saved after every finished iteration in a private folder
-(:func:`state_root`, one per LoRA file name, 0700/0600) and deleted when the run finishes. Queued again after a
+(:func:`comfy_env.state_root`, one per LoRA file name, 0700/0600) and deleted when the run finishes. Queued again after a
 Cancel or a crash, the node continues from that iteration if the base model, photos, split, class images and
 settings are the same; if anything differs it deletes the old state and starts over, saying so in the summary
 (an error would make the user hunt for a hidden folder; the CLI, where the user asked for --resume, refuses).
@@ -13,7 +13,6 @@ settings are the same; if anything differs it deletes the old state and starts o
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from .specs import CATEGORY, LOSS, PGD, REFS, ComboName
@@ -44,27 +43,11 @@ def iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, seed, prior_preser
                       train_text_encoder=bool(train_text_encoder)).validate()
 
 
-def state_root() -> Path:
-    """Where the node keeps resume states (they hold derived private images), never under a models folder:
-    ``$IDDM_CACHE_DIR/state`` if set; else ComfyUI's system-user folder ``user/__iddm/state`` (not served over
-    HTTP; survives a restart); on a ComfyUI without system users ``<user dir>/__iddm/state``; else ComfyUI's
-    temp folder (which ComfyUI empties at start, so there a crash can only be resumed within one session)."""
-    import folder_paths
-
-    if os.environ.get("IDDM_CACHE_DIR"):
-        return Path(os.environ["IDDM_CACHE_DIR"]).expanduser() / "state"
-    system_dir = getattr(folder_paths, "get_system_user_directory", None)
-    if callable(system_dir):
-        return Path(system_dir("iddm")) / "state"
-    user_dir = getattr(folder_paths, "get_user_directory", None)
-    if callable(user_dir):
-        return Path(user_dir()) / "__iddm" / "state"
-    return Path(folder_paths.get_temp_directory()) / "iddm_state"
-
-
 def train_state_dir(out_path) -> Path:
     """The resume-state folder of the run writing ``out_path`` (one per LoRA file)."""
     from ..iddm_core.checkpoint import state_dir_for
+
+    from .comfy_env import state_root
 
     return state_dir_for(out_path, root=state_root(), namespace="comfyui")
 

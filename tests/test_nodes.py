@@ -1,7 +1,6 @@
 """The ComfyUI node pack, loaded and run the way ComfyUI does, against stub ComfyUI modules (tests/comfy_harness)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil

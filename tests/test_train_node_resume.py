@@ -160,15 +160,16 @@ def test_text_encoder_option_trains_te_lora(clean):
 def test_state_root_prefers_env_then_comfy_system_user_folder(env, monkeypatch, tmp_path):
     stubs, pack = env
     module = _train_module(pack)
+    env_module = sys.modules[module.__name__.rsplit(".", 1)[0] + ".comfy_env"]
     fp = stubs.modules["folder_paths"]
     monkeypatch.delenv("IDDM_CACHE_DIR", raising=False)
-    assert module.state_root() == stubs.temp / "iddm_state"                 # harness: no user folder API
+    assert env_module.state_root() == stubs.temp / "iddm_state"                 # harness: no user folder API
     monkeypatch.setattr(fp, "get_user_directory", lambda: str(tmp_path / "user"), raising=False)
-    assert module.state_root() == tmp_path / "user" / "__iddm" / "state"
+    assert env_module.state_root() == tmp_path / "user" / "__iddm" / "state"
     monkeypatch.setattr(fp, "get_system_user_directory", lambda name="system": str(tmp_path / "user" / f"__{name}"),
                         raising=False)
-    assert module.state_root() == tmp_path / "user" / "__iddm" / "state"
+    assert env_module.state_root() == tmp_path / "user" / "__iddm" / "state"
     monkeypatch.setenv("IDDM_CACHE_DIR", str(tmp_path / "cache"))
-    assert module.state_root() == tmp_path / "cache" / "state"
+    assert env_module.state_root() == tmp_path / "cache" / "state"
     loras = Path(fp.get_folder_paths("loras")[0])
     assert loras not in module.train_state_dir(loras / "x.safetensors").parents

@@ -12,13 +12,16 @@ def register(subparsers) -> None:
                     "key layout, no tokenizer: load it with --tokenizer DIR/tiny/tokenizer).")
     p.add_argument("dir", help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0, as load_model('tiny'))")
+    p.add_argument("--kind", choices=["sd1", "sdxl"], default="sd1",
+                   help="sd1 (default): DIR/tiny + DIR/tiny.safetensors; sdxl: the tiny SDXL-shaped model as "
+                        "DIR/tiny-sdxl + DIR/tiny-sdxl.safetensors (loads, not trainable yet)")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     from ..tiny import write_tiny_model
 
-    folder, single = write_tiny_model(args.dir, seed=args.seed)
+    folder, single = write_tiny_model(args.dir, seed=args.seed, kind=args.kind)
     print(f"diffusers folder: {folder}")
     print(f"single file:      {single} (tokenizer: {folder / 'tokenizer'})")
     return 0

@@ -1,0 +1,233 @@
+"""SDXL, first slice: the tiny SDXL-shaped model loads the same from a diffusers folder and an SGM-layout single
+file; kind detection; the shipped full-size configs fit the SGM key layout; trainers refuse SDXL clearly."""
+import socket
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from iddm_core import models as models_mod
+from iddm_core import sd_keys
+from iddm_core.errors import ModelError
+from iddm_core.models import detect_kind, load_model, read_checkpoint, validate_model
+from iddm_core.tiny import (SDXL_TEXT_CONFIG_2, SDXL_TIME_EMBED_DIM, TINY_SDXL_TITLE, build_tiny_bundle,
+                            write_tiny_model)
+
+PROMPTS = ["a photo of sks person", "a photo of person"]
+NOT_YET = "SDXL training is not supported yet"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Loading must be purely local: any connection attempt fails the test."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", lambda kind: None)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("xl"), kind="sdxl")
+
+
+@pytest.fixture(scope="module")
+def loaded(written):
+    folder, single = written
+    return load_model(str(folder)), load_model(str(single), tokenizer=str(folder / "tokenizer"))
+
+
+def _ids(tok):
+    return tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def _outputs(bundle) -> dict:
+    """Every network on fixed inputs, as SDXL uses them (penultimate hidden states, pooled projection)."""
+    g = torch.Generator().manual_seed(3)
+    ids_1, ids_2 = _ids(bundle.tokenizer), _ids(bundle.tokenizer_2)
+    out_1 = bundle.text_encoder(ids_1, output_hidden_states=True)
+    out_2 = bundle.text_encoder_2(ids_2, output_hidden_states=True)
+    context = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [48.0, 64.0, 8.0, 0.0, 64.0, 64.0]])
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    eps = bundle.unet(latents, torch.tensor([10, 700]), encoder_hidden_states=context,
+                      added_cond_kwargs={"text_embeds": out_2.text_embeds, "time_ids": time_ids}).sample
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    return {"ids_1": ids_1, "ids_2": ids_2, "text_1": out_1.last_hidden_state, "text_1_penult": out_1.hidden_states[-2],
+            "text_2": out_2.last_hidden_state, "text_2_pooled": out_2.text_embeds, "unet": eps,
+            "vae_decode": bundle.vae.decode(z).sample}
+
+
+def _max_diffs(a, b) -> dict:
+    oa, ob = _outputs(a), _outputs(b)
+    assert oa.keys() == ob.keys()
+    diffs = {}
+    for k in oa:
+        assert oa[k].shape == ob[k].shape, k
+        diffs[k] = float((oa[k].double() - ob[k].double()).abs().max())
+    return diffs
+
+
+# ------------------------------------------------------------------------------------------ loading paths
+def test_folder_and_single_file_give_the_same_tiny_sdxl(loaded):
+    folder_b, single_b = loaded
+    diffs = _max_diffs(folder_b, single_b)
+    print("folder vs single file, max abs diff:", diffs)
+    assert all(d <= 1e-5 for d in diffs.values()), diffs
+    # and both are the model that was written (a weight left at random init would show here)
+    source = build_tiny_bundle(0, "sdxl")
+    for b in loaded:
+        d = _max_diffs(source, b)
+        assert all(v <= 1e-5 for v in d.values()), d
+    assert type(single_b.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert single_b.unet.config.addition_embed_type == "text_time"
+
+
+def test_single_file_weights_are_exact(loaded):
+    """The SGM writer (sd_keys) and diffusers' converters are inverse maps: every tensor comes back bit-equal."""
+    source = build_tiny_bundle(0, "sdxl")
+    _, single_b = loaded
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(source, part).state_dict(), getattr(single_b, part).state_dict()
+        assert want.keys() == got.keys(), part
+        for k in want:
+            assert torch.equal(want[k], got[k]), (part, k)
+
+
+def test_time_ids_matter_so_the_added_embedding_is_wired(loaded):
+    _, b = loaded
+    g = torch.Generator().manual_seed(0)
+    n = SDXL_TEXT_CONFIG_2["projection_dim"]
+    ctx = torch.randn(1, 77, b.unet.config.cross_attention_dim, generator=g)
+    lat, emb = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, n, generator=g)
+    with torch.no_grad():
+        x = b.unet(lat, 5, encoder_hidden_states=ctx, added_cond_kwargs={
+            "text_embeds": emb, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
+        y = b.unet(lat, 5, encoder_hidden_states=ctx, added_cond_kwargs={
+            "text_embeds": emb, "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])}).sample
+    assert float((x - y).abs().max()) > 1e-4
+    assert b.unet.config.projection_class_embeddings_input_dim == n + 6 * SDXL_TIME_EMBED_DIM
+
+
+def test_bundle_fields_and_tokenizers(loaded):
+    folder_b, single_b = loaded
+    for b in loaded:
+        assert b.kind == "sdxl" and b.prediction_type == "epsilon" and b.title == TINY_SDXL_TITLE
+        assert b.tokenizer_2.pad_token == "!" and b.tokenizer.pad_token == "<|endoftext|>"
+        assert b.scaling_factor == pytest.approx(0.13025)
+    assert torch.equal(_ids(folder_b.tokenizer_2), _ids(single_b.tokenizer_2))
+    assert torch.equal(_ids(folder_b.tokenizer), _ids(single_b.tokenizer))
+    sd1 = build_tiny_bundle(0)
+    assert sd1.text_encoder_2 is None and sd1.tokenizer_2 is None
+
+
+# ------------------------------------------------------------------------------------------ kind detection
+def test_kind_detection(written, tmp_path):
+    folder, single = written
+    tok = str(folder / "tokenizer")
+    state, metadata = read_checkpoint(single)
+    assert detect_kind(state, metadata=metadata) == "sdxl"
+    assert validate_model(str(single), tokenizer=tok).kind == "sdxl"
+    assert validate_model(str(folder)).kind == "sdxl"
+    # sdxl-v: explicit override, a v_pred key, or declared metadata
+    v = load_model(str(single), kind="sdxl-v", tokenizer=tok)
+    assert v.kind == "sdxl-v" and v.prediction_type == "v_prediction"
+    assert v.noise_scheduler.config.prediction_type == "v_prediction"
+    assert load_model(str(folder), kind="sdxl-v").prediction_type == "v_prediction"
+    assert detect_kind({**state, "v_pred": torch.tensor([])}) == "sdxl-v"
+    assert detect_kind(state, metadata={"modelspec.prediction_type": "v"}) == "sdxl-v"
+    assert detect_kind(state, metadata={"modelspec.prediction_type": "epsilon"}) == "sdxl"
+    vfile = tmp_path / "v.safetensors"
+    save_file({**state, "v_pred": torch.tensor([])}, str(vfile), metadata=metadata)
+    assert load_model(str(vfile), tokenizer=tok).kind == "sdxl-v"
+    # an SD1 checkpoint is still sd1, and kinds that do not fit the file are refused by name
+    _, sd1_file = write_tiny_model(tmp_path / "sd1")
+    assert detect_kind(read_checkpoint(sd1_file)[0]) == "sd1"
+    assert validate_model(str(sd1_file), tokenizer=tok).kind == "sd1"
+    with pytest.raises(ModelError, match="kind='sd1'"):
+        load_model(str(single), kind="sd1", tokenizer=tok)
+    with pytest.raises(ModelError, match="kind='sdxl'"):
+        load_model(str(sd1_file), kind="sdxl", tokenizer=tok)
+
+
+def test_incomplete_sdxl_is_refused_naming_what_is_missing(written, tmp_path):
+    state, _ = read_checkpoint(written[1])
+    partial = {k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}
+    with pytest.raises(ModelError, match="conditioner.embedders.1.model"):
+        detect_kind(partial, "partial.safetensors")
+
+
+def test_missing_tokenizer_for_sdxl_single_file(written):
+    with pytest.raises(ModelError, match="tiny-sdxl.safetensors.*vocab.json"):
+        load_model(str(written[1]))
+
+
+def test_shipped_configs_describe_full_size_sdxl():
+    """The shipped sdxl/*.json on the meta device: SGM keys written from them convert back onto them, and the
+    sizes are SDXL's published ones (UNet 2.567 G parameters, ViT-L 123 M, ViT-bigG with projection 695 M)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = models_mod.shipped_configs("sdxl")
+    assert models_mod.shipped_configs("sdxl-v").keys() == cfg.keys()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(models_mod._clean(cfg["unet"]))
+        vae = AutoencoderKL.from_config(models_mod._clean(cfg["vae"]))
+        te1 = CLIPTextModel(CLIPTextConfig(**models_mod._clean(cfg["text_encoder"])))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**models_mod._clean(cfg["text_encoder_2"])))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in te1.parameters()) == 123_060_480
+    assert sum(p.numel() for p in te2.parameters()) == 694_659_840
+    state = {**sd_keys.unet_to_ldm(unet.state_dict(), unet.config), **sd_keys.vae_to_ldm(vae.state_dict(), vae.config),
+             **sd_keys.clip_to_ldm(te1.state_dict(), prefix=sd_keys.SDXL_CLIP_PREFIX),
+             **sd_keys.clip_to_openclip(te2.state_dict(), extra_last_layer=False, prefix=sd_keys.SDXL_OPENCLIP_PREFIX)}
+    assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
+    assert state["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
+    assert detect_kind(state) == "sdxl"
+    parts = models_mod._single_file_parts("sdxl.safetensors", state, cfg, "sdxl")
+    assert [p for p, _, _ in parts] == ["UNet", "VAE", "text encoder", "text encoder 2"]
+    for part, factory, part_state in parts:
+        with torch.device("meta"):
+            models_mod._check_state(factory().state_dict(), part_state, "sdxl.safetensors", part, "sdxl")
+
+
+# ------------------------------------------------------------------------------------------ not trainable yet
+def test_trainer_entry_points_refuse_sdxl_clearly(tmp_path):
+    from iddm_core.finetune import DreamBoothTrainer
+    from iddm_core.iddm import IDDMConfig, run_iddm
+    from iddm_core.lora import LoraSpec, add_lora, kohya_state_dict, save_kohya_lora
+
+    bundle = build_tiny_bundle(0, "sdxl")
+    with pytest.raises(ModelError, match=NOT_YET):
+        DreamBoothTrainer(bundle, LoraSpec())
+    with pytest.raises(ModelError, match=NOT_YET):
+        run_iddm(bundle, None, IDDMConfig(), out_path=tmp_path / "x.safetensors")
+    with pytest.raises(ModelError, match=NOT_YET):
+        add_lora(bundle, LoraSpec())
+    with pytest.raises(ModelError, match=NOT_YET):
+        kohya_state_dict(bundle, LoraSpec())
+    with pytest.raises(ModelError, match=NOT_YET):
+        save_kohya_lora(tmp_path / "y.safetensors", bundle, LoraSpec(), "y")
+    assert not any(tmp_path.iterdir())                  # nothing written
+    assert not any("lora" in n for n, _ in bundle.unet.named_modules())   # nothing injected
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_tiny_model_kind_sdxl_writes_both_forms(tmp_path, capsys):
+    from iddm_core.cli import main
+
+    assert main(["tiny-model", "--kind", "sdxl", str(tmp_path / "m")]) == 0
+    folder, single = tmp_path / "m" / "tiny-sdxl", tmp_path / "m" / "tiny-sdxl.safetensors"
+    assert (folder / "model_index.json").is_file() and single.is_file()
+    for sub in ("text_encoder_2", "tokenizer_2", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / sub).is_dir(), sub
+    assert "StableDiffusionXLPipeline" in (folder / "model_index.json").read_text()
+    state, _ = read_checkpoint(single)
+    assert any(k.startswith("conditioner.embedders.0.transformer.") for k in state)
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in state)
+    assert not any(k.startswith("cond_stage_model.") for k in state)
+    assert validate_model(str(single), tokenizer=str(folder / "tokenizer")).kind == "sdxl"
+    out = capsys.readouterr().out
+    assert str(folder) in out and str(single) in out
