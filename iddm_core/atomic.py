@@ -26,14 +26,16 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then rename the temp file to ``path``. The target is never half-written."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False,
+                 mode: int | None = None) -> Path:
+    """Call ``write(tmp_path)`` then rename the temp file to ``path``. The target is never half-written. ``mode``:
+    the file's permissions (default: what a plain open() gives); the temp file is 0600 while it is written."""
     path = check_writable(path, overwrite)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, _default_mode() if mode is None else mode)
         if path.exists() and not overwrite:  # appeared while we worked
             raise InputError(f"{path} already exists; choose another name or allow overwriting")
         os.replace(tmp, path)

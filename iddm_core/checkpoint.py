@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -234,23 +233,13 @@ def has_state(directory) -> bool:
 
 
 def save_state(directory, state: dict) -> Path:
-    """Write the state atomically (temp file in the same folder, fsync, rename), mode 0600, folder 0700."""
+    """Write the state atomically (temp file in the same folder, rename), mode 0600, folder 0700."""
+    from .atomic import atomic_write
+
     directory = Path(directory)
     _make_private_dirs(directory)
-    path = state_path(directory)
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=str(directory))   # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(state_path(directory), lambda tmp: torch.save({"version": FORMAT_VERSION, **state}, tmp),
+                        overwrite=True, mode=FILE_MODE)
 
 
 def read_state(directory) -> dict | None:
