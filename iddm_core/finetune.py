@@ -60,6 +60,9 @@ class FinetuneConfig:
 
 def encode_prompts(bundle, prompts: list[str]) -> torch.Tensor:
     """CLIP hidden states ``[len(prompts), 77, D]`` (padded to the tokenizer's max length, as SD expects)."""
+    from .models import require_trainable
+
+    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     tok = bundle.tokenizer(prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
     return bundle.text_encoder(tok.input_ids.to(bundle.device))[0]

@@ -3,6 +3,8 @@
 Everything downstream (LoRA injection, DreamBooth fine-tuning, PGD) works on a :class:`ModelBundle`, whatever
 the model came from. Nothing here may reach a model hub: :func:`force_offline` runs at import, every
 ``from_pretrained`` gets ``local_files_only=True`` and configs ship in ``iddm_core/configs/<kind>/``.
+SDXL (``sdxl`` / ``sdxl-v``) loads into a bundle with ``text_encoder_2``/``tokenizer_2`` but is not trainable yet
+(:func:`require_trainable`).
 """
 from __future__ import annotations
 

@@ -322,6 +322,9 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
     ``predict_clean(bundle, x, embeds, noise, precision, sds)`` replaces the one-step clean prediction (default
     :func:`predict_clean_image`; tests use x0_hat := x'). ``precision`` defaults to fp32.
     """
+    from .models import require_trainable
+
+    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     predict_clean = predict_clean or predict_clean_image
     precision = precision or FP32_CPU
     config.validate()

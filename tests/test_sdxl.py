@@ -159,6 +159,20 @@ def test_incomplete_sdxl_is_refused_naming_what_is_missing(written, tmp_path):
         detect_kind(partial, "partial.safetensors")
 
 
+def test_comfy_bundled_tokenizer_serves_both_encoders(written, tmp_path, monkeypatch):
+    from iddm_core.tiny import write_tiny_tokenizer
+
+    comfy_tok = write_tiny_tokenizer(tmp_path / "comfy" / "sd1_tokenizer")
+    (tmp_path / "comfy" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", lambda kind: comfy_tok)
+    b = load_model(str(written[1]))
+    assert b.tokenizer.pad_token == "<|endoftext|>" and b.tokenizer_2.pad_token == "!"
+    source = build_tiny_bundle(0, "sdxl")
+    assert torch.equal(_ids(b.tokenizer), _ids(source.tokenizer))
+    assert torch.equal(_ids(b.tokenizer_2), _ids(source.tokenizer_2))
+
+
 def test_missing_tokenizer_for_sdxl_single_file(written):
     with pytest.raises(ModelError, match="tiny-sdxl.safetensors.*vocab.json"):
         load_model(str(written[1]))
@@ -195,9 +209,10 @@ def test_shipped_configs_describe_full_size_sdxl():
 
 # ------------------------------------------------------------------------------------------ not trainable yet
 def test_trainer_entry_points_refuse_sdxl_clearly(tmp_path):
-    from iddm_core.finetune import DreamBoothTrainer
+    from iddm_core.finetune import DreamBoothTrainer, encode_prompts, generate_images
     from iddm_core.iddm import IDDMConfig, run_iddm
     from iddm_core.lora import LoraSpec, add_lora, kohya_state_dict, save_kohya_lora
+    from iddm_core.pgd import PGDConfig, pgd_two_stage
 
     bundle = build_tiny_bundle(0, "sdxl")
     with pytest.raises(ModelError, match=NOT_YET):
@@ -210,6 +225,13 @@ def test_trainer_entry_points_refuse_sdxl_clearly(tmp_path):
         kohya_state_dict(bundle, LoraSpec())
     with pytest.raises(ModelError, match=NOT_YET):
         save_kohya_lora(tmp_path / "y.safetensors", bundle, LoraSpec(), "y")
+    with pytest.raises(ModelError, match=NOT_YET):       # the PGD node / bench path
+        encode_prompts(bundle, PROMPTS)
+    with pytest.raises(ModelError, match=NOT_YET):
+        generate_images(bundle, PROMPTS[0], 1, steps=1)
+    with pytest.raises(ModelError, match=NOT_YET):
+        pgd_two_stage(bundle, None, torch.rand(1, 3, 64, 64), torch.zeros(1, 5, 2), torch.zeros(1, 77, 80),
+                      PGDConfig(), torch.Generator())
     assert not any(tmp_path.iterdir())                  # nothing written
     assert not any("lora" in n for n, _ in bundle.unet.named_modules())   # nothing injected
 
