@@ -149,7 +149,8 @@ def model_hash(bundle, source=None) -> str:
     if source is not None and str(source) not in ("tiny", "demo") and Path(str(source)).exists():
         h.update(b"file:" + file_hash(source).encode())
     else:
-        h.update(b"weights:" + weights_hash(bundle.unet, bundle.vae, bundle.text_encoder).encode())
+        parts = (bundle.unet, bundle.vae, bundle.text_encoder, getattr(bundle, "text_encoder_2", None))  # SDXL: 4
+        h.update(b"weights:" + weights_hash(*(m for m in parts if m is not None)).encode())
     h.update(f"{bundle.kind}|{bundle.prediction_type}".encode())
     tok = bundle.tokenizer
     if tok is not None:

@@ -7,6 +7,11 @@ images it is given. All randomness (batch choice, noise, timesteps, VAE sampling
 owned by the trainer, so ``train(x, 3); train(x, 3)`` equals ``train(x, 6)`` and the same seed gives the same
 LoRA on CPU. The loss follows diffusers' ``train_dreambooth_lora.py``: MSE to the noise (epsilon models) or to
 the velocity (v-prediction), plus ``prior_loss_weight`` times the same loss on class images.
+
+SDXL: every UNet call (training, prior preservation, sampling, and PGD's in pgd.py) takes its conditioning from
+:func:`sdxl_conditioning` through :func:`unet_conditioning` (both encoders' penultimate hidden states, the pooled
+text embedding, size/crop ids at the training resolution); ``train_text_encoder`` trains the LoRA that
+lora.add_lora puts on both encoders. SD 1/2 calls are unchanged.
 """
 from __future__ import annotations
 
@@ -58,14 +63,110 @@ class FinetuneConfig:
 
 # ---------------------------------------------------------------- small pure helpers
 
-def encode_prompts(bundle, prompts: list[str]) -> torch.Tensor:
-    """CLIP hidden states ``[len(prompts), 77, D]`` (padded to the tokenizer's max length, as SD expects)."""
-    from .models import require_trainable
+def is_sdxl(bundle) -> bool:
+    return getattr(bundle, "text_encoder_2", None) is not None
 
-    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
+
+@dataclass(frozen=True)
+class SDXLConditioning:
+    """What the SDXL UNet is conditioned on, one row per prompt:
+
+    - ``context`` ``[N, 77, D1 + D2]``: the penultimate hidden states of both text encoders, concatenated;
+    - ``text_embeds`` ``[N, P]``: the pooled, projected embedding of ``text_encoder_2``;
+    - ``time_ids`` ``[N, 6]``: original size (h, w), crop top-left (0, 0), target size (h, w), all the resolution.
+
+    It answers the few tensor operations the SD1 code applies to its hidden-state tensor (``shape``, row indexing,
+    ``expand`` of one row, ``to`` / ``float`` / ``detach`` / ``clone``), so that code takes either unchanged;
+    :func:`unet_conditioning` turns either into the UNet's keyword arguments.
+    """
+
+    context: torch.Tensor
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+
+    def _map(self, fn) -> "SDXLConditioning":
+        return SDXLConditioning(fn(self.context), fn(self.text_embeds), fn(self.time_ids))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.context.shape
+
+    def __len__(self) -> int:
+        return int(self.context.shape[0])
+
+    def __getitem__(self, rows) -> "SDXLConditioning":
+        return self._map(lambda t: t[rows])
+
+    def expand(self, n: int, *_) -> "SDXLConditioning":
+        """Rows repeated to ``n`` (a view, like ``Tensor.expand``); the other sizes stay."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
+
+    def to(self, *args, **kwargs) -> "SDXLConditioning":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def float(self) -> "SDXLConditioning":
+        return self._map(lambda t: t.float())
+
+    def detach(self) -> "SDXLConditioning":
+        return self._map(lambda t: t.detach())
+
+    def clone(self) -> "SDXLConditioning":
+        return self._map(lambda t: t.clone())
+
+    def unconditional(self) -> "SDXLConditioning":
+        """The negative of classifier-free guidance for an empty negative prompt: zero text (context and pooled
+        embedding), the same size conditioning (as StableDiffusionXLPipeline's force_zeros_for_empty_prompt)."""
+        return SDXLConditioning(torch.zeros_like(self.context), torch.zeros_like(self.text_embeds), self.time_ids)
+
+
+def sdxl_time_ids(resolution: int, n: int, device=None) -> torch.Tensor:
+    """SDXL's micro-conditioning ``[n, 6]`` for square training images: original size = target size =
+    ``resolution``, crop top-left (0, 0) (photos are resized whole, never cropped at random)."""
+    r = float(resolution)
+    return torch.tensor([[r, r, 0.0, 0.0, r, r]], device=device).expand(n, 6).clone()
+
+
+def sdxl_conditioning(bundle, prompts: list[str], resolution: Optional[int] = None) -> SDXLConditioning:
+    """The SDXL conditioning of ``prompts`` at ``resolution`` (default: the model's): both encoders' penultimate
+    hidden states, text_encoder_2's pooled projection, and the size/crop ids. The only place it is built."""
+    def encode(tokenizer, encoder):
+        tok = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+        return encoder(tok.input_ids.to(bundle.device), output_hidden_states=True)
+
+    out_1 = encode(bundle.tokenizer, bundle.text_encoder)
+    out_2 = encode(bundle.tokenizer_2, bundle.text_encoder_2)
+    context = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    time_ids = sdxl_time_ids(resolution or bundle.resolution, len(prompts), bundle.device).to(context.dtype)
+    return SDXLConditioning(context, out_2.text_embeds, time_ids)
+
+
+def encode_prompts(bundle, prompts: list[str], resolution: Optional[int] = None):
+    """CLIP hidden states ``[len(prompts), 77, D]`` (padded to the tokenizer's max length, as SD expects); for
+    SDXL an :class:`SDXLConditioning` (``resolution``, default the model's, sets its size conditioning)."""
+    if is_sdxl(bundle):
+        return sdxl_conditioning(bundle, prompts, resolution)
     tok = bundle.tokenizer(prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
     return bundle.text_encoder(tok.input_ids.to(bundle.device))[0]
+
+
+def cat_conditioning(parts: list):
+    """Rows of several conditionings (hidden-state tensors or :class:`SDXLConditioning`) in one."""
+    if isinstance(parts[0], SDXLConditioning):
+        return SDXLConditioning(*(torch.cat([getattr(p, f) for p in parts])
+                                  for f in ("context", "text_embeds", "time_ids")))
+    return torch.cat(parts)
+
+
+def unet_conditioning(cond, dtype) -> dict:
+    """Keyword arguments of ``bundle.unet(...)`` for a conditioning, cast to the UNet's ``dtype``: SD 1/2 get
+    ``encoder_hidden_states``; SDXL also ``added_cond_kwargs`` (pooled text embedding and time ids)."""
+    if isinstance(cond, SDXLConditioning):
+        cond = cond.to(dtype)
+        return {"encoder_hidden_states": cond.context,
+                "added_cond_kwargs": {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}}
+    return {"encoder_hidden_states": cond.to(dtype)}
 
 
 @dataclass(frozen=True)
@@ -104,8 +205,8 @@ def generate_images(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20,
     sched = DDIMScheduler.from_config(bundle.noise_scheduler.config)
     sched.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
-    cond = encode_prompts(bundle, [prompt]).float()
-    uncond = encode_prompts(bundle, [""]).float()
+    cond = encode_prompts(bundle, [prompt], res).float()
+    uncond = cond.unconditional() if isinstance(cond, SDXLConditioning) else encode_prompts(bundle, [""]).float()
     dtype = next(bundle.unet.parameters()).dtype
     size = res // bundle.vae_scale_factor
     out = []
@@ -113,10 +214,10 @@ def generate_images(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20,
         m = min(batch, n - start)
         latents = torch.randn((m, bundle.unet.config.in_channels, size, size), generator=gen)
         latents = latents.to(bundle.device) * sched.init_noise_sigma
-        ctx = torch.cat([uncond.expand(m, -1, -1), cond.expand(m, -1, -1)]).to(dtype)
+        ctx = unet_conditioning(cat_conditioning([uncond.expand(m, -1, -1), cond.expand(m, -1, -1)]), dtype)
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([latents] * 2), t).to(dtype)
-            pred_u, pred_c = bundle.unet(inp, t, encoder_hidden_states=ctx).sample.float().chunk(2)
+            pred_u, pred_c = bundle.unet(inp, t, **ctx).sample.float().chunk(2)
             pred = pred_u + guidance_scale * (pred_c - pred_u)
             latents = sched.step(pred, t, latents).prev_sample
         vae_dtype = next(bundle.vae.parameters()).dtype
@@ -162,9 +263,7 @@ class DreamBoothTrainer:
 
     def __init__(self, bundle, lora_spec: LoraSpec, config: FinetuneConfig | None = None,
                  class_images: torch.Tensor | str | None = None, class_cache_dir=None):
-        from .models import require_trainable
-
-        require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
+        xl = is_sdxl(bundle)
         self.bundle, self.spec = bundle, lora_spec
         self.config = config = config or FinetuneConfig()
         self.resolution = int(config.resolution or bundle.resolution)
@@ -182,7 +281,10 @@ class DreamBoothTrainer:
             [config.instance_prompt, config.class_prompt], padding="max_length", truncation=True,
             max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
         with torch.inference_mode(False), torch.no_grad(), lora_disabled(bundle):
-            self.prompt_embeds = bundle.text_encoder(self.input_ids)[0].detach().clone()
+            if xl:      # both prompts' SDXL conditioning at the training resolution
+                self.prompt_embeds = sdxl_conditioning(bundle, self._prompts(1, 1), self.resolution).detach().clone()
+            else:
+                self.prompt_embeds = bundle.text_encoder(self.input_ids)[0].detach().clone()
         self.class_images = None
         self.class_posterior = None
         if config.prior_preservation:
@@ -248,29 +350,42 @@ class DreamBoothTrainer:
         cond = self.prompt_embeds[0:1].expand(bs, -1, -1)
         if self.class_posterior is not None:
             latents = torch.cat([latents, self._sample(self.class_posterior)])
-            cond = torch.cat([cond, self.prompt_embeds[1:2].expand(bs, -1, -1)])
+            cond = cat_conditioning([cond, self.prompt_embeds[1:2].expand(bs, -1, -1)])
         return latents, cond
 
-    def instance_embeds(self) -> torch.Tensor:
-        """Instance-prompt embeddings ``[1, 77, D]`` of the model as it is *now* (what PGD conditions on).
+    def instance_embeds(self):
+        """Instance-prompt embeddings ``[1, 77, D]`` of the model as it is *now* (what PGD conditions on); for SDXL
+        the :class:`SDXLConditioning` at the training resolution.
 
         Without a text-encoder LoRA these are the base embeddings computed once. With one they are recomputed
         from the current (LoRA-trained) text encoder, in eval mode and without gradient (PGD differentiates
         w.r.t. pixels only), so PGD attacks the model that is being trained."""
         if not self.spec.train_text_encoder:
             return self.prompt_embeds[0:1]
-        te = self.bundle.text_encoder
-        mode = te.training
-        te.eval()
+        encoders = self._text_encoders()
+        modes = [te.training for te in encoders]
+        for te in encoders:
+            te.eval()
         try:
             with torch.inference_mode(False), torch.no_grad():
-                return te(self.input_ids[0:1])[0].detach().clone()
+                if is_sdxl(self.bundle):
+                    return sdxl_conditioning(self.bundle, self._prompts(1, 0), self.resolution).detach().clone()
+                return self.bundle.text_encoder(self.input_ids[0:1])[0].detach().clone()
         finally:
-            te.train(mode)
+            for te, mode in zip(encoders, modes):
+                te.train(mode)
+
+    def _prompts(self, n_inst: int, n_class: int) -> list[str]:
+        return [self.config.instance_prompt] * n_inst + [self.config.class_prompt] * n_class
+
+    def _text_encoders(self) -> list:
+        return [te for te in (self.bundle.text_encoder, getattr(self.bundle, "text_encoder_2", None)) if te is not None]
 
     def _text_conditioning(self, n_inst: int, n_class: int):
         if not self.spec.train_text_encoder:
             return None
+        if is_sdxl(self.bundle):     # the LoRA is on both encoders (lora.add_lora): conditioning with gradient
+            return sdxl_conditioning(self.bundle, self._prompts(n_inst, n_class), self.resolution)
         ids = torch.cat([self.input_ids[0:1].expand(n_inst, -1), self.input_ids[1:2].expand(n_class, -1)])
         return self.bundle.text_encoder(ids)[0]
 
@@ -286,7 +401,7 @@ class DreamBoothTrainer:
             te_cond = self._text_conditioning(self.config.batch_size, latents.shape[0] - self.config.batch_size)
             cond = te_cond if te_cond is not None else cond
             unet_dtype = next(p for p in bundle.unet.parameters() if not p.requires_grad).dtype
-            pred = bundle.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype)).sample.float()
+            pred = bundle.unet(noisy.to(unet_dtype), t, **unet_conditioning(cond, unet_dtype)).sample.float()
         if self.class_posterior is None:
             return F.mse_loss(pred, target)
         pred_i, pred_c = pred.chunk(2)
@@ -349,19 +464,20 @@ class DreamBoothTrainer:
     def _training(self):
         """Gradients on (also under ComfyUI's inference_mode), trained modules in train mode, checkpointing."""
         with torch.inference_mode(False), torch.enable_grad():
-            unet, te = self.bundle.unet, self.bundle.text_encoder
-            modes = unet.training, te.training
+            unet, encoders = self.bundle.unet, self._text_encoders()
+            modes = [m.training for m in (unet, *encoders)]
             unet.train()
             trained = [unet]
             if self.spec.train_text_encoder:
-                te.train()
-                trained.append(te)
+                for te in encoders:
+                    te.train()
+                trained += encoders
             try:
                 with activation_checkpointing(*trained, enabled=self.checkpointing):
                     yield
             finally:
-                unet.train(modes[0])
-                te.train(modes[1])
+                for m, mode in zip((unet, *encoders), modes):
+                    m.train(mode)
 
     # -- checkpoints
 

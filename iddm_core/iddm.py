@@ -119,9 +119,7 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     ``report["resume"]["discarded"]`` says why). ``resume=False`` deletes any old state and starts over.
     """
     from .atomic import check_writable
-    from .models import require_trainable
 
-    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     config.validate()
     if on_mismatch not in ("error", "restart"):
         raise InputError(f"on_mismatch={on_mismatch!r}: use 'error' or 'restart'")

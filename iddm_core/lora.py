@@ -7,6 +7,11 @@ the PEFT layers themselves, so the exported file is exactly what was trained.
 
 Scale convention: PEFT multiplies ``B @ A`` by ``lora_alpha / r``; kohya multiplies ``up @ down`` by
 ``alpha / dim``. Writing PEFT's ``lora_alpha`` as the kohya ``alpha`` makes the two identical.
+
+SDXL: kohya-ss trains SDXL on the original (SGM) UNet, so its files name UNet modules by the original paths
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``); we train the diffusers UNet and rename each
+module through :func:`iddm_core.sd_keys.unet_key_to_ldm`, the same map that writes SGM checkpoints. The two text
+encoders are ``lora_te1_`` (CLIP ViT-L) and ``lora_te2_`` (ViT-bigG), both in HF CLIP naming as kohya writes them.
 """
 from __future__ import annotations
 
@@ -22,28 +27,38 @@ import torch
 
 from .atomic import atomic_write, check_writable
 from .errors import InputError, ModelError
+from .models import SDXL_KINDS
 
 ADAPTER = "iddm"
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
+TE1_PREFIX, TE2_PREFIX = "lora_te1_", "lora_te2_"   # SDXL's two text encoders
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_PROJ = ("proj_in", "proj_out")
 UNET_FF = ("ff.net.0.proj", "ff.net.2")
 TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-KOHYA_KEY = re.compile(r"^lora_(unet|te)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 # what kohya-ss would name on an SD1/SD2 diffusers UNet / CLIP text encoder (module paths with "." -> "_")
 KOHYA_UNET_MODULE = re.compile(
     r"^lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+)_attentions_\d+_"
     r"(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_(to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2))$")
 KOHYA_TE_MODULE = re.compile(
     r"^lora_te_text_model_encoder_layers_\d+_(self_attn_(q_proj|k_proj|v_proj|out_proj)|mlp_fc[12])$")
+# SDXL (kohya's SGM UNet): original module paths; attention sits at slot 1 of an input/output block
+KOHYA_SDXL_UNET_MODULE = re.compile(
+    r"^lora_unet_(input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)_"
+    r"(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_(to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2))$")
+KOHYA_SDXL_TE_MODULE = re.compile(
+    r"^lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q_proj|k_proj|v_proj|out_proj)|mlp_fc[12])$")
 
 # kind -> (ss_base_model_version, ss_v2, modelspec.architecture, modelspec.prediction_type)
 BASE_INFO = {
     "sd1": ("sd_v1", "False", "stable-diffusion-v1/lora", "epsilon"),
     "sd2": ("sd_v2", "True", "stable-diffusion-v2-512/lora", "epsilon"),
     "sd2v": ("sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "v"),
+    "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "epsilon"),
+    "sdxl-v": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "v"),
 }
 METADATA_KEYS = (
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_v2",
@@ -93,7 +108,10 @@ def _lora_layers(module: torch.nn.Module):
 
 
 def _parts(bundle) -> list[tuple[str, torch.nn.Module]]:
-    return [("unet", bundle.unet), ("text_encoder", bundle.text_encoder)]
+    parts = [("unet", bundle.unet), ("text_encoder", bundle.text_encoder)]
+    if getattr(bundle, "text_encoder_2", None) is not None:   # SDXL
+        parts.append(("text_encoder_2", bundle.text_encoder_2))
+    return parts
 
 
 def has_lora(bundle) -> bool:
@@ -107,19 +125,18 @@ def add_lora(bundle, spec: LoraSpec, seed: int = 0) -> list[torch.nn.Parameter]:
     model) uses ``seed`` in a forked RNG, so two runs with the same seed start from the same LoRA.
     LoRA weights are kept in float32 whatever the base dtype: fp16 master weights would lose small updates.
     Calling it again on the same bundle is a no-op (IDDM re-enters training many times without reloading).
+    SDXL: ``train_text_encoder`` puts the text-encoder LoRA on both encoders.
     """
-    from .models import require_trainable
-
-    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     from peft import LoraConfig, inject_adapter_in_model
 
     if has_lora(bundle):
         return lora_parameters(bundle)
     targets = [("unet", bundle.unet, spec.unet_modules())]
     if spec.train_text_encoder:
-        targets.append(("text_encoder", bundle.text_encoder, list(TE_ATTN)))
-    for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+        targets += [(part, module, list(TE_ATTN)) for part, module in _parts(bundle)[1:]]
+    for _, module in _parts(bundle):
         module.requires_grad_(False)
+    bundle.vae.requires_grad_(False)
     devices = [bundle.device] if bundle.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -138,7 +155,7 @@ def add_lora(bundle, spec: LoraSpec, seed: int = 0) -> list[torch.nn.Parameter]:
 
 
 def lora_parameters(bundle) -> list[torch.nn.Parameter]:
-    """All LoRA weights (UNet first, then text encoder) in a stable order, for the optimizer."""
+    """All LoRA weights (UNet first, then text encoder(s)) in a stable order, for the optimizer."""
     params = []
     for _, module in _parts(bundle):
         for _, layer in _lora_layers(module):
@@ -196,9 +213,28 @@ def lora_disabled(bundle):
 def _canonical_path(name: str, prefix: str) -> str:
     """transformers 5 flattened ``CLIPTextModel`` (``encoder.layers...``); kohya files always use the
     transformers 4 path ``text_model.encoder.layers...``, so text-encoder names are normalised to it."""
-    if prefix == TE_PREFIX and not name.startswith("text_model."):
+    if prefix != UNET_PREFIX and not name.startswith("text_model."):
         return "text_model." + name
     return name
+
+
+def sdxl_unet_module_path(name: str, config) -> str:
+    """A diffusers SDXL UNet module path -> its original (SGM) path, e.g. ``down_blocks.1.attentions.0.proj_in``
+    -> ``input_blocks.4.1.proj_in``; derived from the checkpoint key map in :mod:`.sd_keys`."""
+    from . import sd_keys
+
+    key = sd_keys.unet_key_to_ldm(name + ".weight", config)
+    return key[len(sd_keys.UNET_PREFIX):-len(".weight")]
+
+
+def _kohya_module_name(bundle, part: str, name: str) -> str:
+    """The kohya module name (``lora_unet_...`` / ``lora_te_...`` / ``lora_te1_...`` / ``lora_te2_...``)."""
+    sdxl = getattr(bundle, "text_encoder_2", None) is not None or getattr(bundle, "kind", None) in SDXL_KINDS
+    if part == "unet":
+        path = sdxl_unet_module_path(name, bundle.unet.config) if sdxl else name
+        return UNET_PREFIX + path.replace(".", "_")
+    prefix = {"text_encoder": TE1_PREFIX if sdxl else TE_PREFIX, "text_encoder_2": TE2_PREFIX}[part]
+    return prefix + _canonical_path(name, prefix).replace(".", "_")
 
 
 def kohya_state_dict(bundle, spec: LoraSpec, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -206,15 +242,13 @@ def kohya_state_dict(bundle, spec: LoraSpec, dtype: torch.dtype = torch.float32)
 
     ``lora_down`` = PEFT ``lora_A`` (in -> rank), ``lora_up`` = ``lora_B`` (rank -> out); 1x1 conv LoRAs keep
     their 4-D shapes as kohya stores them. ``alpha`` is read from each layer and must match ``spec`` (a mismatch
-    would silently change the strength of the LoRA in every front end).
+    would silently change the strength of the LoRA in every front end). SDXL UNet modules get their original
+    (SGM) names and the encoders ``lora_te1_`` / ``lora_te2_``, as kohya-ss writes SDXL LoRAs.
     """
-    from .models import require_trainable
-
-    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     out = {}
-    for prefix, (_, module) in zip((UNET_PREFIX, TE_PREFIX), _parts(bundle)):
+    for part, module in _parts(bundle):
         for name, layer in _lora_layers(module):
-            key = prefix + _canonical_path(name, prefix).replace(".", "_")
+            key = _kohya_module_name(bundle, part, name)
             alpha = float(layer.lora_alpha[ADAPTER])
             rank = int(layer.r[ADAPTER])
             if rank != spec.rank or abs(alpha - spec.alpha) > 1e-6:
@@ -334,14 +368,27 @@ def _modules(tensors) -> dict[str, dict[str, torch.Tensor]]:
     return mods
 
 
+def _is_sdxl_file(metadata: dict[str, str]) -> bool:
+    return metadata.get("ss_base_model_version", "").startswith("sdxl")
+
+
 def check_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[str]:
-    """Problems that would stop kohya-format readers (ComfyUI, A1111, diffusers) from applying the LoRA."""
+    """Problems that would stop kohya-format readers (ComfyUI, A1111, diffusers) from applying the LoRA.
+
+    The module names must fit the base model the metadata declares: SD1/SD2 files name the diffusers UNet and
+    ``lora_te_``; SDXL files the original (SGM) UNet and ``lora_te1_`` / ``lora_te2_``.
+    """
     problems = []
     bad = [k for k in tensors if not KOHYA_KEY.match(k)]
     if bad:
         problems.append(f"{len(bad)} key(s) not in kohya form, e.g. {bad[0]}")
+    sdxl = _is_sdxl_file(metadata)
     for name, parts in _modules(tensors).items():
-        if name.startswith(UNET_PREFIX) and not KOHYA_UNET_MODULE.match(name) or \
+        if sdxl:
+            if not (KOHYA_SDXL_UNET_MODULE.match(name) or KOHYA_SDXL_TE_MODULE.match(name)):
+                problems.append(f"{name}: not an SDXL kohya module name")
+        elif name.startswith((TE1_PREFIX, TE2_PREFIX)) or \
+                name.startswith(UNET_PREFIX) and not KOHYA_UNET_MODULE.match(name) or \
                 name.startswith(TE_PREFIX) and not KOHYA_TE_MODULE.match(name):
             problems.append(f"{name}: not an SD1/SD2 kohya module name")
         down, up, alpha = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("alpha")
@@ -371,15 +418,22 @@ def inspect_lora(path) -> dict:
     ranks = sorted({int(p["lora_down.weight"].shape[0]) for p in mods.values() if "lora_down.weight" in p})
     alphas = sorted({round(float(p["alpha"].float().reshape(-1)[0]), 6) for p in mods.values()
                      if "alpha" in p and p["alpha"].numel() == 1})
-    kinds = {v[0]: k for k, v in BASE_INFO.items()}
+    kinds = {(v[0], v[3]): k for k, v in BASE_INFO.items()}
+    kind = kinds.get((metadata.get("ss_base_model_version", ""), metadata.get("modelspec.prediction_type", "")))
+    if kind is None:   # SD1/SD2 versions name the kind on their own
+        kind = {v[0]: k for k, v in BASE_INFO.items() if k not in SDXL_KINDS}.get(
+            metadata.get("ss_base_model_version", ""), "unknown")
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     problems = check_kohya(tensors, metadata)
+    modules = {"unet": sum(n.startswith(UNET_PREFIX) for n in mods),
+               "te": sum(n.startswith((TE_PREFIX, TE1_PREFIX, TE2_PREFIX)) for n in mods)}
+    if _is_sdxl_file(metadata) or any(n.startswith((TE1_PREFIX, TE2_PREFIX)) for n in mods):
+        modules.update(te1=sum(n.startswith(TE1_PREFIX) for n in mods), te2=sum(n.startswith(TE2_PREFIX) for n in mods))
     return {
-        "kind": kinds.get(metadata.get("ss_base_model_version", ""), "unknown"),
+        "kind": kind,
         "rank": ranks[0] if len(ranks) == 1 else ranks,
         "alpha": alphas[0] if len(alphas) == 1 else alphas,
-        "modules": {"unet": sum(n.startswith(UNET_PREFIX) for n in mods),
-                    "te": sum(n.startswith(TE_PREFIX) for n in mods)},
+        "modules": modules,
         "tensors": len(tensors),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "size_bytes": os.path.getsize(path),

@@ -3,8 +3,8 @@
 Everything downstream (LoRA injection, DreamBooth fine-tuning, PGD) works on a :class:`ModelBundle`, whatever
 the model came from. Nothing here may reach a model hub: :func:`force_offline` runs at import, every
 ``from_pretrained`` gets ``local_files_only=True`` and configs ship in ``iddm_core/configs/<kind>/``.
-SDXL (``sdxl`` / ``sdxl-v``) loads into a bundle with ``text_encoder_2``/``tokenizer_2`` but is not trainable yet
-(:func:`require_trainable`).
+SDXL (``sdxl`` / ``sdxl-v``) loads into a bundle with ``text_encoder_2``/``tokenizer_2``; DreamBooth-LoRA, IDDM's
+PGD (finetune.sdxl_conditioning) and the kohya SDXL export (lora.py) run on it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .errors import ModelError  # noqa: E402
 from .atomic import atomic_write, check_writable  # noqa: E402
 
 KINDS = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
-SDXL_KINDS = ("sdxl", "sdxl-v")   # loadable, but not trainable yet (see require_trainable)
+SDXL_KINDS = ("sdxl", "sdxl-v")
 PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon",
                     "sdxl-v": "v_prediction"}
 RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024, "sdxl-v": 1024}
@@ -80,14 +80,6 @@ class ModelBundle:
     @property
     def latent_size(self) -> int:
         return self.resolution // self.vae_scale_factor
-
-
-def require_trainable(bundle) -> None:
-    """A clear :class:`ModelError` for bundles the trainers cannot handle yet (SDXL: two text encoders,
-    size/crop conditioning); called at every training / LoRA entry point before any work."""
-    if getattr(bundle, "kind", None) in SDXL_KINDS or getattr(bundle, "text_encoder_2", None) is not None:
-        raise ModelError(f"{getattr(bundle, 'title', 'model')}: SDXL training is not supported yet (SDXL models "
-                         f"load, but DreamBooth/IDDM/LoRA export work on SD 1.x / 2.x only)")
 
 
 def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .face.attack import sign_pgd_step
-from .finetune import vae_posterior
+from .finetune import unet_conditioning, vae_posterior
 from .grad_checkpoint import activation_checkpointing
 from .precision import FP32_CPU, LossScale, Precision, all_finite
 
@@ -159,10 +159,11 @@ def one_step_clean(z_t: torch.Tensor, model_out: torch.Tensor, alpha_bar: torch.
     return (z_t - (1 - a).sqrt() * model_out) / a.sqrt()
 
 
-def unet_predict(bundle, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """UNet output in float32; inputs cast to the UNet's dtype (a half-precision bundle works without autocast)."""
+def unet_predict(bundle, z_t: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
+    """UNet output in float32; inputs cast to the UNet's dtype (a half-precision bundle works without autocast).
+    ``embeds``: hidden states, or for SDXL a finetune.SDXLConditioning (pooled text embedding and time ids too)."""
     dtype = next(bundle.unet.parameters()).dtype
-    return bundle.unet(z_t.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample.float()
+    return bundle.unet(z_t.to(dtype), t, **unet_conditioning(embeds, dtype)).sample.float()
 
 
 @dataclass
@@ -307,7 +308,7 @@ def _gradient(compute, x, precision: Precision, scale: LossScale):
 
 # ---- the two-stage attack ------------------------------------------------------------------------------------
 
-def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, embeds: torch.Tensor,
+def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, embeds,
                   config: PGDConfig, generator: torch.Generator, on_step=None, precision: Precision | None = None,
                   checkpointing: bool = False, predict_clean=None, x_init: torch.Tensor | None = None) -> torch.Tensor:
     """Run T sign-PGD steps on the protected images ``x0`` (in micro-batches of ``config.batch``) and return X'.
@@ -317,14 +318,12 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
     growing by eta per outer iteration (the same choice as Anti-DreamBooth's ASPL).
 
     ``ensemble`` is a FaceEnsembleLoss whose references are already set; ``landmarks`` are those of the clean x0.
-    ``embeds`` are the instance-prompt embeddings (batch 1 or N). ``on_step(record)`` is called after every step
+    ``embeds`` are the instance-prompt embeddings (batch 1 or N); for SDXL a finetune.SDXLConditioning (its time ids
+    are the training resolution's, also for a face window). ``on_step(record)`` is called after every step
     with {t, stage, loss, similarity, linf, redone_fp32, skipped}; it may raise to cancel.
     ``predict_clean(bundle, x, embeds, noise, precision, sds)`` replaces the one-step clean prediction (default
     :func:`predict_clean_image`; tests use x0_hat := x'). ``precision`` defaults to fp32.
     """
-    from .models import require_trainable
-
-    require_trainable(bundle)   # SDXL: a clear error, not a crash deep inside
     predict_clean = predict_clean or predict_clean_image
     precision = precision or FP32_CPU
     config.validate()
@@ -343,7 +342,8 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
         for lo in range(0, n, config.batch):
             windows[lo] = face_windows(support[lo:lo + config.batch], config.face_margin, window_multiple(bundle))
     scale = LossScale(precision.scales_loss)
-    modules = (bundle.unet, bundle.vae, bundle.text_encoder)
+    modules = tuple(m for m in (bundle.unet, bundle.vae, bundle.text_encoder, getattr(bundle, "text_encoder_2", None))
+                    if m is not None)
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()

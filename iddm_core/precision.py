@@ -5,6 +5,9 @@
                                                               VAE outside autocast (fp16 overflows in its decoder)
     CPU and everything else:                                  fp32 (autocast would only slow convolutions down)
 
+SDXL's VAE is the one that overflows worst in fp16 (NaN/inf in its decoder); weights are loaded in fp32, so the fp16
+row's VAE-outside-autocast keeps it in fp32 too, and bf16 (fp32's exponent range) does not overflow.
+
 ``torch.cuda.is_bf16_supported()`` is not used to decide: it answers True on pre-Ampere cards, where bf16 is
 emulated (slow, no bf16 convolution kernels). The capability is the honest test.
 

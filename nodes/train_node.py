@@ -155,7 +155,7 @@ class IDDMTrainLoRA:
         from ..iddm_core.atomic import check_writable
         from ..iddm_core.checkpoint import clear_state
         from ..iddm_core.iddm import run_iddm, total_steps
-        from ..iddm_core.models import require_trainable, validate_model
+        from ..iddm_core.models import validate_model
         from .comfy_env import NodeProgress, class_cache_dir, loras_dir, resolve_checkpoint
         from .session import trainable_refs, training_model
 
@@ -170,7 +170,6 @@ class IDDMTrainLoRA:
         # The checkpoint (kind, tokenizer) and the photos are checked before ComfyUI's models are unloaded and
         # before any training: a wrong file fails in seconds, not after the run.
         info = validate_model(resolve_checkpoint(ckpt_name))
-        require_trainable(info)                            # an SDXL checkpoint: say so before loading 7 GB
         photos = refs.at(config.resolution or info.resolution)
         progress = NodeProgress(unique_id, total_steps(config))
         with torch.inference_mode(False), training_model(ckpt_name) as bundle:

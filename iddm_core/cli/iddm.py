@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
     from ..atomic import check_writable
     from ..errors import InputError
     from ..iddm import run_iddm, schedule_text
-    from ..models import load_model, require_trainable, validate_model
+    from ..models import load_model, validate_model
     from ..refs import load_private_refs
     from ._common import ConsoleProgress, pick_device, print_skipped
 
@@ -139,7 +139,6 @@ def cmd_train(args) -> int:
     if config.pgd.n_rec == 0:
         print(f"warning: {config.pgd.schedule()['note']}", file=sys.stderr)
     info = validate_model(args.model, kind=args.kind, tokenizer=args.tokenizer)   # header only: seconds, not minutes
-    require_trainable(info)                                                       # SDXL: not before the model load
     resolution = config.resolution or info.resolution
     refs = load_private_refs(args.refs, resolution, seed=config.seed, n_reference=args.n_reference,
                              reference_files=_split_list(args.reference_files),
