@@ -132,3 +132,10 @@ def test_package_installs_only_the_library_with_all_its_data_files():
                  if not any(len(pat.split("/")) == len(parts) and all(map(fnmatchcase, parts, pat.split("/")))
                             for pat in patterns)]
     assert uncovered == []    # the demo model, sample faces, recogniser and configs ship with an installed copy
+
+
+def test_cli_kind_choices_are_the_model_kinds():
+    from iddm_core.cli._common import KIND_CHOICES
+    from iddm_core.models import KINDS
+
+    assert tuple(KIND_CHOICES) == tuple(KINDS)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import sys
 import time
 
+# models.KINDS, spelled out so `--help` needs no torch import (test_skeleton checks they agree)
+KIND_CHOICES = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
+
 
 def pick_device(name: str = "auto"):
     import torch

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from ._common import KIND_CHOICES
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -36,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--comment", default="", help="ss_training_comment metadata (do not put private names here)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (needed for single-file checkpoints)")
-    p.add_argument("--kind", choices=["sd1", "sd2", "sd2v"], default=None, help="override model-kind detection")
+    p.add_argument("--kind", choices=KIND_CHOICES, default=None, help="override model-kind detection")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     p.set_defaults(func=cmd_finetune)
 

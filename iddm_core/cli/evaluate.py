@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ._common import KIND_CHOICES
+
 # The IDDM paper's evaluation prompts. "sks" is DreamBooth's rare identifier token for the user; the sentences
 # read as ordinary captions ("a photo of <someone> wearing a hat") with the identifier standing in for a name.
 PAPER_PROMPTS = (
@@ -27,7 +29,7 @@ REF_RESOLUTION = 256     # face-centred crops of the clean photos used for the i
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="SD checkpoint (.safetensors), diffusers folder, "
                                                    "'demo' (small trained model) or 'tiny' (random)")
-    p.add_argument("--kind", choices=["sd1", "sd2", "sd2v"], default=None, help="override model-kind detection")
+    p.add_argument("--kind", choices=KIND_CHOICES, default=None, help="override model-kind detection")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (for single-file checkpoints)")
     p.add_argument("--prompts", nargs="+", default=list(PAPER_PROMPTS), help="prompts (default: the paper's five)")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")

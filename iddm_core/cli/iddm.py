@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import KIND_CHOICES
+
 def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
     from ..iddm import PRESET_HELP, PRESETS
     from ..pgd import GRADIENTS
@@ -49,7 +51,7 @@ def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
 def _add_io_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="SD checkpoint (.safetensors), diffusers folder, "
                                                    "'demo' (small trained model) or 'tiny' (random)")
-    p.add_argument("--kind", choices=["sd1", "sd2", "sd2v"], default=None, help="override model-kind detection")
+    p.add_argument("--kind", choices=KIND_CHOICES, default=None, help="override model-kind detection")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (for single-file checkpoints)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
