@@ -12,23 +12,8 @@ from iddm_core.errors import InputError
 from iddm_core.iddm import IDDMConfig, run_iddm
 from iddm_core.pgd import PGDConfig
 
-RES = 64
-
-
-@pytest.fixture(scope="module")
-def refs():
-    from iddm_core.demo import demo_photos
-    from iddm_core.face.detect import get_detector
-    from iddm_core.refs import refs_from_photos
-
-    return refs_from_photos(demo_photos(), RES, get_detector("dlib"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def ensemble():
-    from iddm_core.iddm import build_ensemble
-
-    return build_ensemble(["dlib"], 0.03, torch.device("cpu"))
+from test_iddm import RES, ensemble, refs  # noqa: F401  (the same demo photos and dlib ensemble fixtures)
+from test_iddm import fresh_model as tiny
 
 
 def small_config(**kw):
@@ -36,12 +21,6 @@ def small_config(**kw):
                 num_class_images=1, seed=0)
     base.update(kw)
     return IDDMConfig(**base)
-
-
-def tiny():
-    from iddm_core.models import load_model
-
-    return load_model("tiny")
 
 
 CLASS = torch.rand(1, 3, RES, RES, generator=torch.Generator().manual_seed(3))

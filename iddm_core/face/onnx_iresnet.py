@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ModelError
 from .align import template_for
 from .base import Recognizer
+from .zoo import resize_and_normalise
 
 # ------------------------------------------------------------------------------------------------ operators
 # Each operator takes (inputs, attributes) and returns a tensor or a tuple of tensors. Missing optional inputs
@@ -467,11 +468,7 @@ class OnnxRecognizer(Recognizer):
         self.mean, self.std = float(mean), float(std)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        if crops.dim() != 4 or crops.shape[1] != 3:
-            raise ValueError(f"expected crops [N, 3, H, W], got shape {tuple(crops.shape)}")
-        s = self.input_size
-        if crops.shape[-2:] != (s, s):
-            crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False)
+        crops = resize_and_normalise(crops, self.input_size, 1.0, 0.0)   # shape check + resize; exact
         return self.graph((crops * 255.0 - self.mean) / self.std)
 
 

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
 from .align import template_for
 from .base import Recognizer
 from .tfjs_graph import load_tfjs_graph
+from .zoo import resize_and_normalise
 
 VGG_MEAN_BGR = (103.939, 116.779, 123.68)
 CHIP_PADDING = 0.25
@@ -155,14 +155,9 @@ class TfjsRecognizer(Recognizer):
                              persistent=False)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        if crops.dim() != 4 or crops.shape[1] != 3:
-            raise ValueError(f"expected crops [N, 3, H, W], got shape {tuple(crops.shape)}")
-        s = self.input_size
-        if crops.shape[-2:] != (s, s):
-            crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False)
-        if self.convention.channels == "BGR":
+        if self.convention.channels == "BGR" and crops.dim() == 4:
             crops = crops.flip(1)
-        x = crops.float() * self._scale - self._mean
+        x = resize_and_normalise(crops.float(), self.input_size, self._scale, -self._mean)
         out = self.graph(x.permute(0, 2, 3, 1).contiguous())
         return out.reshape(out.shape[0], -1)
 
