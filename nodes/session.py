@@ -24,7 +24,7 @@ def training_model(ckpt_name: str):
     try:
         yield bundle
     finally:
-        for name in ("unet", "vae", "text_encoder"):
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             setattr(bundle, name, None)
         del bundle
         release_memory()

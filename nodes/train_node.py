@@ -100,8 +100,9 @@ class IDDMTrainLoRA:
 
         return {
             "required": {
-                "ckpt_name": (checkpoint_choices(), {"tooltip": "Base Stable Diffusion 1.x/2.x checkpoint (models/"
-                                                                "checkpoints) or diffusers folder (models/diffusers)."}),
+                "ckpt_name": (checkpoint_choices(), {"tooltip": "Base checkpoint: SD 1.x/2.x or SDXL and its "
+                                                                "descendants (Pony, Illustrious, NoobAI), from "
+                                                                "models/checkpoints, or a diffusers folder (models/diffusers)."}),
                 "refs": (REFS, {"tooltip": "Your photos, from Load Private Refs."}),
                 "loss": (LOSS, {"tooltip": "Face recognisers to attack, from Face Ensemble Loss."}),
                 "pgd": (PGD, {"tooltip": "PGD settings, from PGD Two-Stage."}),
@@ -114,7 +115,8 @@ class IDDMTrainLoRA:
                                  "tooltip": "Learning rate of the LoRA (AdamW)."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
                                        "tooltip": "Training size in pixels; 0 = the model's native resolution "
-                                                  "(512 SD1/SD2-base, 768 SD2-v)."}),
+                                                  "(512 SD1/SD2-base, 768 SD2-v, 1024 SDXL). A lower size "
+                                                  "trains faster in less memory (SDXL at 512-768 is common)."}),
                 "train_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
                                        "tooltip": "Seed for noise, timesteps and LoRA initialisation (fixed: "
                                                   "a new seed would retrain)."}),
