@@ -108,8 +108,9 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     ``callback(Event)`` is called after every step and may raise to cancel: then no LoRA is written (the resume
     state of the last finished iteration stays in ``checkpoint_dir`` if one was given). ``stop_after=k`` ends the
     run after iteration k without writing a LoRA (tests use it to simulate an interruption). ``check_memory``
-    (default: on CUDA) tries one fine-tune step and one Stage II PGD step first (fit.py), so settings that cannot
-    fit fail with advice before any training.
+    (default on; False skips it) tries one fine-tune step and one Stage II PGD step first (fit.py; on the CPU
+    under an address-space cap, so running out of memory raises instead of the process being killed), so
+    settings that cannot fit fail with advice before any training.
 
     Resume (checkpoint.py): with ``checkpoint_dir`` the state is saved after every iteration and deleted after
     success. ``resume=True`` continues a saved state only if it is the same run (base model — ``model_source``,
@@ -193,7 +194,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
                                 class_cache_dir=class_cache_dir)
     ref_posterior = trainer.encode(x_ref)        # Xc never changes: its latents are encoded once per run
     generator = torch.Generator().manual_seed(config.seed + 1)
-    if check_memory if check_memory is not None else device.type == "cuda":
+    if check_memory is not False:
         from .fit import check_fits, trial_pgd_config
 
         b = config.pgd.batch

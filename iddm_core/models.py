@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -59,6 +59,14 @@ class ModelBundle:
                 module.to(dtype=dtype)
         return self
 
+    def cast(self, dtypes: Mapping[str, torch.dtype]) -> "ModelBundle":
+        """Cast parts by name (``{"unet": torch.bfloat16, ...}``, see ``precision.weight_dtypes``) in place."""
+        for part, dtype in dtypes.items():
+            module = getattr(self, part)
+            if module is not None and next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
@@ -83,7 +91,8 @@ class ModelBundle:
 
 
 def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
-               device="cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
+               device="cpu", dtype: torch.dtype = torch.float32,
+               weight_dtypes: Mapping[str, torch.dtype] | None = None) -> ModelBundle:
     """Load a Stable Diffusion model for training.
 
     ``path``: ``"demo"`` (the small trained model shipped in ``iddm_core/assets/demo_model``, 128 px), ``"tiny"``
@@ -91,20 +100,21 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
     (``.safetensors``; ``.ckpt``/``.pt`` only if ``torch.load(weights_only=True)`` accepts them) in the original
     SD key layout. ``kind`` overrides detection ("sd1" | "sd2" | "sd2v" | "sdxl" | "sdxl-v"). ``tokenizer`` is a
     folder holding ``vocab.json`` + ``merges.txt`` (needed for single files outside ComfyUI; for SDXL it serves
-    both text encoders).
+    both text encoders). ``weight_dtypes`` (``precision.weight_dtypes``) overrides ``dtype`` per part; the cast
+    happens on the CPU, before the move to ``device``, so the device never holds an fp32 copy.
     """
     if kind is not None and kind not in KINDS:
         raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     if str(path) == "demo":
         from .demo_model import load_demo_bundle
 
-        return load_demo_bundle().to(device, dtype)
+        return load_demo_bundle().to(None, dtype).cast(weight_dtypes or {}).to(device)
     if str(path) == "tiny":
         from .tiny import build_tiny_bundle
 
         # kind="sd2"/"sd2v" gives the SD2-flavoured tiny variant (e.g. to exercise v-prediction training);
         # "sdxl"/"sdxl-v" the SDXL-shaped one
-        return build_tiny_bundle(0, kind or "sd1").to(device, dtype)
+        return build_tiny_bundle(0, kind or "sd1").to(None, dtype).cast(weight_dtypes or {}).to(device)
     p = Path(path)
     if p.is_dir():
         bundle = load_diffusers(p, kind=kind, tokenizer=tokenizer)
@@ -112,7 +122,7 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
         bundle = load_single_file(p, kind=kind, tokenizer=tokenizer)
     else:
         raise ModelError(f"model not found: {path} (expected 'demo', 'tiny', a diffusers folder or a .safetensors file)")
-    return bundle.to(device, dtype)
+    return bundle.to(None, dtype).cast(weight_dtypes or {}).to(device)
 
 
 
@@ -651,6 +661,8 @@ class ModelInfo:
     resolution: int          # native training resolution in pixels
     title: str               # checkpoint stem / folder name (never a full path)
     vocab_size: int          # rows of the text encoder's token embedding (the tokenizer was checked against it)
+    parameters: Mapping = field(default_factory=dict)   # {"unet": n, "vae": n, "text_encoder": n, ...}, counted
+                                                        # on the meta device (fit.check_weights_fit)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -708,6 +720,36 @@ def _load_pickle_mmap(path: Path) -> dict:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+_PART_ATTRS = {"UNet": "unet", "VAE": "vae", "text encoder": "text_encoder", "text encoder 2": "text_encoder_2"}
+
+
+def _parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _folder_parameters(configs: Mapping, kind: str) -> dict:
+    """Parameters per part of a diffusers folder's architecture, built from its configs on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        parts = {"unet": UNet2DConditionModel.from_config(_clean(configs["unet"])),
+                 "vae": AutoencoderKL.from_config(_clean(configs["vae"])),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**_clean(configs["text_encoder"])))}
+        if kind in SDXL_KINDS:
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**_clean(configs["text_encoder_2"])))
+    return {name: _parameter_count(m) for name, m in parts.items()}
+
+
+def _tiny_parameters(kind: str) -> dict:
+    from .tiny import build_tiny_bundle
+
+    with torch.device("meta"):
+        bundle = build_tiny_bundle(0, kind)
+    return {name: _parameter_count(getattr(bundle, name)) for name in _PART_ATTRS.values()
+            if getattr(bundle, name) is not None}
+
+
 def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathLike | None = None) -> ModelInfo:
     """Check that ``path`` will load for training, without loading it: call before long work.
 
@@ -728,7 +770,7 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
 
         k = kind or "sd1"
         return ModelInfo(k, PREDICTION_TYPES[k], TINY_RESOLUTION, TINY_SDXL_TITLE if k in SDXL_KINDS else TINY_TITLE,
-                         _tiny_tokenizer_size())
+                         _tiny_tokenizer_size(), _tiny_parameters(k))
     if str(path) == "demo":
         from .demo_model import ASSET_DIR, DEMO_TITLE, TOKENIZER_DIR, weights_path
 
@@ -736,7 +778,8 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
             raise ModelError(f"demo model weights missing: {weights_path()} (rebuild with "
                              f"`python -m iddm_core.demo_model train`)")
         info = validate_model(str(weights_path()), kind="sd1", tokenizer=ASSET_DIR / TOKENIZER_DIR)
-        return ModelInfo(info.kind, info.prediction_type, info.resolution, DEMO_TITLE, info.vocab_size)
+        return ModelInfo(info.kind, info.prediction_type, info.resolution, DEMO_TITLE, info.vocab_size,
+                         info.parameters)
     p = Path(path)
     if p.is_dir():
         kind, configs, _ = _folder_setup(p, kind, tokenizer)
@@ -747,17 +790,21 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
                        for ext in (".safetensors", ".bin")):
                 raise ModelError(f"{p}: {part}/ holds no weights file ({stems[0]}.safetensors)")
         return ModelInfo(kind, PREDICTION_TYPES[kind], _resolution(configs["vae"], kind), p.name,
-                         int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE)))
+                         int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE)),
+                         _folder_parameters(configs, kind))
     if not p.is_file():
         raise ModelError(f"model not found: {path} (expected 'demo', 'tiny', a diffusers folder or a .safetensors file)")
     state, metadata = read_checkpoint_header(p)
     kind, configs, _ = _single_file_setup(p, state, metadata, kind, tokenizer)
+    parameters = {}
     for part, factory, part_state in _single_file_parts(p, state, configs, kind):
         with torch.device("meta"):
-            _check_state(factory().state_dict(), part_state, str(p), part, kind)
+            module = factory()
+        _check_state(module.state_dict(), part_state, str(p), part, kind)
+        parameters[_PART_ATTRS[part]] = _parameter_count(module)
     rows = _token_rows(state, "conditioner.embedders.0." if kind in SDXL_KINDS else "cond_stage_model.") or \
         int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE))
-    return ModelInfo(kind, PREDICTION_TYPES[kind], _resolution(configs["vae"], kind), p.stem, rows)
+    return ModelInfo(kind, PREDICTION_TYPES[kind], _resolution(configs["vae"], kind), p.stem, rows, parameters)
 
 
 # ------------------------------------------------------------------------------------------------ writing

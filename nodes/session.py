@@ -14,13 +14,22 @@ from .comfy_env import free_memory, release_memory, resolve_checkpoint, torch_de
 
 
 @contextmanager
-def training_model(ckpt_name: str):
-    """Yield a ModelBundle of ``ckpt_name`` on ComfyUI's torch device, loaded once, released after."""
+def training_model(ckpt_name: str, info=None, precision: str = "auto"):
+    """Yield a ModelBundle of ``ckpt_name`` on ComfyUI's torch device, loaded once, released after.
+
+    The frozen weights are stored as the precision policy says (bf16/fp16 UNet and text encoders on a GPU); with
+    ``info`` (``validate_model``'s answer) a model whose weights cannot fit the memory left once ComfyUI's own
+    models are unloaded is refused before loading."""
+    from ..iddm_core.fit import check_model_fits
     from ..iddm_core.models import load_model
+    from ..iddm_core.precision import precision_for, weight_dtypes
 
     path = resolve_checkpoint(ckpt_name)          # a missing file fails before anything is unloaded
     free_memory()
-    bundle = load_model(path, device=torch_device())
+    device = torch_device()
+    if info is not None:
+        check_model_fits(info, device, precision)
+    bundle = load_model(path, device=device, weight_dtypes=weight_dtypes(precision_for(device, precision)))
     try:
         yield bundle
     finally:

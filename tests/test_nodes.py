@@ -543,3 +543,31 @@ def test_pyproject_and_install_script_agree_with_requirements(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert install.onnxruntime_package() == "onnxruntime"
     assert install.install_command(["a"])[:4] == [sys.executable, "-m", "pip", "install"]
+
+
+def test_sdxl_checkpoint_is_listed_and_trains_at_its_native_resolution(clean):
+    """An SDXL single file in models/checkpoints (tokenizers: ComfyUI's bundled CLIP vocabulary, for both towers)
+    is offered by the train node and trained through it; resolution 0 = the model's native size; the LoRA is a
+    kohya SDXL LoRA."""
+    stubs, pack = clean
+    from iddm_core.lora import inspect_lora
+    from iddm_core.tiny import TINY_RESOLUTION, write_tiny_model
+
+    _, single = write_tiny_model(stubs.root / "scratch_xl", kind="sdxl")
+    target = stubs.models / "checkpoints" / "tiny-sdxl.safetensors"
+    shutil.move(str(single), target)
+    try:
+        spec = pack.NODE_CLASS_MAPPINGS["IDDMTrainLoRA"].INPUT_TYPES()["required"]
+        assert "tiny-sdxl.safetensors" in spec["ckpt_name"][0]
+        wf = _tiny_workflow("xl_avatar")
+        wf["4"]["inputs"].update(ckpt_name="tiny-sdxl.safetensors", resolution=0, ft_steps=1)
+        results = run_workflow(pack, wf)
+    finally:
+        target.unlink()
+    fp = stubs.modules["folder_paths"]
+    assert results["4"][0] == "xl_avatar.safetensors"
+    info = inspect_lora(fp.get_full_path_or_raise("loras", "xl_avatar.safetensors"))
+    assert info["compatible"], info["problems"]
+    assert info["kind"] == "sdxl" and info["metadata"]["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert f"at {TINY_RESOLUTION}px" in results["4"][1]
+    assert "unload_all_models" in stubs.memory_calls

@@ -429,3 +429,73 @@ def test_cli_tiny_model_kind_sdxl_writes_both_forms(tmp_path, capsys):
     assert validate_model(str(single), tokenizer=str(folder / "tokenizer")).kind == "sdxl"
     out = capsys.readouterr().out
     assert str(folder) in out and str(single) in out
+
+
+def test_half_precision_base_weights_train_attack_and_export_with_fp32_lora(tmp_path):
+    """On a GPU the frozen UNet and both text encoders are stored in the autocast dtype (precision.weight_dtypes):
+    here bf16 on the CPU. Training (UNet + text-encoder LoRA), sampling, PGD and the kohya export all run; the
+    LoRA stays fp32 and learns; the VAE stays fp32."""
+    from safetensors import safe_open
+
+    from iddm_core.finetune import DreamBoothTrainer, encode_prompts
+    from iddm_core.lora import LoraSpec, get_lora_state, lora_parameters, save_kohya_lora
+    from iddm_core.pgd import PGDConfig, pgd_two_stage
+    from iddm_core.precision import precision_for, weight_dtypes
+
+    policy = precision_for("cpu", "bf16")
+    bundle = load_model("tiny", kind="sdxl", weight_dtypes=weight_dtypes(policy))
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        assert {p.dtype for p in getattr(bundle, part).parameters()} == {torch.bfloat16}, part
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
+    spec = LoraSpec(rank=2, train_text_encoder=True)
+    trainer = DreamBoothTrainer(bundle, spec, _ft_config(mixed_precision="bf16"))
+    before = get_lora_state(bundle)
+    x = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1))
+    losses = trainer.train(x, 3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert {p.dtype for p in lora_parameters(bundle)} == {torch.float32}
+    after = get_lora_state(bundle)
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    assert {p.dtype for p in bundle.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    with torch.no_grad():
+        embeds = encode_prompts(bundle, [PROMPTS[0]], RES).detach()
+    cfg = PGDConfig(T=2, rho=0.5, eta=0.03, alpha=0.01)
+    x0 = torch.rand(1, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+    steps = []
+    xp = pgd_two_stage(bundle, _Mean(), x0, torch.zeros(1, 5, 2), embeds, cfg, torch.Generator().manual_seed(0),
+                       on_step=steps.append, precision=policy)
+    assert torch.isfinite(xp).all() and 0 < (xp - x0).abs().max() <= cfg.eta + 1e-6
+    assert all(s["skipped"] == 0 for s in steps)
+    out = save_kohya_lora(tmp_path / "half.safetensors", bundle, spec, output_name="half")
+    with safe_open(str(out), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+
+
+def test_cli_train_finetune_inspect_evaluate_on_an_sdxl_single_file(tmp_path, small_faces_dir, monkeypatch, capsys):
+    """The commands a user runs, on the tiny SDXL single file: train (IDDM) and finetune write SDXL LoRAs that
+    inspect reads as sdxl, and evaluate samples through one of them at the model's native size."""
+    import json
+
+    from iddm_core.cli import main
+
+    monkeypatch.setenv("IDDM_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["tiny-model", "--kind", "sdxl", str(tmp_path / "m")]) == 0
+    single, tok = tmp_path / "m" / "tiny-sdxl.safetensors", tmp_path / "m" / "tiny-sdxl" / "tokenizer"
+    model = ["--model", str(single), "--tokenizer", str(tok)]
+    iddm_out, ft_out = tmp_path / "iddm.safetensors", tmp_path / "ft.safetensors"
+    assert main(["train", "--refs", str(small_faces_dir), "--out", str(iddm_out), *model, "--K", "1", "--T", "2",
+                 "--ft-steps", "1", "--no-prior"]) == 0
+    assert main(["finetune", "--refs", str(small_faces_dir), "--out", str(ft_out), *model, "--steps", "1",
+                 "--no-prior"]) == 0
+    capsys.readouterr()
+    for lora in (iddm_out, ft_out):
+        assert main(["inspect", "--json", str(lora)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["kind"] == "sdxl" and info["compatible"], info
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--lora", str(iddm_out), "--refs", str(small_faces_dir), "--out-json", str(report),
+                 *model, "--prompts", "a photo of sks person", "--n", "1", "--steps", "2",
+                 "--eval-recognizers", "dlib", "--surrogates", "dlib"]) == 0
+    assert report.is_file()

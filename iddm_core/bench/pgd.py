@@ -1,7 +1,8 @@
 """``python -m iddm_core.bench pgd``: seconds per PGD step and peak memory, one process per configuration.
 
 Grid: resolution x protected-set size N x gradient mode (full / sds / face / fast) x activation checkpointing,
-on the full SD 1.5 architecture with random weights (``--model sd15-random``, default) or the tiny model. Each
+on the full SD 1.5 architecture with random weights (``--model sd15-random``, default), SDXL base's
+(``--model sdxl-random``) or the tiny model. Each
 configuration runs in a fresh child process so its peak is its own: peak RSS (``ru_maxrss``) on CPU, CUDA max
 allocated on a GPU. The parent prints one line per configuration, then ratios: mode time / full time, peak
 memory N=max / N=1, checkpointing on / off.
@@ -14,6 +15,7 @@ recognisers' crops. (On ``--model tiny`` the one-step predictions are not faces 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -24,7 +26,7 @@ MODES = ("full", "sds", "face", "fast")
 
 def register(sub) -> None:
     p = sub.add_parser("pgd", help="s/step and peak memory of PGD: resolution x N x mode x checkpointing")
-    p.add_argument("--model", default="sd15-random", help="sd15-random (default), tiny, or a checkpoint path")
+    p.add_argument("--model", default="sd15-random", help="sd15-random (default), sdxl-random, tiny, demo, or a checkpoint path")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="default 256 512")
     p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="protected-set sizes (default 1 4)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="gradient modes (default all)")
@@ -61,10 +63,11 @@ def bench_images(resolution: int, n: int, offset: int = 0):
 
 def make_bundle(model: str, device):
     from ..models import load_model
-    from .finetune import build_random_sd15
+    from .finetune import RANDOM_MODELS
 
-    if model == "sd15-random":
-        return build_random_sd15().to(device)
+    for name, build in RANDOM_MODELS.values():
+        if model == name.replace("sd1.5", "sd15"):
+            return build().to(device)
     return load_model(model, device=device)
 
 
@@ -73,6 +76,7 @@ def measure_one(cfg: dict) -> dict:
 
     from ..cli._common import pick_device
     from ..finetune import encode_prompts
+    from ..fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
     from ..iddm import build_ensemble
     from ..lora import LoraSpec, add_lora
     from ..pgd import PGDConfig, pgd_two_stage
@@ -102,9 +106,17 @@ def measure_one(cfg: dict) -> dict:
             torch.cuda.synchronize()
         stamps.append((time.perf_counter(), record))
 
+    have = available_bytes("cpu")
     t0 = time.perf_counter()
-    pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, torch.Generator().manual_seed(0), on_step=on_step,
-                  precision=precision, checkpointing=cfg["checkpointing"] == "on")
+    try:          # on the CPU an out-of-memory is an exception under the cap, not the kernel killing the child
+        with cpu_memory_cap() if device.type == "cpu" else contextlib.nullcontext():
+            pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, torch.Generator().manual_seed(0),
+                          on_step=on_step, precision=precision, checkpointing=cfg["checkpointing"] == "on")
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        return {**cfg, "error": f"OUT OF MEMORY ({(have or 0) / GIB:.1f} GiB of RAM + swap were available after loading; "
+                                f"peak RSS {peak_rss_mib():.0f} MiB)"}
     times = [b[0] - a for a, b in zip([t0] + [s[0] for s in stamps[:-1]], stamps)]
     timed = times[cfg["warmup"]:]
     out = {**cfg, "s_per_step": sum(timed) / len(timed), "peak_rss_mib": peak_rss_mib(),

@@ -79,7 +79,9 @@ def cmd_finetune(args) -> int:
 
     from ..finetune import DreamBoothTrainer, FinetuneConfig
     from ..lora import LoraSpec, save_kohya_lora
-    from ..models import load_model
+    from ..fit import check_model_fits
+    from ..models import load_model, validate_model
+    from ..precision import precision_for, weight_dtypes
 
     spec = LoraSpec(rank=args.rank, alpha=args.alpha, include_proj=args.include_proj, include_ff=args.include_ff,
                     train_text_encoder=args.train_text_encoder)
@@ -87,7 +89,10 @@ def cmd_finetune(args) -> int:
                             prior_preservation=not args.no_prior, num_class_images=args.num_class_images,
                             lr=args.lr, resolution=args.resolution, seed=args.seed)
     device = pick_device(args.device)
-    bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device)
+    check_model_fits(validate_model(args.model, kind=args.kind, tokenizer=args.tokenizer), device,
+                     config.mixed_precision)
+    bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device,
+                        weight_dtypes=weight_dtypes(precision_for(device, config.mixed_precision)))
     images = load_training_photos(args.refs, config.resolution or bundle.resolution)
     progress = ConsoleProgress()
     trainer = DreamBoothTrainer(bundle, spec, config, class_images=args.class_images,

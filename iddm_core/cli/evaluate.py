@@ -82,18 +82,24 @@ def check_generation_args(args) -> None:
 
 
 def apply_lora_file(bundle, path) -> None:
-    """Load a kohya LoRA file into ``bundle``'s UNet/text encoder in place, with diffusers' kohya reader (the same
-    conversion front ends use), by wrapping the bundle's modules in a StableDiffusionPipeline."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """Load a kohya LoRA file into ``bundle``'s UNet/text encoder(s) in place, with diffusers' kohya reader (the
+    same conversion front ends use), by wrapping the bundle's modules in a StableDiffusion(XL)Pipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from ..errors import InputError, ModelError
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--lora: file not found: {path}")
-    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-                                   unet=bundle.unet, scheduler=DDIMScheduler.from_config(bundle.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config)
+    if bundle.text_encoder_2 is not None:      # SDXL: lora_te1_ / lora_te2_ and the SGM UNet names
+        pipe = StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder,
+                                         text_encoder_2=bundle.text_encoder_2, tokenizer=bundle.tokenizer,
+                                         tokenizer_2=bundle.tokenizer_2, unet=bundle.unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+                                       unet=bundle.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     except Exception as exc:   # diffusers raises ValueError/KeyError/RuntimeError for foreign layouts

@@ -117,7 +117,9 @@ def cmd_train(args) -> int:
     from ..atomic import check_writable
     from ..errors import InputError
     from ..iddm import run_iddm, schedule_text
+    from ..fit import check_model_fits
     from ..models import load_model, validate_model
+    from ..precision import precision_for, weight_dtypes
     from ..refs import load_private_refs
     from ._common import ConsoleProgress, pick_device, print_skipped
 
@@ -147,7 +149,9 @@ def cmd_train(args) -> int:
                              protect_files=_split_list(args.protect_files))
     print_skipped(refs.skipped, args.refs)
     device = pick_device(args.device)
-    bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device)
+    check_model_fits(info, device, config.mixed_precision)         # weights vs free memory, before loading
+    bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device,
+                        weight_dtypes=weight_dtypes(precision_for(device, config.mixed_precision)))
     result = run_iddm(bundle, refs, config, out_path=out, lora_name=args.name or out.stem, report_path=args.report,
                       checkpoint_dir=state_dir, resume=args.resume, overwrite=args.overwrite,
                       callback=ConsoleProgress(), class_images=args.class_images, model_source=args.model)
