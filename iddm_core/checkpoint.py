@@ -152,14 +152,14 @@ def model_hash(bundle, source=None) -> str:
         parts = (bundle.unet, bundle.vae, bundle.text_encoder, getattr(bundle, "text_encoder_2", None))  # SDXL: 4
         h.update(b"weights:" + weights_hash(*(m for m in parts if m is not None)).encode())
     h.update(f"{bundle.kind}|{bundle.prediction_type}".encode())
-    tok = bundle.tokenizer
-    if tok is not None:
-        from .finetune import FinetuneConfig
+    from .finetune import FinetuneConfig
 
-        cfg = FinetuneConfig()
-        ids = tok([cfg.instance_prompt, cfg.class_prompt], padding="max_length", truncation=True,
-                  max_length=tok.model_max_length, return_tensors="pt").input_ids
-        h.update(tensor_digest(ids).encode())
+    cfg = FinetuneConfig()
+    for tok in (bundle.tokenizer, getattr(bundle, "tokenizer_2", None)):    # SDXL: both towers' tokenizers
+        if tok is not None:
+            ids = tok([cfg.instance_prompt, cfg.class_prompt], padding="max_length", truncation=True,
+                      max_length=tok.model_max_length, return_tensors="pt").input_ids
+            h.update(tensor_digest(ids).encode())
     return h.hexdigest()
 
 

@@ -499,3 +499,13 @@ def test_cli_train_finetune_inspect_evaluate_on_an_sdxl_single_file(tmp_path, sm
                  *model, "--prompts", "a photo of sks person", "--n", "1", "--steps", "2",
                  "--eval-recognizers", "dlib", "--surrogates", "dlib"]) == 0
     assert report.is_file()
+
+
+def test_resume_fingerprint_reads_the_second_tokenizer():
+    """A different tokenizer_2 (how the OpenCLIP tower reads the prompts) is a different base model for resume."""
+    from iddm_core.checkpoint import model_hash
+
+    a, b = build_tiny_bundle(0, "sdxl"), build_tiny_bundle(0, "sdxl")
+    assert model_hash(a) == model_hash(b)
+    b.tokenizer_2.pad_token = "<|endoftext|>"       # pads with the end token instead of "!"
+    assert model_hash(a) != model_hash(b)
