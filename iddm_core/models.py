@@ -661,8 +661,8 @@ class ModelInfo:
     resolution: int          # native training resolution in pixels
     title: str               # checkpoint stem / folder name (never a full path)
     vocab_size: int          # rows of the text encoder's token embedding (the tokenizer was checked against it)
-    parameters: Mapping = field(default_factory=dict)   # {"unet": n, "vae": n, "text_encoder": n, ...}, counted
-                                                        # on the meta device (fit.check_weights_fit)
+    parameters: Mapping = field(default_factory=dict, compare=False)  # {"unet": n, "vae": n, ...}, counted on
+                                                                      # the meta device (fit.check_weights_fit)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
