@@ -363,8 +363,11 @@ def resolve_tokenizer(kind: str, tokenizer: str | os.PathLike | None = None,
             # ComfyUI's copy declares model_max_length 8192 (ComfyUI chunks long prompts itself); the SD text
             # encoders have 77 positions, and prompts are padded to model_max_length, so cap it.
             tok.model_max_length = min(int(tok.model_max_length), CLIP_CONTEXT_LENGTH)
-            if kind in ("sd2", "sd2v") and tokenizer is None and model_folder is None:
-                tok.pad_token = "!"   # SD2 pads with token 0, as ComfyUI's SD2 tokenizer does
+            own = model_folder is not None and folder == Path(model_folder) / "tokenizer"
+            if kind in ("sd2", "sd2v") and not own:
+                # SD2 pads with token 0 ("!"), as its own tokenizer/ and ComfyUI's SD2 tokenizer do; a CLIP ViT-L
+                # tokenizer (ComfyUI's sd1 copy, --tokenizer, A1111's Hugging Face cache) pads with end-of-text
+                tok.pad_token = "!"
             return tok
     raise ModelError(
         f"{source}: no CLIP tokenizer found. Single-file checkpoints do not contain one. Put the CLIP tokenizer "

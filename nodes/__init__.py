@@ -9,6 +9,7 @@ from .errors import plain_errors
 from .leak_meter import IdentityLeakMeter
 from .loss_node import IDDMFaceEnsembleLoss
 from .pgd_node import IDDMPGDTwoStage
+from .protect_node import ProtectPhotos
 from .refs_node import LoadPrivateRefs
 from .save_node import SaveImageNoMetadata
 from .train_node import IDDMTrainLoRA
@@ -22,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "IDDMTrainLoRA": IDDMTrainLoRA,
     "IDDMIdentityLeakMeter": IdentityLeakMeter,
     "IDDMSaveImageNoMetadata": SaveImageNoMetadata,
+    "IDDMProtectPhotos": ProtectPhotos,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -31,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IDDMTrainLoRA": "IDDM Train LoRA",
     "IDDMIdentityLeakMeter": "Identity Leak Meter (IDDM)",
     "IDDMSaveImageNoMetadata": "Save Image (no metadata)",
+    "IDDMProtectPhotos": "Protect Photos for Posting",
 }
 
 # ComfyUI shows an error as "<module>.<class>: message" (see errors.py): every node re-raises library errors

@@ -27,22 +27,13 @@ FIRST_TOGGLES = ("dlib", "arcface", "glintr100", "irse50", "ir152", "mobileface_
 
 
 def selected_surrogates(specs, flags: dict, extra: str = "") -> tuple[str, ...]:
-    """Registry tokens for the chosen recognisers: "dlib" or "name:PATH" (the path found by discovery).
+    """Registry tokens for the recognisers whose ``use_<name>`` toggle is on (iddm_core.frontend.selected_surrogates,
+    shared with the A1111/Forge tab): "dlib" or "name:PATH"; a chosen recogniser that is not installed is an error
+    that says which file to put where."""
+    from ..iddm_core.frontend import selected_surrogates as select
 
-    A chosen recogniser that is not installed is an error that says which file to put where."""
-    from ..iddm_core.errors import InputError
-
-    tokens = []
-    for spec in specs:
-        if not flags.get(_toggle_name(spec.name)):
-            continue
-        if not spec.available:
-            raise InputError(f"{_toggle_name(spec.name)}: recogniser {spec.name!r} is not installed; {spec.hint}")
-        tokens.append(spec.name if spec.path is None else f"{spec.name}:{spec.path}")
-    tokens += [t.strip() for t in (extra or "").split(",") if t.strip()]
-    if not tokens:
-        raise InputError("choose at least one face recogniser (dlib is always available)")
-    return tuple(tokens)
+    chosen = [spec.name for spec in specs if flags.get(_toggle_name(spec.name))]
+    return select(specs, chosen, extra, field=_toggle_name)
 
 
 class IDDMFaceEnsembleLoss:

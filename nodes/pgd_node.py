@@ -7,38 +7,11 @@ from __future__ import annotations
 
 from .specs import CATEGORY, LOSS, PGD, REFS
 
-PRESET_CHOICES = ["privacy", "balanced", "fidelity", "fast", "custom"]
-GRADIENT_CHOICES = ["full", "sds", "face", "fast"]
+# The rules shared with the A1111/Forge tab live in iddm_core.frontend (one place); the names stay importable here.
+from ..iddm_core.frontend import GRADIENT_CHOICES, PRESET_CHOICES, pgd_config  # noqa: E402,F401
+from ..iddm_core.frontend import pgd_settings_text as settings_text  # noqa: E402,F401
+
 NO_PREVIEW = "(none)"
-
-
-def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float, gradient: str = "full",
-               pgd_batch: int = 1):
-    """PGDConfig from the widgets: a preset other than "custom" fixes what it names (rho; "fast" also the
-    gradient), the widgets give the rest; errors name the parameter."""
-    from ..iddm_core.iddm import preset_values
-    from ..iddm_core.pgd import PGDConfig
-
-    values = {"rho": float(rho), "gradient": str(gradient)}
-    if preset != "custom":
-        values.update(preset_values(preset))
-    return PGDConfig(T=int(T), eta=float(eta), alpha=float(alpha), batch=int(pgd_batch), **values).validate()
-
-
-def settings_text(config, preset: str, rho: float, gradient: str) -> str:
-    """The PGD settings in effect, with a note for each widget the preset overrides (a named preset fixes rho,
-    and 'fast' the gradient, whatever those widgets show)."""
-    lines = [f"in effect: preset {preset}, rho {config.rho:g} (Stage I {config.n_rec} + Stage II {config.n_id} of "
-             f"T={config.T} steps), gradient {config.gradient}, eta {config.eta:g}, alpha {config.alpha:g}, "
-             f"pgd_batch {config.batch}"]
-    if preset != "custom":
-        if abs(float(rho) - config.rho) > 1e-9:
-            lines.append(f"note: the rho widget ({float(rho):g}) is not used: preset '{preset}' sets rho "
-                         f"{config.rho:g}; choose preset 'custom' to use the widget")
-        if str(gradient) != config.gradient:
-            lines.append(f"note: the gradient widget ({gradient}) is not used: preset '{preset}' sets gradient "
-                         f"{config.gradient}")
-    return "\n".join(lines)
 
 
 def similarity_drop_text(before: dict, after: dict, linf: float) -> str:

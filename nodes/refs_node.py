@@ -11,24 +11,10 @@ import os
 from .specs import CATEGORY, REFS, RefsHandle
 
 
-def parse_file_list(text: str) -> list[str] | None:
-    """"a.jpg, b.jpg" or one name per line -> ["a.jpg", "b.jpg"]; empty -> None (use the seeded split)."""
-    names = [s.strip() for chunk in (text or "").splitlines() for s in chunk.split(",")]
-    names = [s for s in names if s]
-    return names or None
-
-
-def summary_text(refs) -> str:
-    """Counts, and the names of the photos left out (no face found) so the user can fix the folder.
-
-    Shown on the node and given as the ``summary`` output, in memory only: it is not part of the workflow, and the
-    pack never writes it into a LoRA, a report or a log line."""
-    n_ref, n_prot = len(refs.split.reference), len(refs.split.protect)
-    lines = [f"{len(refs)} photos with a face at {refs.resolution}px: {n_ref} reference (Xc), {n_prot} protected (X0)"]
-    if refs.skipped:
-        lines.append(f"{len(refs.skipped)} photo(s) without a detectable face were skipped: "
-                     + ", ".join(refs.skipped))
-    return "\n".join(lines)
+# Shared with the A1111/Forge tab (iddm_core.frontend); the names stay importable here. summary_text: the counts
+# and the photos left out, for the user's screen only (the node's text and its ``summary`` output).
+from ..iddm_core.frontend import parse_file_list  # noqa: E402,F401
+from ..iddm_core.frontend import refs_summary as summary_text  # noqa: E402,F401
 
 
 def folder_fingerprint(folder) -> str:

@@ -12,35 +12,11 @@ settings are the same; if anything differs it deletes the old state and starts o
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+# Shared with the A1111/Forge tab (scripts/): the name check, the config and the summary live in one place.
+from ..iddm_core.frontend import LORA_SUFFIX, iddm_config, lora_file_name, result_summary  # noqa: F401
 from .specs import CATEGORY, LOSS, PGD, REFS, ComboName
-
-LORA_SUFFIX = ".safetensors"
-
-
-def lora_file_name(lora_name: str) -> str:
-    """"my_avatar" -> "my_avatar.safetensors"; a bare file name only (no folders, nothing outside loras/)."""
-    from ..iddm_core.errors import InputError
-
-    name = (lora_name or "").strip()
-    if name.lower().endswith(LORA_SUFFIX):
-        name = name[: -len(LORA_SUFFIX)]
-    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
-        raise InputError(f"lora_name={lora_name!r}: give a plain file name (letters, digits, _ -), no folders")
-    return name + LORA_SUFFIX
-
-
-def iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation, num_class_images,
-                train_text_encoder=False):
-    from ..iddm_core.iddm import IDDMConfig
-
-    return IDDMConfig(K=int(K), pgd=dataclasses.replace(pgd), tau=float(loss.tau), surrogates=tuple(loss.surrogates),
-                      ft_steps=int(ft_steps), rank=int(rank), lr=float(lr), resolution=int(resolution) or None,
-                      seed=int(seed), prior_preservation=bool(prior_preservation),
-                      num_class_images=max(1, int(num_class_images)),
-                      train_text_encoder=bool(train_text_encoder)).validate()
 
 
 def train_state_dir(out_path) -> Path:
@@ -50,36 +26,6 @@ def train_state_dir(out_path) -> Path:
     from .comfy_env import state_root
 
     return state_dir_for(out_path, root=state_root(), namespace="comfyui")
-
-
-def result_summary(file_name: str, report: dict) -> str:
-    """Numbers only (no photo names): what was trained and how recognisable the protected photos still are."""
-    cfg = report.get("config", {})
-    pgd = cfg.get("pgd", {})
-    lines = [f"LoRA written: {file_name} (loras folder; refresh the LoRA list if it is not shown)",
-             f"K={cfg.get('K')} T={pgd.get('T')} rho={pgd.get('rho')} eta={pgd.get('eta')} ft_steps={cfg.get('ft_steps')} "
-             f"rank={cfg.get('rank')} at {report.get('resolution')}px, "
-             f"{report.get('n_reference')} reference + {report.get('n_protect')} protected photos"]
-    sims = report.get("final_similarity") or {}
-    if sims:
-        lines.append("final similarity of protected photos: " + ", ".join(f"{k} {v:.3f}" for k, v in sims.items()))
-    sched = report.get("schedule") or {}
-    if sched:
-        lines.append(f"PGD per iteration: {sched.get('stage1_steps')} Stage I + {sched.get('stage2_steps')} Stage II "
-                     "steps" + (f" - {sched['note']}: every PGD step attacks identity" if sched.get("note") else ""))
-    if cfg.get("train_text_encoder"):
-        lines.append("text encoder trained too (LoRA); PGD conditioned on the trained text encoder")
-    resume = report.get("resume") or {}
-    if resume.get("resumed_after"):
-        lines.append(f"resumed after iteration {resume['resumed_after']} of {cfg.get('K')} (interrupted run, same "
-                     "model, photos and settings)")
-    if resume.get("discarded"):
-        lines.append(f"a saved resume state for this LoRA name was from a different run ({resume['discarded']}): "
-                     "discarded, started over")
-    t = report.get("timings") or {}
-    if t:
-        lines.append(f"time {t.get('total', 0):.1f}s (fine-tune {t.get('finetune', 0):.1f}s, PGD {t.get('pgd', 0):.1f}s)")
-    return "\n".join(lines)
 
 
 class IDDMTrainLoRA:
@@ -161,8 +107,8 @@ class IDDMTrainLoRA:
         from .comfy_env import NodeProgress, class_cache_dir, loras_dir, resolve_checkpoint
         from .session import trainable_refs, training_model
 
-        config = iddm_config(loss, pgd, K, ft_steps, rank, lr, resolution, train_seed, prior_preservation,
-                             num_class_images, train_text_encoder)
+        config = iddm_config(pgd, K, ft_steps, rank, lr, resolution, train_seed, prior_preservation, num_class_images,
+                             train_text_encoder, surrogates=loss.surrogates, tau=loss.tau)
         file_name = lora_file_name(lora_name)
         out_path = loras_dir() / file_name
         check_writable(out_path, bool(overwrite))          # before loading anything
@@ -174,7 +120,7 @@ class IDDMTrainLoRA:
         info = validate_model(resolve_checkpoint(ckpt_name))
         photos = refs.at(config.resolution or info.resolution)
         progress = NodeProgress(unique_id, total_steps(config))
-        with torch.inference_mode(False), training_model(ckpt_name) as bundle:
+        with torch.inference_mode(False), training_model(ckpt_name, info, config.mixed_precision) as bundle:
             prepared = trainable_refs(photos)
             result = run_iddm(bundle, prepared, config, out_path=out_path, lora_name=file_name[: -len(LORA_SUFFIX)],
                               overwrite=bool(overwrite), callback=progress, class_cache_dir=class_cache_dir(),

@@ -210,6 +210,9 @@ def test_comfy_bundled_tokenizer_is_used_and_sd2_pads_with_bang(written, tmp_pat
     b = load_model(str(written[1]))
     assert torch.equal(_ids(b.tokenizer), _ids(build_tiny_bundle(0).tokenizer))
     assert resolve_tokenizer("sd2").pad_token == "!"
+    # an explicit CLIP ViT-L tokenizer folder (e.g. A1111's cache) pads SD2 prompts with "!" too, SD1's not
+    assert resolve_tokenizer("sd2", tokenizer=comfy_tok).pad_token == "!"
+    assert resolve_tokenizer("sd1", tokenizer=comfy_tok).pad_token == "<|endoftext|>"
 
 
 def test_comfy_tokenizer_max_length_8192_is_capped_to_clip_context(written, tmp_path, monkeypatch):

@@ -1,0 +1,194 @@
+"""What every front end does the same way: the ComfyUI nodes (``nodes/``) and the A1111/Forge tab (``scripts/``).
+
+Plain functions over plain values (numbers, strings, the library's own config objects), so that each front end
+only translates its widgets into arguments and never re-implements a rule: the LoRA file name check, the PGD
+settings a preset fixes, the recogniser choice, the run's :class:`~iddm_core.iddm.IDDMConfig`, and the texts shown
+to the user (photo counts, the finished run's summary). Nothing here imports a host application or a UI toolkit,
+and nothing here writes a file.
+
+Privacy: the summaries carry numbers only, except :func:`refs_summary`, which names the photos left out (no face
+found) for the user's own screen; front ends show it and never log or save it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Iterable, Sequence
+
+from .errors import InputError
+
+LORA_SUFFIX = ".safetensors"
+PRESET_CHOICES = ["privacy", "balanced", "fidelity", "fast", "custom"]
+GRADIENT_CHOICES = ["full", "sds", "face", "fast"]
+# How ComfyUI's summary names the place the LoRA went (``result_summary``'s ``where``).
+COMFY_LORA_PLACE = "loras folder; refresh the LoRA list if it is not shown"
+
+
+# ------------------------------------------------------------------------------------------------- names
+def lora_file_name(lora_name: str) -> str:
+    """"my_avatar" -> "my_avatar.safetensors"; a bare file name only (no folders, nothing outside the LoRA folder).
+
+    A trailing ``.safetensors`` is accepted and not doubled. Anything that could leave the folder or hide the file
+    (separators, drive colons, wildcards, a leading dot) is an :class:`InputError` naming the value."""
+    name = (lora_name or "").strip()
+    if name.lower().endswith(LORA_SUFFIX):
+        name = name[: -len(LORA_SUFFIX)]
+    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
+        raise InputError(f"lora_name={lora_name!r}: give a plain file name (letters, digits, _ -), no folders")
+    return name + LORA_SUFFIX
+
+
+def lora_stem(file_name: str) -> str:
+    """"my_avatar.safetensors" -> "my_avatar" (the name A1111/Forge prompts use: ``<lora:my_avatar:1>``)."""
+    return file_name[: -len(LORA_SUFFIX)] if file_name.lower().endswith(LORA_SUFFIX) else file_name
+
+
+def parse_file_list(text: str) -> list[str] | None:
+    """"a.jpg, b.jpg" or one name per line -> ["a.jpg", "b.jpg"]; empty -> None (use the seeded split)."""
+    names = [s.strip() for chunk in (text or "").splitlines() for s in chunk.split(",")]
+    names = [s for s in names if s]
+    return names or None
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float, gradient: str = "full",
+               pgd_batch: int = 1):
+    """:class:`~iddm_core.pgd.PGDConfig` from a front end's fields: a preset other than "custom" fixes what it names
+    (rho; "fast" also the gradient), the fields give the rest; errors name the parameter."""
+    from .iddm import preset_values
+    from .pgd import PGDConfig
+
+    values = {"rho": float(rho), "gradient": str(gradient)}
+    if preset != "custom":
+        values.update(preset_values(preset))
+    return PGDConfig(T=int(T), eta=float(eta), alpha=float(alpha), batch=int(pgd_batch), **values).validate()
+
+
+def pgd_settings_text(config, preset: str, rho: float, gradient: str) -> str:
+    """The PGD settings in effect, with a note for each field the preset overrides (a named preset fixes rho, and
+    'fast' the gradient, whatever those fields show)."""
+    lines = [f"in effect: preset {preset}, rho {config.rho:g} (Stage I {config.n_rec} + Stage II {config.n_id} of "
+             f"T={config.T} steps), gradient {config.gradient}, eta {config.eta:g}, alpha {config.alpha:g}, "
+             f"pgd_batch {config.batch}"]
+    if preset != "custom":
+        if abs(float(rho) - config.rho) > 1e-9:
+            lines.append(f"note: the rho widget ({float(rho):g}) is not used: preset '{preset}' sets rho "
+                         f"{config.rho:g}; choose preset 'custom' to use the widget")
+        if str(gradient) != config.gradient:
+            lines.append(f"note: the gradient widget ({gradient}) is not used: preset '{preset}' sets gradient "
+                         f"{config.gradient}")
+    return "\n".join(lines)
+
+
+def selected_surrogates(specs: Sequence, chosen: Iterable[str], extra: str = "", field=lambda name: name) -> tuple:
+    """Registry tokens for the chosen recognisers: "dlib" or "name:PATH" (the path found by discovery), in the
+    registry's order, then the ``extra`` tokens ("name:PATH, ...").
+
+    ``specs``: :func:`iddm_core.face.registry.discover`'s list; ``chosen``: registry names; ``field(name)``: how the
+    front end calls the control of a recogniser in messages (ComfyUI: ``use_<name>``). A chosen recogniser that is
+    not installed is an error that says which file to put where; choosing none is an error too."""
+    chosen = set(chosen)
+    tokens = []
+    for spec in specs:
+        if spec.name not in chosen:
+            continue
+        if not spec.available:
+            raise InputError(f"{field(spec.name)}: recogniser {spec.name!r} is not installed; {spec.hint}")
+        tokens.append(spec.name if spec.path is None else f"{spec.name}:{spec.path}")
+    tokens += [t.strip() for t in (extra or "").split(",") if t.strip()]
+    if not tokens:
+        raise InputError("choose at least one face recogniser (dlib is always available)")
+    return tuple(tokens)
+
+
+def recogniser_status(specs: Sequence) -> str:
+    """One line per recogniser: "installed", or what is missing and where to put it (the registry's hint)."""
+    return "\n".join(f"{spec.name}: " + ("installed" if spec.available else f"not installed - {spec.hint}")
+                     for spec in specs)
+
+
+def iddm_config(pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation, num_class_images,
+                train_text_encoder=False, *, surrogates, tau):
+    """The run's :class:`~iddm_core.iddm.IDDMConfig` from plain values, validated (errors name the parameter).
+
+    ``pgd``: a :class:`~iddm_core.pgd.PGDConfig` (see :func:`pgd_config`; copied, never shared with the caller);
+    ``surrogates``: registry tokens (see :func:`selected_surrogates`); ``resolution`` 0 = the model's native size."""
+    from .iddm import IDDMConfig
+
+    return IDDMConfig(K=int(K), pgd=dataclasses.replace(pgd), tau=float(tau), surrogates=tuple(surrogates),
+                      ft_steps=int(ft_steps), rank=int(rank), lr=float(lr), resolution=int(resolution) or None,
+                      seed=int(seed), prior_preservation=bool(prior_preservation),
+                      num_class_images=max(1, int(num_class_images)),
+                      train_text_encoder=bool(train_text_encoder)).validate()
+
+
+# ------------------------------------------------------------------------------------------------- model
+@contextmanager
+def loaded_for_training(path: str, device, info=None, precision: str = "auto", tokenizer=None):
+    """Yield a :class:`~iddm_core.models.ModelBundle` of ``path`` on ``device`` for one run, and drop its weights
+    after it, whether the run finished, failed or was cancelled.
+
+    Call it after the host application has freed its own models. The frozen weights are stored as the precision
+    policy says (``precision.weight_dtypes``: bf16/fp16 UNet and text encoders on a GPU); with ``info``
+    (``models.validate_model``'s answer) a model whose weights cannot fit the memory left is refused before
+    loading. ``tokenizer``: a CLIP tokenizer folder for a single-file checkpoint (see ``models.load_model``)."""
+    from .fit import check_model_fits
+    from .models import load_model
+    from .precision import precision_for, weight_dtypes
+
+    if info is not None:
+        check_model_fits(info, device, precision)
+    bundle = load_model(path, tokenizer=tokenizer, device=device,
+                        weight_dtypes=weight_dtypes(precision_for(device, precision)))
+    try:
+        yield bundle
+    finally:
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            setattr(bundle, name, None)
+        del bundle
+
+
+# -------------------------------------------------------------------------------------------------- texts
+def refs_summary(refs) -> str:
+    """Counts, and the names of the photos left out (no face found) so the user can fix the folder.
+
+    For the user's screen only (a node's text, the tab's preview): never written into a LoRA, a report or a log."""
+    n_ref, n_prot = len(refs.split.reference), len(refs.split.protect)
+    lines = [f"{len(refs)} photos with a face at {refs.resolution}px: {n_ref} reference (Xc), {n_prot} protected (X0)"]
+    if refs.skipped:
+        lines.append(f"{len(refs.skipped)} photo(s) without a detectable face were skipped: "
+                     + ", ".join(refs.skipped))
+    return "\n".join(lines)
+
+
+def result_summary(file_name: str, report: dict, where: str = COMFY_LORA_PLACE) -> str:
+    """Numbers only (no photo names): what was trained and how recognisable the protected photos still are.
+
+    ``where``: how this front end names the folder the LoRA went to and how to make it appear in its list (the
+    first line reads "LoRA written: <file> (<where>)")."""
+    cfg = report.get("config", {})
+    pgd = cfg.get("pgd", {})
+    lines = [f"LoRA written: {file_name} ({where})",
+             f"K={cfg.get('K')} T={pgd.get('T')} rho={pgd.get('rho')} eta={pgd.get('eta')} ft_steps={cfg.get('ft_steps')} "
+             f"rank={cfg.get('rank')} at {report.get('resolution')}px, "
+             f"{report.get('n_reference')} reference + {report.get('n_protect')} protected photos"]
+    sims = report.get("final_similarity") or {}
+    if sims:
+        lines.append("final similarity of protected photos: " + ", ".join(f"{k} {v:.3f}" for k, v in sims.items()))
+    sched = report.get("schedule") or {}
+    if sched:
+        lines.append(f"PGD per iteration: {sched.get('stage1_steps')} Stage I + {sched.get('stage2_steps')} Stage II "
+                     "steps" + (f" - {sched['note']}: every PGD step attacks identity" if sched.get("note") else ""))
+    if cfg.get("train_text_encoder"):
+        lines.append("text encoder trained too (LoRA); PGD conditioned on the trained text encoder")
+    resume = report.get("resume") or {}
+    if resume.get("resumed_after"):
+        lines.append(f"resumed after iteration {resume['resumed_after']} of {cfg.get('K')} (interrupted run, same "
+                     "model, photos and settings)")
+    if resume.get("discarded"):
+        lines.append(f"a saved resume state for this LoRA name was from a different run ({resume['discarded']}): "
+                     "discarded, started over")
+    t = report.get("timings") or {}
+    if t:
+        lines.append(f"time {t.get('total', 0):.1f}s (fine-tune {t.get('finetune', 0):.1f}s, PGD {t.get('pgd', 0):.1f}s)")
+    return "\n".join(lines)
