@@ -234,6 +234,23 @@ def frozen(*modules):
             p.requires_grad_(True)
 
 
+@contextmanager
+def attacking(bundle, checkpointing: bool = False):
+    """The bundle as a fixed function of the pixels for the block: every network in eval mode, parameter
+    gradients off, activation checkpointing when asked; the train/eval modes are restored after."""
+    modules = tuple(m for m in (bundle.unet, bundle.vae, bundle.text_encoder, getattr(bundle, "text_encoder_2", None))
+                    if m is not None)
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with frozen(*modules), activation_checkpointing(*modules, enabled=checkpointing):
+            yield
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+
+
 # ---- face windows --------------------------------------------------------------------------------------------
 
 def crop_support(ensemble, landmarks: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -342,53 +359,44 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
         for lo in range(0, n, config.batch):
             windows[lo] = face_windows(support[lo:lo + config.batch], config.face_margin, window_multiple(bundle))
     scale = LossScale(precision.scales_loss)
-    modules = tuple(m for m in (bundle.unet, bundle.vae, bundle.text_encoder, getattr(bundle, "text_encoder_2", None))
-                    if m is not None)
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        with frozen(*modules), activation_checkpointing(*modules, enabled=checkpointing):
-            for t in range(1, config.T + 1):
-                stage = config.stage(t)
-                values, sims, counts = [], {}, {"redone_fp32": 0, "skipped": 0}
-                for lo in range(0, n, config.batch):
-                    sl = slice(lo, min(n, lo + config.batch))
-                    part_gens = gens[sl]
-                    states = [g.get_state() for g in part_gens]
-                    part_window = windows.get(lo) if stage == STAGE_ID else None
-                    shape = _latent_shape(bundle, part_window[0], part_window[0]) if part_window else latent_shape
-                    noise = Noise.draw(part_gens, shape, n_train,
-                                       config.id_t_max if stage == STAGE_ID else 1.0, x.device)
+    with attacking(bundle, checkpointing):
+        for t in range(1, config.T + 1):
+            stage = config.stage(t)
+            values, sims, counts = [], {}, {"redone_fp32": 0, "skipped": 0}
+            for lo in range(0, n, config.batch):
+                sl = slice(lo, min(n, lo + config.batch))
+                part_gens = gens[sl]
+                states = [g.get_state() for g in part_gens]
+                part_window = windows.get(lo) if stage == STAGE_ID else None
+                shape = _latent_shape(bundle, part_window[0], part_window[0]) if part_window else latent_shape
+                noise = Noise.draw(part_gens, shape, n_train,
+                                   config.id_t_max if stage == STAGE_ID else 1.0, x.device)
 
-                    def compute(xb, sl=sl, noise=noise, part_window=part_window, precision_=precision):
-                        return _stage_loss(bundle, ensemble, xb, landmarks[sl], embeds[sl], stage, noise, config,
-                                           precision_, predict_clean, part_window)
+                def compute(xb, sl=sl, noise=noise, part_window=part_window, precision_=precision):
+                    return _stage_loss(bundle, ensemble, xb, landmarks[sl], embeds[sl], stage, noise, config,
+                                       precision_, predict_clean, part_window)
 
-                    grad, value, part_sims = _gradient(compute, x[sl], precision, scale)
-                    scale.update(grad is not None)
-                    if grad is None and precision.dtype is not None:      # redo in fp32 with the same noise
-                        for g, s in zip(part_gens, states):
-                            g.set_state(s)
-                        counts["redone_fp32"] += 1
-                        grad, value, part_sims = _gradient(lambda xb: compute(xb, precision_=_fp32(precision)),
-                                                           x[sl], _fp32(precision), LossScale(False))
-                    if grad is None:
-                        counts["skipped"] += 1
-                    else:
-                        x[sl] = sign_pgd_step(x0[sl], x[sl], grad, config.alpha, config.eta)
-                    values.append(float(value) * (sl.stop - sl.start))
-                    for name, s in part_sims.items():
-                        sims.setdefault(name, []).append(s.detach().float())
-                if on_step is not None:
-                    on_step({
-                        "t": t, "stage": stage, "loss": sum(values) / n,
-                        "similarity": {name: float(torch.cat(v).mean()) for name, v in sims.items()},
-                        "linf": float((x - x0).abs().max()), **counts,
-                    })
-    finally:
-        for m, mode in zip(modules, was_training):
-            m.train(mode)
+                grad, value, part_sims = _gradient(compute, x[sl], precision, scale)
+                scale.update(grad is not None)
+                if grad is None and precision.dtype is not None:      # redo in fp32 with the same noise
+                    for g, s in zip(part_gens, states):
+                        g.set_state(s)
+                    counts["redone_fp32"] += 1
+                    grad, value, part_sims = _gradient(lambda xb: compute(xb, precision_=_fp32(precision)),
+                                                       x[sl], _fp32(precision), LossScale(False))
+                if grad is None:
+                    counts["skipped"] += 1
+                else:
+                    x[sl] = sign_pgd_step(x0[sl], x[sl], grad, config.alpha, config.eta)
+                values.append(float(value) * (sl.stop - sl.start))
+                for name, s in part_sims.items():
+                    sims.setdefault(name, []).append(s.detach().float())
+            if on_step is not None:
+                on_step({
+                    "t": t, "stage": stage, "loss": sum(values) / n,
+                    "similarity": {name: float(torch.cat(v).mean()) for name, v in sims.items()},
+                    "linf": float((x - x0).abs().max()), **counts,
+                })
     return x.detach()
 
 

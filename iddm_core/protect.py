@@ -399,50 +399,40 @@ def pgd_ascent(bundle, x_clean, x, embeds, config: ProtectConfig, generator, ste
                precision, checkpointing: bool = False, style_net=None, on_step=None) -> torch.Tensor:
     """``steps`` sign-PGD ascent steps on L_rec (CAP's ratio search from step ``config.cap_first_step`` on when
     ``style_net`` is given); ``step0``: global PGD steps done before. Returns the new X'."""
-    from .grad_checkpoint import activation_checkpointing
-    from .pgd import frozen, image_generators
+    from .pgd import attacking, image_generators
     from .precision import LossScale
 
     n, size, batch = x.shape[0], x.shape[-1], config.batch
     gens = image_generators(generator, n)
     scale = LossScale(precision.scales_loss)
-    modules = tuple(m for m in (bundle.unet, bundle.vae, bundle.text_encoder, getattr(bundle, "text_encoder_2", None))
-                    if m is not None)
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
     x = x.detach().clone()
-    try:
-        with frozen(*modules), activation_checkpointing(*modules, enabled=checkpointing):
-            for s in range(step0 + 1, step0 + steps + 1):
-                grad, value, counts = _rec_gradient(bundle, x, embeds, draw_noise(bundle, gens, batch, size), batch,
-                                                    precision, scale)
-                record = {"t": s, "loss": value, **counts}
-                if style_net is not None and s >= config.cap_first_step:
-                    g_style, spread = style_gradient(style_net, x, batch)
-                    g_style = g_style * relative_scale(grad, g_style)
-                    grid = config.ratio_grid()
-                    probe = draw_noise(bundle, gens, batch, size) if len(grid) > 1 else None  # shared by candidates
-                    best = None
-                    for r in grid:
-                        if probe is None:                                  # a static ratio: nothing to compare
-                            best = (float("nan"), r, ascent_step(x_clean, x, grad - r * g_style, config.alpha,
-                                                                 config.eta))
-                            continue
-                        cand = ascent_step(x_clean, x, grad - r * g_style, config.alpha, config.eta)
-                        value_r = rec_values(bundle, cand, embeds, probe, batch, precision)
-                        if best is None or value_r > best[0]:
-                            best = (value_r, r, cand)
-                    x = best[2]
-                    record.update(ratio=best[1], style=spread, loss_after=None if probe is None else best[0])
-                else:
-                    x = ascent_step(x_clean, x, grad, config.alpha, config.eta)
-                record["linf"] = float((x - x_clean).abs().max())
-                if on_step is not None:
-                    on_step(record)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+    with attacking(bundle, checkpointing):
+        for s in range(step0 + 1, step0 + steps + 1):
+            grad, value, counts = _rec_gradient(bundle, x, embeds, draw_noise(bundle, gens, batch, size), batch,
+                                                precision, scale)
+            record = {"t": s, "loss": value, **counts}
+            if style_net is not None and s >= config.cap_first_step:
+                g_style, spread = style_gradient(style_net, x, batch)
+                g_style = g_style * relative_scale(grad, g_style)
+                grid = config.ratio_grid()
+                probe = draw_noise(bundle, gens, batch, size) if len(grid) > 1 else None  # shared by candidates
+                best = None
+                for r in grid:
+                    if probe is None:                                  # a static ratio: nothing to compare
+                        best = (float("nan"), r, ascent_step(x_clean, x, grad - r * g_style, config.alpha,
+                                                             config.eta))
+                        continue
+                    cand = ascent_step(x_clean, x, grad - r * g_style, config.alpha, config.eta)
+                    value_r = rec_values(bundle, cand, embeds, probe, batch, precision)
+                    if best is None or value_r > best[0]:
+                        best = (value_r, r, cand)
+                x = best[2]
+                record.update(ratio=best[1], style=spread, loss_after=None if probe is None else best[0])
+            else:
+                x = ascent_step(x_clean, x, grad, config.alpha, config.eta)
+            record["linf"] = float((x - x_clean).abs().max())
+            if on_step is not None:
+                on_step(record)
     return x.detach()
 
 

@@ -19,23 +19,15 @@ def training_model(ckpt_name: str, info=None, precision: str = "auto"):
 
     The frozen weights are stored as the precision policy says (bf16/fp16 UNet and text encoders on a GPU); with
     ``info`` (``validate_model``'s answer) a model whose weights cannot fit the memory left once ComfyUI's own
-    models are unloaded is refused before loading."""
-    from ..iddm_core.fit import check_model_fits
-    from ..iddm_core.models import load_model
-    from ..iddm_core.precision import precision_for, weight_dtypes
+    models are unloaded is refused before loading (iddm_core.frontend.loaded_for_training, shared with A1111)."""
+    from ..iddm_core.frontend import loaded_for_training
 
     path = resolve_checkpoint(ckpt_name)          # a missing file fails before anything is unloaded
     free_memory()
-    device = torch_device()
-    if info is not None:
-        check_model_fits(info, device, precision)
-    bundle = load_model(path, device=device, weight_dtypes=weight_dtypes(precision_for(device, precision)))
     try:
-        yield bundle
+        with loaded_for_training(path, torch_device(), info=info, precision=precision) as bundle:
+            yield bundle
     finally:
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            setattr(bundle, name, None)
-        del bundle
         release_memory()
 
 

@@ -129,8 +129,10 @@ def measure_one(cfg: dict) -> dict:
 
 # ---- the parent: the grid and its ratios ---------------------------------------------------------------------
 
-def run_child(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "iddm_core.bench", "pgd", "--one", json.dumps(cfg)],
+def run_child(cfg: dict, command: str = "pgd") -> dict:
+    """``python -m iddm_core.bench COMMAND --one CFG`` in a fresh process (its peak memory is its own); its RESULT
+    line, or the configuration with an ``error``."""
+    proc = subprocess.run([sys.executable, "-m", "iddm_core.bench", command, "--one", json.dumps(cfg)],
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

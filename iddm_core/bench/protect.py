@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import time
 
 
@@ -89,13 +87,9 @@ def measure_one(cfg: dict) -> dict:
 
 
 def run_child(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "iddm_core.bench", "protect", "--one", json.dumps(cfg)],
-                          capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**cfg, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT "):])
+    from .pgd import run_child as run_bench_child
+
+    return run_bench_child(cfg, "protect")
 
 
 def describe(r: dict) -> str:
