@@ -31,7 +31,7 @@ DEMO_NOTE = (
     "But its samples are too rough for dlib to find faces in and only 3 identities exist; dlib is the attack's "
     "surrogate, so its numbers measure the attack itself, and faceres (held out) is the fair test of whether the "
     "protection transfers. None of this is evidence about Stable Diffusion. Use --model with a real "
-    "SD 1.x/2.x checkpoint (`python -m iddm_core train --help`) for a real run.")
+    "SD 1.x/2.x or SDXL checkpoint (`python -m iddm_core train --help`) for a real run.")
 
 
 def demo_photos():

@@ -153,7 +153,7 @@ def detect_kind(state: Mapping[str, Any], source: str = "checkpoint", metadata: 
         return _detect_sdxl(keys, state, source, metadata or {})
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelError(f"{source}: unknown checkpoint layout (no model.diffusion_model.* UNet weights); "
-                         "expected an original-layout Stable Diffusion 1.x/2.x checkpoint")
+                         "expected an original-layout Stable Diffusion 1.x/2.x/XL checkpoint")
     conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and _shape(conv_in)[1] != 4:
         raise ModelError(f"{source}: UNet takes {_shape(conv_in)[1]} input channels; inpainting/depth models "

@@ -10,7 +10,7 @@ held-out recognisers:
 
 Defaults are small (``--tiny-settings`` makes them smaller still, for CI) and the default model is the embedded
 demo model (``--model demo``, 128 px, trained on faces, so samples are faces and FSR means something); its
-numbers show the mechanism on a toy. Use ``--model`` with a real SD 1.x/2.x checkpoint and the paper's settings
+numbers show the mechanism on a toy. Use ``--model`` with a real SD 1.x/2.x/XL checkpoint and the paper's settings
 (``--K 10 --T 8 --ft-steps 40 --n 8 --steps 50``) for meaningful ones.
 """
 from __future__ import annotations
