@@ -112,16 +112,17 @@ def check_weights_fit(parameter_counts: dict, dtypes: dict, device, what: str) -
             + ".")
 
 
-def advice(config, precision_name: str, checkpointing: bool, resolution: int) -> list[str]:
-    """What would lower memory, given what is already set (most effective first)."""
+def advice(batch: int, gradient: str | None, precision_name: str, checkpointing: bool, resolution: int) -> list[str]:
+    """What would lower memory, given what is already set (most effective first). ``gradient``: IDDM's PGD gradient
+    mode, None for attacks that have none (protect)."""
     tips = []
-    if config.pgd.batch > 1:
+    if batch > 1:
         tips.append("pgd_batch 1")
     if not checkpointing:
         tips.append("gradient checkpointing on (--checkpointing yes)")
     if precision_name == "fp32":
         tips.append("mixed precision (--precision auto on a GPU)")
-    if config.pgd.gradient in ("full", "sds"):
+    if gradient in ("full", "sds"):
         tips.append("gradient 'fast' (Stage II on a window around the face)")
     if resolution > 256:
         tips.append(f"a lower resolution than {resolution}")
@@ -145,12 +146,14 @@ def check_model_fits(info, device, precision_mode: str = "auto") -> None:
                       f"the model {info.title!r} ({info.kind})")
 
 
-def check_fits(trial_finetune, trial_pgd, config, precision_name: str, checkpointing: bool, resolution: int,
-               device) -> None:
-    """Run the two trial steps; raise InputError with advice if either runs out of memory."""
+def check_fits(trial_finetune, trial_pgd, batch: int, gradient: str | None, precision_name: str,
+               checkpointing: bool, resolution: int, device, pgd_step: str = "a Stage II PGD step") -> None:
+    """Run the two trial steps; raise InputError with advice if either runs out of memory. ``batch``/``gradient``:
+    the PGD micro-batch and gradient mode in effect (None: the attack has no modes); ``pgd_step`` names the second
+    trial in the message."""
     before = memory_text(device)
     on_cpu = torch.device(device).type == "cpu"
-    for what, trial in (("a fine-tune step", trial_finetune), ("a Stage II PGD step", trial_pgd)):
+    for what, trial in (("a fine-tune step", trial_finetune), (pgd_step, trial_pgd)):
         try:
             with cpu_memory_cap() if on_cpu else contextlib.nullcontext():
                 trial()
@@ -159,11 +162,12 @@ def check_fits(trial_finetune, trial_pgd, config, precision_name: str, checkpoin
                 raise
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
-            tips = advice(config, precision_name, checkpointing, resolution)
+            tips = advice(batch, gradient, precision_name, checkpointing, resolution)
+            mode = f", gradient {gradient}" if gradient is not None else ""
             raise InputError(
                 f"not enough memory for these settings: {what} ran out of memory at {resolution}px, "
-                f"pgd_batch {config.pgd.batch}, precision {precision_name}, checkpointing "
-                f"{'on' if checkpointing else 'off'}, gradient {config.pgd.gradient}{before}. Nothing was trained. "
+                f"pgd_batch {batch}, precision {precision_name}, checkpointing "
+                f"{'on' if checkpointing else 'off'}{mode}{before}. Nothing was trained. "
                 + (f"Try: {'; '.join(tips)}." if tips else "")) from None
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

@@ -202,7 +202,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
                    lambda: pgd_two_stage(bundle, ensemble, x_clean[:b], lm_prot[:b], trainer.instance_embeds(),
                                          trial_pgd_config(config.pgd), torch.Generator().manual_seed(0),
                                          precision=trainer.precision, checkpointing=trainer.checkpointing),
-                   config, trainer.precision.name, trainer.checkpointing, resolution, device)
+                   b, config.pgd.gradient, trainer.precision.name, trainer.checkpointing, resolution, device)
 
     report = {"config": config.to_dict(), "schedule": config.pgd.schedule(), "resolution": resolution,
               "precision": trainer.precision.name, "gradient_checkpointing": trainer.checkpointing,

@@ -596,7 +596,6 @@ def _measure(bundle, x_clean, x, embeds, config, precision) -> dict:
 def _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resolution, style_net) -> None:
     """fit.check_fits with one fine-tune step and one PGD ascent step on ``batch`` photos (the CAP search too)."""
     import dataclasses
-    from types import SimpleNamespace
 
     from .fit import check_fits
 
@@ -606,8 +605,8 @@ def _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resoluti
     check_fits(lambda: trainer.trial_step(clean_post),
                lambda: pgd_ascent(bundle, xs, xs, embeds, trial, torch.Generator().manual_seed(0), 1, 0,
                                   trainer.precision, trainer.checkpointing, style_net),
-               SimpleNamespace(pgd=SimpleNamespace(batch=b, gradient="full")), trainer.precision.name,
-               trainer.checkpointing, resolution, bundle.device)
+               b, None, trainer.precision.name, trainer.checkpointing, resolution, bundle.device,
+               pgd_step="a PGD ascent step" + (" with CAP's ratio search" if style_net is not None else ""))
 
 
 # ---------------------------------------------------------------------------------------------- writing

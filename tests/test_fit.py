@@ -10,8 +10,6 @@ import torch
 
 from iddm_core import fit
 from iddm_core.errors import InputError
-from iddm_core.iddm import IDDMConfig
-from iddm_core.pgd import PGDConfig
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux-only")
 
@@ -37,10 +35,6 @@ def test_cpu_cap_turns_an_allocation_past_the_headroom_into_an_exception_and_is_
         assert float(torch.ones(1000, 1000).sum()) == 1e6
 
 
-def _config():
-    return IDDMConfig(K=1, pgd=PGDConfig(T=2, batch=2), ft_steps=1, resolution=64)
-
-
 @linux
 def test_check_fits_on_cpu_reports_a_trial_that_cannot_fit_with_advice(monkeypatch):
     """On the CPU the trials run under the cap: a trial needing 1 GiB with 256 MiB available becomes advice."""
@@ -54,10 +48,21 @@ def test_check_fits_on_cpu_reports_a_trial_that_cannot_fit_with_advice(monkeypat
         torch.empty(fit.GIB, dtype=torch.uint8)
 
     with pytest.raises(InputError, match="Stage II PGD step ran out of memory") as err:
-        fit.check_fits(trial_finetune, trial_pgd, _config(), "fp32", False, 512, "cpu")
+        fit.check_fits(trial_finetune, trial_pgd, 2, "full", "fp32", False, 512, "cpu")
     text = str(err.value)
     assert calls == ["finetune"] and "pgd_batch 1" in text and "0.2 GiB of RAM" in text
-    assert "Nothing was trained" in text
+    assert "Nothing was trained" in text and "gradient full" in text
+
+
+@linux
+def test_check_fits_names_the_attack_it_tried(monkeypatch):
+    """protect's trial is an ascent step with no gradient modes: the message says so and offers no gradient tip."""
+    monkeypatch.setattr(fit, "available_bytes", lambda device: 256 * 2 ** 20)
+    with pytest.raises(InputError, match="a PGD ascent step ran out of memory") as err:
+        fit.check_fits(lambda: None, lambda: torch.empty(fit.GIB, dtype=torch.uint8), 1, None, "fp32", True, 512,
+                       "cpu", pgd_step="a PGD ascent step")
+    text = str(err.value)
+    assert "gradient" not in text.replace("gradient checkpointing", "") and "pgd_batch 1," in text
 
 
 def test_check_fits_lets_other_errors_through_unchanged():
@@ -65,7 +70,7 @@ def test_check_fits_lets_other_errors_through_unchanged():
         raise RuntimeError("shape mismatch in the UNet")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        fit.check_fits(broken, lambda: None, _config(), "fp32", False, 64, "cpu")
+        fit.check_fits(broken, lambda: None, 2, "full", "fp32", False, 64, "cpu")
 
 
 def test_weight_bytes_follow_the_storage_dtypes():
