@@ -232,10 +232,15 @@ class ComfyStubs:
         self.uninstall()
 
 
-def load_pack(module_name: str = "comfyui-iddm", repo: Path = REPO):
-    """Import the pack as ComfyUI does: the folder's __init__.py under the folder's name, as a package."""
+def unload_pack(module_name: str = "comfyui-iddm") -> None:
+    """Forget the pack and its submodules, so the next import (or another test file's) starts fresh."""
     for key in [k for k in sys.modules if k == module_name or k.startswith(module_name + ".")]:
         del sys.modules[key]
+
+
+def load_pack(module_name: str = "comfyui-iddm", repo: Path = REPO):
+    """Import the pack as ComfyUI does: the folder's __init__.py under the folder's name, as a package."""
+    unload_pack(module_name)
     init = Path(repo) / "__init__.py"
     spec = importlib.util.spec_from_file_location(module_name, str(init), submodule_search_locations=[str(repo)])
     module = importlib.util.module_from_spec(spec)

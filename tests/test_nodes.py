@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, comfy_error_type, core_nodes, \
-    linked_type_ok, load_pack, node_problems, png_chunk_types, png_files, run_workflow
+    linked_type_ok, load_pack, node_problems, png_chunk_types, png_files, run_workflow, unload_pack
 
 PACK = "comfyui-iddm"
 PRIVATE = "secret_alice"          # a private-looking photo name that must never appear in any output
@@ -50,8 +50,7 @@ def env(tmp_path_factory, small_faces_dir):
     pack = load_pack(PACK)
     yield stubs, pack
     stubs.uninstall()
-    for key in [k for k in sys.modules if k == PACK or k.startswith(PACK + ".")]:
-        del sys.modules[key]
+    unload_pack(PACK)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from enum import Enum
 
 import pytest
 
-from comfy_harness import ComfyStubs, load_pack, png_chunk_types
+from comfy_harness import ComfyStubs, load_pack, png_chunk_types, unload_pack
 
 PINNED = "v0_0_3"
 V1_PACK, V3_PACK = "comfyui-iddm-v1", "comfyui-iddm-v3"
@@ -177,11 +177,6 @@ def _restore(saved):
             sys.modules[name] = module
 
 
-def _drop(name):
-    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[key]
-
-
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory):
     """The pack loaded twice as ComfyUI loads it: without comfy_api (V1) and with the pinned stand-in (V3)."""
@@ -196,8 +191,8 @@ def packs(tmp_path_factory):
         yield stubs, v1, v3, api
     finally:
         stubs.uninstall()
-        _drop(V1_PACK)
-        _drop(V3_PACK)
+        unload_pack(V1_PACK)
+        unload_pack(V3_PACK)
 
 
 def comfyui_register(module) -> dict:
@@ -275,7 +270,7 @@ def test_env_variable_keeps_v1(packs, monkeypatch):
         assert hasattr(forced, "NODE_CLASS_MAPPINGS") and not hasattr(forced, "comfy_entrypoint")
     finally:
         _restore(saved)
-        _drop("comfyui-iddm-forced")
+        unload_pack("comfyui-iddm-forced")
 
 
 def test_a_schema_the_api_rejects_falls_back_to_v1(packs):
@@ -294,7 +289,7 @@ def test_a_schema_the_api_rejects_falls_back_to_v1(packs):
     finally:
         del api.io.ComfyNode.GET_SCHEMA
         _restore(saved)
-        _drop("comfyui-iddm-rejected")
+        unload_pack("comfyui-iddm-rejected")
 
 
 # ------------------------------------------------------------------------------------------------ schema

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from comfy_harness import ComfyStubs, InterruptProcessingException, comfy_error_type, load_pack, node_problems, \
-    png_chunk_types
+    png_chunk_types, unload_pack
 
 PACK = "comfyui-iddm"
 NAME = "IDDMProtectPhotos"
@@ -27,8 +27,7 @@ def env(tmp_path_factory):
     pack = load_pack(PACK)
     yield stubs, pack
     stubs.uninstall()
-    for key in [k for k in sys.modules if k == PACK or k.startswith(PACK + ".")]:
-        del sys.modules[key]
+    unload_pack(PACK)
 
 
 def _photos(small_faces_dir, n=2):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, load_pack, run_workflow
+from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, load_pack, run_workflow, unload_pack
 
 PACK = "comfyui-iddm"
 PRIVATE = "secret_bob"
@@ -41,8 +41,7 @@ def env(tmp_path_factory, small_faces_dir):
     pack = load_pack(PACK)
     yield stubs, pack
     stubs.uninstall()
-    for key in [k for k in sys.modules if k == PACK or k.startswith(PACK + ".")]:
-        del sys.modules[key]
+    unload_pack(PACK)
 
 
 @pytest.fixture

@@ -39,12 +39,19 @@ ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 
                9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
 
 
-def op(*names: str):
-    def register(fn: OpFn) -> OpFn:
-        for name in names:
-            OPS[name] = fn
-        return fn
-    return register
+def registrar(table: dict):
+    """``@op("Name", ...)`` decorators that file an op implementation under its graph names in ``table`` (the
+    ONNX interpreter here, the TF.js one in tfjs_graph)."""
+    def op(*names: str):
+        def register(fn):
+            for name in names:
+                table[name] = fn
+            return fn
+        return register
+    return op
+
+
+op = registrar(OPS)
 
 
 def _ints(t) -> list[int]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
+from .onnx_iresnet import registrar
 
 
 class _OpError(Exception):
@@ -80,14 +81,7 @@ def _attributes(node: dict) -> dict:
 
 OpFn = Callable[[list, dict], torch.Tensor]
 OPS: dict[str, OpFn] = {}
-
-
-def op(*names: str):
-    def register(fn: OpFn) -> OpFn:
-        for name in names:
-            OPS[name] = fn
-        return fn
-    return register
+op = registrar(OPS)
 
 
 def _ints(t) -> list[int]:
