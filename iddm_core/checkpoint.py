@@ -55,8 +55,13 @@ def state_dir_for(output, root=None, namespace: str = "cli") -> Path:
     """The state folder of the run writing ``output``: ``<root>/<hash of namespace + absolute output path>``
     (``root`` default: ``cache_root()/state``). One folder per output: a new run for the same output finds, and
     checks, the state an interrupted one left."""
-    key = hashlib.sha256(f"{namespace}\n{Path(output).expanduser().resolve()}".encode()).hexdigest()[:32]
-    return Path(root if root is not None else cache_root() / "state") / key
+    return state_dir_keyed(str(Path(output).expanduser().resolve()), root, namespace)
+
+
+def state_dir_keyed(key: str, root=None, namespace: str = "cli") -> Path:
+    """``<root>/<hash of namespace + key>``: the state folder of a run identified by ``key`` (never in clear)."""
+    digest = hashlib.sha256(f"{namespace}\n{key}".encode()).hexdigest()[:32]
+    return Path(root if root is not None else cache_root() / "state") / digest
 
 
 def _make_private_dirs(directory: Path) -> None:
@@ -264,6 +269,35 @@ def load_state(directory, fingerprint: dict) -> dict | None:
     if reasons:
         raise StateMismatch(directory, reasons)
     return state
+
+
+ON_MISMATCH = ("error", "restart")
+
+
+def check_on_mismatch(on_mismatch: str) -> None:
+    if on_mismatch not in ON_MISMATCH:
+        raise InputError(f"on_mismatch={on_mismatch!r}: use 'error' or 'restart'")
+
+
+def open_state(checkpoint_dir, resume: bool, fingerprint: dict, on_mismatch: str = "error"):
+    """(saved state or None, what happened to an old state: {} | {"discarded": reasons}); before any work.
+    ``resume=False`` deletes an old state. A state of another run (or an unreadable one) raises with
+    ``on_mismatch="error"`` (the CLI: the user asked for --resume) or is deleted (``"restart"``: the nodes)."""
+    if not resume:
+        clear_state(checkpoint_dir)                    # starting over: an old run's X' does not linger
+        return None, {}
+    try:
+        return load_state(checkpoint_dir, fingerprint), {}
+    except StateMismatch as exc:
+        if on_mismatch == "error":
+            raise
+        clear_state(checkpoint_dir)
+        return None, {"discarded": "; ".join(exc.reasons)}
+    except InputError:
+        if on_mismatch == "error":
+            raise
+        clear_state(checkpoint_dir)
+        return None, {"discarded": "the saved state could not be read"}
 
 
 def clear_state(directory) -> None:

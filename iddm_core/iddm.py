@@ -121,9 +121,10 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     """
     from .atomic import check_writable
 
+    from .checkpoint import check_on_mismatch
+
     config.validate()
-    if on_mismatch not in ("error", "restart"):
-        raise InputError(f"on_mismatch={on_mismatch!r}: use 'error' or 'restart'")
+    check_on_mismatch(on_mismatch)
     if out_path is not None:
         check_writable(out_path, overwrite)      # fail before hours of work, not after
     # ComfyUI runs nodes under inference_mode: switch it off and work on clones of the inputs.
@@ -137,27 +138,6 @@ def schedule_text(config: IDDMConfig) -> str:
     """What a run will do, in one line per fact (printed by the CLI before a run, shown by the node)."""
     return (f"schedule: K={config.K} iterations, each 2 fine-tune bursts of {config.ft_steps} steps and "
             f"{config.pgd.T} PGD steps\n{config.pgd.schedule_text()}")
-
-
-def _open_state(checkpoint_dir, resume: bool, fingerprint: dict, on_mismatch: str):
-    """(saved state or None, what happened to an old state: {} | {"discarded": reasons}); before any work."""
-    from . import checkpoint as ckpt
-
-    if not resume:
-        ckpt.clear_state(checkpoint_dir)               # starting over: an old run's X' does not linger
-        return None, {}
-    try:
-        return ckpt.load_state(checkpoint_dir, fingerprint), {}
-    except ckpt.StateMismatch as exc:
-        if on_mismatch == "error":
-            raise
-        ckpt.clear_state(checkpoint_dir)
-        return None, {"discarded": "; ".join(exc.reasons)}
-    except InputError:
-        if on_mismatch == "error":
-            raise
-        ckpt.clear_state(checkpoint_dir)
-        return None, {"discarded": "the saved state could not be read"}
 
 
 def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume, overwrite,
@@ -180,7 +160,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     if checkpoint_dir is not None:
         fp = ckpt.run_fingerprint(bundle, refs, config, class_images if config.prior_preservation else None,
                                   model_source)
-        state, resume_info = _open_state(checkpoint_dir, resume, fp, on_mismatch)
+        state, resume_info = ckpt.open_state(checkpoint_dir, resume, fp, on_mismatch)
 
     if ensemble is None:
         ensemble = build_ensemble(config.surrogates, config.tau, device)

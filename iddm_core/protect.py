@@ -27,8 +27,10 @@ each step also uses the style-consistency loss of the set
     L_style = 1/N sum_i sum_l || G^l(x'_i) - mean_j G^l(x'_j) ||_F^2,   G^l = F F^T / (C H W)   (F: [C, H W])
 
 of a feature network's first layers, and a dynamic ratio: for each r of ``ratio_grid`` (``ratio_steps`` values in
-[0, ``ratio_max``]) the candidate x'_r = step(grad L_rec - r grad L_style) is made, L_rec is evaluated at every
-candidate on one fresh noise draw shared by the candidates, and the candidate with the largest L_rec is kept. The
+[0, ``ratio_max``]) the candidate x'_r = step(grad L_rec - r grad L_style) is made, its L_rec is evaluated and the
+candidate with the largest L_rec is kept; ``ratio_probe`` "fresh" (default) scores each candidate on its own new
+draw, as the paper's Algorithm 1 evaluates L_cond anew per candidate, "shared" scores all on one draw (then r = 0
+wins nearly always: docs/protect.md has the measurements). The
 sign: the paper's text says the style loss is *minimised* ("encourages all perturbed images to exhibit a unified
 style"), while its Algorithm 1 writes L_re + r L_consistency inside an ascent step; we follow the text (ascend
 L_rec - r L_style), which is also what makes the set's Gram spread shrink. r = 0 (the plain step) is always a
@@ -55,6 +57,7 @@ from .errors import InputError
 from .events import Emitter
 
 METHODS = ("aspl", "fsmg")
+PROBES = ("fresh", "shared")     # how CAP's ratio search draws the noise it scores each candidate's L_rec on
 FEATURES_VGG, FEATURES_VAE = "vgg19", "vae-encoder"
 # torchvision's vgg19().features indices: conv layers at 0, 2, 5, 7, 10 (the first five); ReLU right after each.
 VGG19_LAYOUT = (("conv", 3, 64), ("relu",), ("conv", 64, 64), ("relu",), ("pool",),
@@ -76,6 +79,7 @@ class ProtectConfig:
     cap: bool = False
     ratio_max: float = 1.0          # R of CAP's ratio search, relative: r = 1 weighs both gradients equally
     ratio_steps: int = 5            # candidates 0, R/(n-1), ..., R; 1 = a static ratio R (no search)
+    ratio_probe: str = "fresh"      # fresh: a new draw per candidate (the paper's Alg. 1); shared: one draw for all
     cap_start: float = 0.5          # CAP from this share of the PGD steps on (paper: half)
     rank: int = 4
     lr: float = 1e-4
@@ -103,6 +107,8 @@ class ProtectConfig:
             raise InputError(f"surrogate_steps={self.surrogate_steps!r} must be an integer >= 0")
         if self.fsmg_steps is not None and (not isinstance(self.fsmg_steps, int) or self.fsmg_steps < 0):
             raise InputError(f"fsmg_steps={self.fsmg_steps!r} must be an integer >= 0")
+        if self.ratio_probe not in PROBES:
+            raise InputError(f"ratio_probe={self.ratio_probe!r}: use one of {', '.join(PROBES)}")
         if not self.ratio_max >= 0:
             raise InputError(f"ratio_max={self.ratio_max!r} must be >= 0")
         if not 0.0 <= self.cap_start < 1.0:
@@ -415,19 +421,19 @@ def pgd_ascent(bundle, x_clean, x, embeds, config: ProtectConfig, generator, ste
                 g_style, spread = style_gradient(style_net, x, batch)
                 g_style = g_style * relative_scale(grad, g_style)
                 grid = config.ratio_grid()
-                probe = draw_noise(bundle, gens, batch, size) if len(grid) > 1 else None  # shared by candidates
+                shared = draw_noise(bundle, gens, batch, size) if config.ratio_probe == "shared" else None
                 best = None
                 for r in grid:
-                    if probe is None:                                  # a static ratio: nothing to compare
-                        best = (float("nan"), r, ascent_step(x_clean, x, grad - r * g_style, config.alpha,
-                                                             config.eta))
-                        continue
                     cand = ascent_step(x_clean, x, grad - r * g_style, config.alpha, config.eta)
+                    if len(grid) == 1:                                 # a static ratio: nothing to compare
+                        best = (float("nan"), r, cand)
+                        break
+                    probe = shared if shared is not None else draw_noise(bundle, gens, batch, size)
                     value_r = rec_values(bundle, cand, embeds, probe, batch, precision)
                     if best is None or value_r > best[0]:
                         best = (value_r, r, cand)
                 x = best[2]
-                record.update(ratio=best[1], style=spread, loss_after=None if probe is None else best[0])
+                record.update(ratio=best[1], style=spread, loss_after=None if len(grid) == 1 else best[0])
             else:
                 x = ascent_step(x_clean, x, grad, config.alpha, config.eta)
             record["linf"] = float((x - x_clean).abs().max())
@@ -463,27 +469,32 @@ def fingerprint(bundle, x_clean: torch.Tensor, config: ProtectConfig, style_name
 
 def run_protect(bundle, images: torch.Tensor, config: ProtectConfig, callback=None, vgg19_path=None,
                 checkpoint_dir=None, resume: bool = False, check_memory: bool | None = None, model_source=None,
-                stop_after: int | None = None, class_cache_dir=None) -> ProtectResult:
+                stop_after: int | None = None, class_cache_dir=None, on_mismatch: str = "error") -> ProtectResult:
     """Protect ``images`` ``[N, 3, H, W]`` in [0, 1] (at the training resolution, on the 8-bit grid) and return
     the protected set (quantised: see :func:`quantise`) and a report. Writes no image: the caller does, once.
 
     ``callback(Event)`` after every fine-tune and PGD step; it may raise to cancel (nothing is returned or written
     but the resume state of the last finished round, when ``checkpoint_dir`` is given). ``resume``: continue that
-    state if it is the same run (checkpoint.StateMismatch otherwise); ``resume=False`` deletes any old state.
+    state if it is the same run; a state of another run raises checkpoint.StateMismatch (``on_mismatch="error"``) or
+    is deleted and the run starts over (``"restart"``, the node's choice; ``report["resume"]["discarded"]`` says
+    why); ``resume=False`` deletes any old state.
     ``stop_after=k`` returns after round k (tests: an interruption). ``check_memory`` (default on) runs fit.py's
     trial fine-tune and PGD steps first."""
+    from .checkpoint import check_on_mismatch
+
     config.validate()
+    check_on_mismatch(on_mismatch)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
         raise InputError("images must be a tensor [N, 3, H, W] with N >= 1")
     if config.cap and images.shape[0] < 2:
         raise InputError("cap needs at least 2 photos: its loss compares the photos' styles with each other")
     with torch.inference_mode(False), torch.enable_grad():
         return _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, check_memory,
-                    model_source, stop_after, class_cache_dir)
+                    model_source, stop_after, class_cache_dir, on_mismatch)
 
 
 def _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, check_memory, model_source,
-         stop_after, class_cache_dir) -> ProtectResult:
+         stop_after, class_cache_dir, on_mismatch) -> ProtectResult:
     from . import checkpoint as ckpt
     from .finetune import DreamBoothTrainer, FinetuneConfig, check_images
     from .lora import LoraSpec
@@ -498,13 +509,10 @@ def _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, c
     t_start = time.perf_counter()
     emit = Emitter(callback, total=config.total_events())
 
-    state = None
+    state, resume_info = None, {}
     if checkpoint_dir is not None:
         fp = fingerprint(bundle, x_clean, config, style_name, style_net, model_source)
-        if resume:
-            state = ckpt.load_state(checkpoint_dir, fp)
-        else:
-            ckpt.clear_state(checkpoint_dir)
+        state, resume_info = ckpt.open_state(checkpoint_dir, resume, fp, on_mismatch)
 
     ft = FinetuneConfig(instance_prompt=config.instance_prompt, lr=config.lr, seed=config.seed, resolution=resolution,
                         prior_preservation=config.prior_preservation, num_class_images=config.num_class_images,
@@ -529,11 +537,13 @@ def _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, c
         report["rounds"] = state["rounds"]
         t_start -= state["elapsed"]
         start = int(state["round"]) + 1
-        report["resumed_after"] = int(state["round"])
+        resume_info["resumed_after"] = int(state["round"])
         emit.done = state["events_done"]
     elif config.method == "fsmg" and config.fixed_surrogate_steps:
         trainer.train(clean_post, config.fixed_surrogate_steps,
                       callback=lambda ev: emit("finetune", loss=ev.loss, message="surrogate (clean)"))
+    if resume_info:
+        report["resume"] = resume_info
 
     def relay(message, k):
         return lambda ev: emit("finetune", k=k, loss=ev.loss, message=message)

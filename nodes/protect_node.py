@@ -3,6 +3,11 @@
 IMAGE batch in, IMAGE batch out (centre square crop at the model's resolution, on the 8-bit grid, within eta of the
 input after saving). Save the result with "Save Image (no metadata)" (save_node.py): ComfyUI's own Save Image
 would embed the workflow. The heavy work is iddm_core/protect.py; module level imports only the standard library.
+
+Resume (``resume``, on by default), as the training node does: the state of the last finished round is kept in a
+private folder (:func:`comfy_env.state_root`, named by a hash of the input photos' pixels) and deleted when the run
+finishes. Queued again after a Cancel or a crash with the same photos, the node continues from that round if the
+model and settings are the same, and otherwise deletes the old state and starts over, saying so in the summary.
 """
 from __future__ import annotations
 
@@ -29,10 +34,31 @@ def images_to_tensor(images, resolution: int):
     return x.clamp(0, 1).mul(255).round().div(255)
 
 
+def protect_state_dir(x):
+    """The resume-state folder of a protect run on the photos ``x`` (a [N, 3, H, W] tensor on the 8-bit grid)."""
+    import hashlib
+
+    import torch
+
+    from ..iddm_core.checkpoint import state_dir_keyed
+    from .comfy_env import state_root
+
+    pixels = x.mul(255).round().to(torch.uint8).cpu().numpy()
+    key = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    return state_dir_keyed(key, root=state_root(), namespace="comfyui-protect")
+
+
 def summary_text(report: dict) -> str:
     """What was done and measured, numbers only (no names, no paths)."""
     cfg = report["config"]
-    lines = [f"{report['method']}{' + CAP' if report['cap'] else ''}: {report['n_photos']} photo(s) at "
+    lines = []
+    resume = report.get("resume", {})
+    if resume.get("resumed_after"):
+        lines.append(f"resumed after round {resume['resumed_after']} of {cfg['rounds']} (interrupted run, same "
+                     "photos, model and settings)")
+    if resume.get("discarded"):
+        lines.append(f"an interrupted run's state was discarded and this run started over: {resume['discarded']}")
+    lines += [f"{report['method']}{' + CAP' if report['cap'] else ''}: {report['n_photos']} photo(s) at "
              f"{report['resolution']}px, eta {cfg['eta']:g}, alpha {cfg['alpha']:g}, {cfg['rounds']} rounds x "
              f"{cfg['pgd_steps']} PGD steps",
              f"max |delta| after 8-bit rounding: {report['linf_8bit']}/255"]
@@ -104,14 +130,20 @@ class ProtectPhotos:
                                                    "ratio_max."}),
                 "pgd_batch": ("INT", {"default": 1, "min": 1, "max": 64,
                                       "tooltip": "Photos per PGD pass: 1 = least GPU memory; the result is the same."}),
+                "resume": ("BOOLEAN", {"default": True,
+                                       "tooltip": "Continue an interrupted run on the same photos (state kept "
+                                                  "privately after every round, deleted when done); off starts "
+                                                  "over."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def protect(self, images, ckpt_name, method, cap, eta, alpha, rounds, surrogate_steps, pgd_steps, seed,
-                resolution=0, prior_preservation=True, ratio_max=1.0, ratio_steps=5, pgd_batch=1, unique_id=None):
+                resolution=0, prior_preservation=True, ratio_max=1.0, ratio_steps=5, pgd_batch=1, resume=True,
+                unique_id=None):
         import torch
 
+        from ..iddm_core.checkpoint import clear_state
         from ..iddm_core.models import validate_model
         from ..iddm_core.protect import ProtectConfig, run_protect
         from .comfy_env import NodeProgress, resolve_checkpoint
@@ -130,10 +162,14 @@ class ProtectPhotos:
         size = config.resolution or info.resolution
         with torch.inference_mode(False):
             x = images_to_tensor(images, size)
+            state_dir = protect_state_dir(x)
+            if not resume:
+                clear_state(state_dir)                     # an old state of these photos is not kept around
             progress = NodeProgress(unique_id, config.total_events())
             with training_model(ckpt_name, info, config.mixed_precision) as bundle:
-                result = run_protect(bundle, x, config, callback=progress,
-                                     model_source=resolve_checkpoint(ckpt_name))
+                result = run_protect(bundle, x, config, callback=progress, model_source=resolve_checkpoint(ckpt_name),
+                                     checkpoint_dir=state_dir if resume else None, resume=bool(resume),
+                                     on_mismatch="restart")
             out = result.protected.permute(0, 2, 3, 1).contiguous().cpu()
         text = summary_text(result.report)
         return {"ui": {"text": [text]}, "result": (out, text)}

@@ -102,3 +102,76 @@ def test_bad_input_and_cancel(env, small_faces_dir):
     finally:
         stubs.interrupted, stubs.interrupt_after = False, None
     assert len([p for p in stubs.progress if p[0] == "7"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def _state_files(stubs):
+    root = stubs.temp / "iddm_state"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture
+def clean(env, monkeypatch):
+    stubs, pack = env
+    monkeypatch.delenv("IDDM_CACHE_DIR", raising=False)
+    stubs.progress.clear()
+    stubs.interrupted, stubs.interrupt_after = False, None
+    shutil.rmtree(stubs.temp / "iddm_state", ignore_errors=True)
+    yield stubs, pack
+    stubs.interrupted, stubs.interrupt_after = False, None
+
+
+def test_new_widgets_are_appended_optional(env):
+    _, pack = env
+    spec = pack.NODE_CLASS_MAPPINGS[NAME].INPUT_TYPES()
+    assert list(spec["optional"])[-1] == "resume" and spec["optional"]["resume"][1]["default"] is True
+
+
+def test_cancelled_run_resumes_to_the_same_photos(clean, small_faces_dir, one_thread):
+    import stat
+
+    import torch
+
+    stubs, pack = clean
+    images = _photos(small_faces_dir)
+    settings = dict(rounds=2, unique_id="8")                                  # 2 x (1 + 2 + 1) = 8 steps
+    whole, text = _run(pack, images, **settings)["result"]
+    assert "resumed" not in text and _state_files(stubs) == []
+
+    stubs.progress.clear()
+    stubs.interrupt_after = 5                                                 # Cancel during round 2
+    with pytest.raises(InterruptProcessingException):
+        _run(pack, images, **settings)
+    files = _state_files(stubs)
+    assert [f.name for f in files] == ["state.iddm"]
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600 and stat.S_IMODE(files[0].parent.stat().st_mode) == 0o700
+    node_mod = sys.modules[f"{PACK}.nodes.protect_node"]
+    assert files[0].parent == node_mod.protect_state_dir(node_mod.images_to_tensor(images, 32))
+
+    stubs.progress.clear()
+    stubs.interrupt_after = None
+    resumed, text = _run(pack, images, **settings)["result"]                 # queued again, same photos and settings
+    assert "resumed after round 1 of 2" in text
+    assert sorted({p[1] for p in stubs.progress if p[0] == "8"}) == [5, 6, 7, 8]    # only round 2 ran
+    assert torch.equal(resumed, whole) and _state_files(stubs) == []
+
+
+def test_requeued_with_other_settings_starts_over_and_says_so(clean, small_faces_dir):
+    stubs, pack = clean
+    images = _photos(small_faces_dir)
+    stubs.interrupt_after = 5
+    with pytest.raises(InterruptProcessingException):
+        _run(pack, images, rounds=2)
+    assert len(_state_files(stubs)) == 1
+    stubs.interrupt_after = None
+    text = _run(pack, images, rounds=2, seed=5)["result"][1]
+    assert "discarded" in text and "started over" in text and "seed" in text and "resumed" not in text
+    assert _state_files(stubs) == []
+
+
+def test_resume_off_keeps_no_state(clean, small_faces_dir):
+    stubs, pack = clean
+    stubs.interrupt_after = 5
+    with pytest.raises(InterruptProcessingException):
+        _run(pack, _photos(small_faces_dir), rounds=2, resume=False)
+    assert _state_files(stubs) == []

@@ -38,8 +38,13 @@ def register(sub) -> None:
                    help="fsmg: surrogate steps on the clean photos (default rounds x surrogate-steps)")
     c = p.add_argument_group("CAP (cross-image consistency)")
     c.add_argument("--cap", action="store_true", help="add CAP's style-consistency loss with its ratio search")
-    c.add_argument("--ratio-max", type=float, default=100.0, help="R: ratios searched in [0, R]")
-    c.add_argument("--ratio-steps", type=int, default=5, help="number of ratios tried per step")
+    c.add_argument("--ratio-max", type=float, default=1.0,
+                   help="R: ratios searched in [0, R]; relative: r = 1 weighs the style gradient like the "
+                        "reconstruction gradient")
+    c.add_argument("--ratio-steps", type=int, default=5, help="number of ratios tried per step (1 = static ratio R)")
+    c.add_argument("--ratio-probe", choices=["fresh", "shared"], default="fresh",
+                   help="fresh: each candidate's L_rec on its own noise draw (the paper's Algorithm 1); shared: one "
+                        "draw for all candidates (then the plain step, r = 0, nearly always wins)")
     c.add_argument("--cap-start", type=float, default=0.5, help="share of the PGD steps before CAP starts")
     c.add_argument("--vgg19", default=None,
                    help="VGG-19 state dict (torchvision key names, .pth or .safetensors) for the style features; "
@@ -67,7 +72,8 @@ def config_from_args(args):
 
     return ProtectConfig(method=args.method, eta=args.eta, alpha=args.alpha, rounds=args.rounds,
                          surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, fsmg_steps=args.fsmg_steps,
-                         cap=args.cap, ratio_max=args.ratio_max, ratio_steps=args.ratio_steps, cap_start=args.cap_start,
+                         cap=args.cap, ratio_max=args.ratio_max, ratio_steps=args.ratio_steps,
+                         ratio_probe=args.ratio_probe, cap_start=args.cap_start,
                          rank=args.rank, lr=args.lr, resolution=args.resolution, seed=args.seed,
                          prior_preservation=not args.no_prior, num_class_images=args.num_class_images,
                          batch=args.batch, mixed_precision=args.precision,
