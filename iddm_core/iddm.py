@@ -120,7 +120,6 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     ``report["resume"]["discarded"]`` says why). ``resume=False`` deletes any old state and starts over.
     """
     from .atomic import check_writable
-
     from .checkpoint import check_on_mismatch
 
     config.validate()
