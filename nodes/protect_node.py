@@ -113,8 +113,10 @@ class ProtectPhotos:
                                             "tooltip": "DreamBooth-LoRA steps of the surrogate per round (3)."}),
                 "pgd_steps": ("INT", {"default": 6, "min": 1, "max": 1000,
                                       "tooltip": "PGD steps per round (6)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
-                                 "tooltip": "Seed of the diffusion noise and the surrogate's training."}),
+                # not named "seed": ComfyUI's frontend would re-randomise it after every queue, so a run queued
+                # again after Cancel would never resume
+                "protect_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+                                         "tooltip": "Seed of the diffusion noise and the surrogate's training."}),
             },
             "optional": {
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
@@ -138,7 +140,7 @@ class ProtectPhotos:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def protect(self, images, ckpt_name, method, cap, eta, alpha, rounds, surrogate_steps, pgd_steps, seed,
+    def protect(self, images, ckpt_name, method, cap, eta, alpha, rounds, surrogate_steps, pgd_steps, protect_seed,
                 resolution=0, prior_preservation=True, ratio_max=1.0, ratio_steps=5, pgd_batch=1, resume=True,
                 unique_id=None):
         import torch
@@ -150,7 +152,7 @@ class ProtectPhotos:
         from .session import training_model
 
         config = ProtectConfig(method=method, cap=bool(cap), eta=float(eta), alpha=float(alpha), rounds=int(rounds),
-                               surrogate_steps=int(surrogate_steps), pgd_steps=int(pgd_steps), seed=int(seed),
+                               surrogate_steps=int(surrogate_steps), pgd_steps=int(pgd_steps), seed=int(protect_seed),
                                resolution=int(resolution) or None, prior_preservation=bool(prior_preservation),
                                ratio_max=float(ratio_max), ratio_steps=int(ratio_steps), batch=int(pgd_batch),
                                num_class_images=8).validate()

@@ -277,6 +277,12 @@ def node_problems(name: str, cls) -> list[str]:
                     problems.append(f"{name}.{inp}: hidden inputs are strings like 'UNIQUE_ID'")
                 continue
             problems += _input_problems(f"{name}.{inp}", entry)
+            if inp in ("seed", "noise_seed") and isinstance(entry, tuple) and entry[:1] == ("INT",) and \
+                    (len(entry) < 2 or entry[1].get("control_after_generate") is not False):
+                # ComfyUI's frontend gives INT inputs of these names a control_after_generate widget ("randomize"
+                # by default): the value changes after every queue and saved UI workflows carry an extra value
+                problems.append(f"{name}.{inp}: an INT named {inp!r} is re-randomised by the frontend after every "
+                                "queue (a re-queued run would never match its resume state)")
     rt = getattr(cls, "RETURN_TYPES", None)
     if not isinstance(rt, tuple) or not all(_is_type(t) for t in rt):
         problems.append(f"{name}: RETURN_TYPES must be a tuple of type strings")

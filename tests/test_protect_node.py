@@ -42,7 +42,7 @@ def _photos(small_faces_dir, n=2):
 
 def _run(pack, images, **kw):
     args = dict(ckpt_name="tiny.safetensors", method="aspl", cap=False, eta=0.05, alpha=0.01, rounds=1,
-                surrogate_steps=1, pgd_steps=2, seed=0, resolution=32, prior_preservation=False, unique_id="7")
+                surrogate_steps=1, pgd_steps=2, protect_seed=0, resolution=32, prior_preservation=False, unique_id="7")
     args.update(kw)
     return pack.NODE_CLASS_MAPPINGS[NAME]().protect(images, **args)
 
@@ -164,7 +164,7 @@ def test_requeued_with_other_settings_starts_over_and_says_so(clean, small_faces
         _run(pack, images, rounds=2)
     assert len(_state_files(stubs)) == 1
     stubs.interrupt_after = None
-    text = _run(pack, images, rounds=2, seed=5)["result"][1]
+    text = _run(pack, images, rounds=2, protect_seed=5)["result"][1]
     assert "discarded" in text and "started over" in text and "seed" in text and "resumed" not in text
     assert _state_files(stubs) == []
 
