@@ -565,8 +565,39 @@ def core_nodes(stubs: ComfyStubs, embed_metadata: bool = True) -> dict:
         def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
             return super().save_images(images, "ComfyUI_temp_preview", prompt, extra_pnginfo)
 
+    class LoadImage:
+        """ComfyUI's: a file of input/ as IMAGE [1, H, W, 3] in [0, 1] and a MASK (here: none, zeros)."""
+        FUNCTION, RETURN_TYPES = "load_image", ("IMAGE", "MASK")
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            files = sorted(p.name for p in stubs.input.iterdir() if p.is_file()) if stubs.input.exists() else []
+            return {"required": {"image": (files, {"image_upload": True})}}
+
+        def load_image(self, image):
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(stubs.input / image) as im:
+                rgb = torch.from_numpy(np.array(im.convert("RGB"))).float() / 255
+            return rgb[None], torch.zeros(1, *rgb.shape[:2])
+
+    class ImageBatch:
+        """ComfyUI's: image2 resized to image1's size (bilinear here), then both in one batch."""
+        FUNCTION, RETURN_TYPES = "batch", ("IMAGE",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}
+
+        def batch(self, image1, image2):
+            if image2.shape[1:3] != image1.shape[1:3]:
+                image2 = torch.nn.functional.interpolate(image2.movedim(-1, 1), size=tuple(image1.shape[1:3]),
+                                                         mode="bilinear", align_corners=False).movedim(1, -1)
+            return (torch.cat([image1, image2]),)
+
     return {cls.__name__: cls for cls in (CheckpointLoaderSimple, LoraLoader, CLIPTextEncode, EmptyLatentImage,
-                                          KSampler, VAEDecode, SaveImage, PreviewImage)}
+                                          KSampler, VAEDecode, SaveImage, PreviewImage, LoadImage, ImageBatch)}
 
 
 def png_files(*folders) -> list[Path]:

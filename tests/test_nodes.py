@@ -19,6 +19,7 @@ PRIVATE = "secret_alice"          # a private-looking photo name that must never
 WORKFLOWS = REPO / "example_workflows"
 TRAIN_UI, GEN_UI = WORKFLOWS / "iddm_1_train_lora.json", WORKFLOWS / "iddm_2_generate.json"
 TRAIN_API, GEN_API = WORKFLOWS / "api" / "iddm_1_train_lora_api.json", WORKFLOWS / "api" / "iddm_2_generate_api.json"
+PROTECT_UI, PROTECT_API = WORKFLOWS / "iddm_3_protect_photos.json", WORKFLOWS / "api" / "iddm_3_protect_photos_api.json"
 HEAVY = ("diffusers", "transformers", "dlib", "_dlib_pybind11", "kornia")
 
 
@@ -156,7 +157,8 @@ def test_lora_output_links_to_lora_loader_combo(env):
 
 
 # --------------------------------------------------------------------------------------------- workflows
-@pytest.mark.parametrize("ui_path, api_path", [(TRAIN_UI, TRAIN_API), (GEN_UI, GEN_API)], ids=["train", "generate"])
+@pytest.mark.parametrize("ui_path, api_path", [(TRAIN_UI, TRAIN_API), (GEN_UI, GEN_API), (PROTECT_UI, PROTECT_API)],
+                         ids=["train", "generate", "protect"])
 def test_ui_workflow_matches_node_definitions(env, ui_path, api_path):
     _, pack = env
     ui = json.loads(ui_path.read_text())
@@ -201,8 +203,33 @@ def test_examples_split_training_from_generation(env):
         text = path.read_text()
         for private in ("iddm_photos", "IDDMLoadPrivateRefs", "reference_files", "protect_files", "folder", "/home"):
             assert private not in text, (path.name, private)
-    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == [TRAIN_UI.name, GEN_UI.name]
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == [TRAIN_UI.name, GEN_UI.name, PROTECT_UI.name]
     assert all("nodes" in json.loads(p.read_text()) for p in WORKFLOWS.glob("*.json"))
+
+
+def test_protect_example_on_tiny_model(clean, small_faces_dir):
+    """The protect example through the harness (ComfyUI's Load Image and Batch Images stubbed) on the tiny model with
+    tiny settings: two protected PNGs in output/protected/, pixels only, equal to the node's output."""
+    import torch
+    from PIL import Image
+
+    stubs, pack = clean
+    wf = json.loads(PROTECT_API.read_text())
+    assert {n["class_type"] for n in wf.values()} == {"LoadImage", "ImageBatch", "IDDMProtectPhotos",
+                                                      "IDDMSaveImageNoMetadata"}
+    for i, name in enumerate(("obama.jpg", "biden.jpg"), 1):   # two sizes: Batch Images resizes the second
+        Image.open(small_faces_dir / name).convert("RGB").save(stubs.input / f"photo_{i}.png")
+    wf["4"]["inputs"].update(ckpt_name="tiny.safetensors", rounds=1, surrogate_steps=1, pgd_steps=2, resolution=32,
+                             prior_preservation=False, ratio_steps=2)
+    results = run_workflow(pack, wf, core=core_nodes(stubs))
+    protected, summary = results["4"]
+    assert tuple(protected.shape) == (2, 32, 32, 3) and "aspl + CAP" in summary
+    saved = png_files(stubs.output)
+    assert [p.parent.name for p in saved] == ["protected"] * 2
+    for path, image in zip(saved, protected):
+        _assert_pixels_only(path, ["photo_1", "photo_2", str(stubs.root)])
+        with Image.open(path) as im:
+            assert torch.equal(torch.from_numpy(np.array(im)).float() / 255, image)
 
 
 def _private_strings(stubs, folder) -> list[str]:
