@@ -40,7 +40,7 @@ def demo_photos():
 
     from .images import Photo, load_rgb
 
-    folder = Path(__file__).resolve().parent / "assets" / "faces"
+    from . import FACES_DIR as folder
     photos = []
     for name in ("obama.jpg", "obama2.jpg"):
         rgb = load_rgb(folder / name)

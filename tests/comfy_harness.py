@@ -600,6 +600,12 @@ def core_nodes(stubs: ComfyStubs, embed_metadata: bool = True) -> dict:
                                           KSampler, VAEDecode, SaveImage, PreviewImage, LoadImage, ImageBatch)}
 
 
+def state_files(stubs: ComfyStubs) -> list[Path]:
+    """Every file under the nodes' resume-state root (ComfyUI's temp folder when there are no system users)."""
+    root = stubs.temp / "iddm_state"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
 def png_files(*folders) -> list[Path]:
     """Every PNG under the given folders."""
     return sorted(p for folder in folders for p in Path(folder).rglob("*.png"))

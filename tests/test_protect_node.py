@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from comfy_harness import ComfyStubs, InterruptProcessingException, comfy_error_type, load_pack, node_problems, \
-    png_chunk_types, unload_pack
+    png_chunk_types, state_files, unload_pack
 
 PACK = "comfyui-iddm"
 NAME = "IDDMProtectPhotos"
@@ -105,11 +105,6 @@ def test_bad_input_and_cancel(env, small_faces_dir):
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def _state_files(stubs):
-    root = stubs.temp / "iddm_state"
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
 @pytest.fixture
 def clean(env, monkeypatch):
     stubs, pack = env
@@ -136,13 +131,13 @@ def test_cancelled_run_resumes_to_the_same_photos(clean, small_faces_dir, one_th
     images = _photos(small_faces_dir)
     settings = dict(rounds=2, unique_id="8")                                  # 2 x (1 + 2 + 1) = 8 steps
     whole, text = _run(pack, images, **settings)["result"]
-    assert "resumed" not in text and _state_files(stubs) == []
+    assert "resumed" not in text and state_files(stubs) == []
 
     stubs.progress.clear()
     stubs.interrupt_after = 5                                                 # Cancel during round 2
     with pytest.raises(InterruptProcessingException):
         _run(pack, images, **settings)
-    files = _state_files(stubs)
+    files = state_files(stubs)
     assert [f.name for f in files] == ["state.iddm"]
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600 and stat.S_IMODE(files[0].parent.stat().st_mode) == 0o700
     node_mod = sys.modules[f"{PACK}.nodes.protect_node"]
@@ -153,7 +148,7 @@ def test_cancelled_run_resumes_to_the_same_photos(clean, small_faces_dir, one_th
     resumed, text = _run(pack, images, **settings)["result"]                 # queued again, same photos and settings
     assert "resumed after round 1 of 2" in text
     assert sorted({p[1] for p in stubs.progress if p[0] == "8"}) == [5, 6, 7, 8]    # only round 2 ran
-    assert torch.equal(resumed, whole) and _state_files(stubs) == []
+    assert torch.equal(resumed, whole) and state_files(stubs) == []
 
 
 def test_requeued_with_other_settings_starts_over_and_says_so(clean, small_faces_dir):
@@ -162,11 +157,11 @@ def test_requeued_with_other_settings_starts_over_and_says_so(clean, small_faces
     stubs.interrupt_after = 5
     with pytest.raises(InterruptProcessingException):
         _run(pack, images, rounds=2)
-    assert len(_state_files(stubs)) == 1
+    assert len(state_files(stubs)) == 1
     stubs.interrupt_after = None
     text = _run(pack, images, rounds=2, protect_seed=5)["result"][1]
     assert "discarded" in text and "started over" in text and "seed" in text and "resumed" not in text
-    assert _state_files(stubs) == []
+    assert state_files(stubs) == []
 
 
 def test_resume_off_keeps_no_state(clean, small_faces_dir):
@@ -174,4 +169,4 @@ def test_resume_off_keeps_no_state(clean, small_faces_dir):
     stubs.interrupt_after = 5
     with pytest.raises(InterruptProcessingException):
         _run(pack, _photos(small_faces_dir), rounds=2, resume=False)
-    assert _state_files(stubs) == []
+    assert state_files(stubs) == []

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, load_pack, run_workflow, unload_pack
+from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, load_pack, run_workflow, state_files, \
+    unload_pack
 
 PACK = "comfyui-iddm"
 PRIVATE = "secret_bob"
@@ -73,11 +74,6 @@ def _workflow(lora_name, **train) -> dict:
     return wf
 
 
-def _state_files(stubs) -> list[Path]:
-    root = stubs.temp / "iddm_state"
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
 def _lora(stubs, name):
     from iddm_core.lora import read_kohya_lora
 
@@ -102,14 +98,14 @@ def test_cancelled_run_resumes_to_the_same_lora(clean, one_thread):
     steps = [p for p in stubs.progress if p[0] == TRAIN]
     others = len(stubs.progress) - len(steps)
     assert sorted({p[1] for p in steps}) == list(range(1, 13)) and steps[6][1] == 7    # 2 x (2 x 2 + 2) steps
-    assert _state_files(stubs) == []                                          # no state left after success
+    assert state_files(stubs) == []                                          # no state left after success
 
     stubs.progress.clear()
     stubs.interrupt_after = others + 7        # Cancel during iteration 2 (iteration 1 = 6 steps)
     with pytest.raises(InterruptProcessingException):
         run_workflow(pack, _workflow("resumed"))
     assert sorted(p.name for p in (stubs.models / "loras").iterdir()) == ["uninterrupted.safetensors"]
-    files = _state_files(stubs)
+    files = state_files(stubs)
     assert [f.name for f in files] == ["state.iddm"]                          # in temp/, not in models/loras
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600 and stat.S_IMODE(files[0].parent.stat().st_mode) == 0o700
     assert files[0].parent == _train_module(pack).train_state_dir(stubs.models / "loras" / "resumed.safetensors")
@@ -120,7 +116,7 @@ def test_cancelled_run_resumes_to_the_same_lora(clean, one_thread):
     summary = results[TRAIN][1]
     assert "resumed after iteration 1 of 2" in summary and PRIVATE not in summary
     assert sorted({p[1] for p in stubs.progress if p[0] == TRAIN}) == list(range(7, 13))   # only iteration 2 ran
-    assert _state_files(stubs) == []
+    assert state_files(stubs) == []
     a, b = _lora(stubs, "uninterrupted.safetensors"), _lora(stubs, "resumed.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # LoRA tensors bit-identical
 
@@ -130,12 +126,12 @@ def test_requeued_with_other_settings_starts_over_and_says_so(clean):
     stubs.interrupt_after = 7
     with pytest.raises(InterruptProcessingException):
         run_workflow(pack, _workflow("changed"))
-    assert len(_state_files(stubs)) == 1
+    assert len(state_files(stubs)) == 1
     stubs.interrupt_after = None
     stubs.progress.clear()
     summary = run_workflow(pack, _workflow("changed", train_seed=5))[TRAIN][1]
     assert "from a different run (settings differ (seed)): discarded, started over" in summary
-    assert [p[1] for p in stubs.progress if p[0] == TRAIN][0] == 1 and _state_files(stubs) == []
+    assert [p[1] for p in stubs.progress if p[0] == TRAIN][0] == 1 and state_files(stubs) == []
 
 
 def test_resume_off_keeps_no_state(clean):
@@ -143,7 +139,7 @@ def test_resume_off_keeps_no_state(clean):
     stubs.interrupt_after = 7
     with pytest.raises(InterruptProcessingException):
         run_workflow(pack, _workflow("no_resume", resume=False))
-    assert _state_files(stubs) == []
+    assert state_files(stubs) == []
 
 
 def test_text_encoder_option_trains_te_lora(clean):

@@ -34,6 +34,7 @@ def measure(bundle, photos, resolution: int, steps: int, seed: int, variants=VAR
     from ..protect import ProtectConfig, measure_style_spread, run_protect, style_network
 
     net = style_network(bundle)
+    clean_spread = measure_style_spread(net, photos)
     rows = []
     for name, extra in variants:
         cfg = ProtectConfig(method="fsmg", fsmg_steps=0, rounds=1, pgd_steps=steps, resolution=resolution,
@@ -42,7 +43,7 @@ def measure(bundle, photos, resolution: int, steps: int, seed: int, variants=VAR
         picks = [s["ratio"] for s in result.report["rounds"][0]["pgd"] if "ratio" in s]
         base = result.report["denoising_loss"]["base"]
         rows.append({"variant": name, "seed": seed, "spread": measure_style_spread(net, result.protected),
-                     "clean_spread": measure_style_spread(net, photos), "loss_clean": base["clean"],
+                     "clean_spread": clean_spread, "loss_clean": base["clean"],
                      "loss_protected": base["protected"], "picks": picks})
     for row in rows:
         row["spread_vs_aspl"] = row["spread"] / rows[0]["spread"]
@@ -63,12 +64,9 @@ def run(args) -> int:
     from ..models import load_model
     from ..protect import load_photos
 
-    folder = args.photos
-    if folder is None:
-        from pathlib import Path
+    from .. import FACES_DIR
 
-        folder = Path(__file__).resolve().parents[1] / "assets" / "faces"
-    photos, _ = load_photos(folder, args.resolution)
+    photos, _ = load_photos(args.photos or FACES_DIR, args.resolution)
     bundle = load_model(args.model)
     print(f"bench cap: model {args.model}, {photos.shape[0]} photos at {args.resolution} px, {args.steps} PGD steps, "
           f"FSMG on the model itself, threads {torch.get_num_threads()}", flush=True)

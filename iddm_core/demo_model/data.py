@@ -11,11 +11,10 @@ photos and textures, at several scales, so its code is a general image code and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-FACE_DIR = Path(__file__).resolve().parents[1] / "assets" / "faces"
+from .. import FACES_DIR as FACE_DIR
 
 # (file, what it shows, where it comes from, licence)
 SOURCES = (

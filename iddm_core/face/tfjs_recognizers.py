@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import FACES_DIR
 from ..errors import InputError, ModelError
 from .align import template_for
 from .base import Recognizer
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
     sep = sub.add_parser("separation", help="same-person vs different-person cosines on the test photos")
     sep.add_argument("--dir", required=True, help="folder with <name>.json/.bin, or a models folder with "
                                                   f"{MODEL_SUBDIR}/<name>.json")
-    sep.add_argument("--faces", default=str(Path(__file__).resolve().parents[1] / "assets" / "faces"),
+    sep.add_argument("--faces", default=str(FACES_DIR),
                      help="folder with obama, obama2, biden, astronaut photos (default: the package's copies)")
     sep.add_argument("--models", nargs="*", help=f"subset of {', '.join(MODELS)}")
     sep.add_argument("--chosen-only", action="store_true", help="only each model's chosen convention")
