@@ -25,10 +25,11 @@ DENOISE_SEEDS = (0, 1)
 
 DEMO_NOTE = (
     "What a toy can and cannot show: the demo model is a ~7M-parameter diffusion model trained here in about an "
-    "hour on 2 CPU cores from two public-domain faces (plus textures) at 128 px. Its VAE reconstructs the held-out "
-    "demo photos (PSNR about 26 dB) and its one-step predictions at small timesteps are faces, so Stage II really "
-    "pushes X' away from the person, and both LoRAs above are real runs on the same photos, seeds and schedule. "
-    "But its samples are too rough for dlib to find faces in and only 3 identities exist; dlib is the attack's "
+    "hour and a half on 2 CPU cores from two public-domain faces (plus other images) at 128 px. Its VAE "
+    "reconstructs the held-out demo photos (PSNR about 30 dB) and its denoiser keeps their identity up to "
+    "timestep 100, so Stage II really pushes X' away from the person, and both LoRAs above are real runs on the "
+    "same photos, seeds and schedule. But its samples are too rough for dlib to find faces in, its DreamBooth does "
+    "not learn the person within the demo's budget, and only 3 identities exist; dlib is the attack's "
     "surrogate, so its numbers measure the attack itself, and faceres (held out) is the fair test of whether the "
     "protection transfers. None of this is evidence about Stable Diffusion. Use --model with a real "
     "SD 1.x/2.x or SDXL checkpoint (`python -m iddm_core train --help`) for a real run.")
@@ -213,7 +214,8 @@ def format_result(r: DemoResult) -> str:
                      "a speckle texture that defeats dlib's HOG detector, so they cannot be scored. Next best, below.")
     lines += [f"what each LoRA's denoiser makes of the demo person's clean photos (one-step x0_hat at t = "
               f"{', '.join(map(str, DENOISE_TIMESTEPS))}, same noise for both; a proxy for what it learned, "
-              "not a generation):"]
+              "not a generation: at these timesteps the denoiser mostly keeps the photo's identity, so the rows "
+              "differ only by what each LoRA changed):"]
     for j in r.judges:
         lines += [f"  {j.name} ({j.role})"] + ["    " + format_scores(label, s) for label, s in j.denoise_rows.items()]
     lines.append(f"protected photos X' (PSNR {r.psnr:.1f} dB against X0), cosine to the reference photos' prototype:")

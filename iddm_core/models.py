@@ -155,9 +155,10 @@ def detect_kind(state: Mapping[str, Any], source: str = "checkpoint", metadata: 
         raise ModelError(f"{source}: unknown checkpoint layout (no model.diffusion_model.* UNet weights); "
                          "expected an original-layout Stable Diffusion 1.x/2.x/XL checkpoint")
     conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
-    if conv_in is not None and _shape(conv_in)[1] != 4:
-        raise ModelError(f"{source}: UNet takes {_shape(conv_in)[1]} input channels; inpainting/depth models "
-                         "are not supported")
+    latent = _latent_channels(state)
+    if conv_in is not None and _shape(conv_in)[1] != latent:
+        raise ModelError(f"{source}: UNet takes {_shape(conv_in)[1]} input channels for {latent}-channel latents; "
+                         "inpainting/depth models are not supported")
     has_clip = any(k.startswith("cond_stage_model.transformer.") for k in keys)
     has_openclip = any(k.startswith("cond_stage_model.model.") for k in keys)
     context = {_shape(state[k])[-1] for k in keys if _CROSS_ATTN_K.match(k)}
@@ -171,6 +172,13 @@ def detect_kind(state: Mapping[str, Any], source: str = "checkpoint", metadata: 
     if family == "sd1":
         return "sd1"
     return "sd2v" if _is_v_prediction(state, metadata or {}) else "sd2"
+
+
+def _latent_channels(state: Mapping[str, Any]) -> int:
+    """Latent channels of the file's VAE (its post-quant conv), 4 (SD's) when the file has no VAE. A UNet that
+    takes more input channels than that is an inpainting/depth model (latents + mask/image/depth channels)."""
+    post_quant = state.get("first_stage_model.post_quant_conv.weight")
+    return int(_shape(post_quant)[1]) if post_quant is not None else 4
 
 
 _SDXL_PARTS = (("model.diffusion_model.", "UNet"), ("conditioner.embedders.0.transformer.", "CLIP ViT-L text encoder"),

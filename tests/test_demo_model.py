@@ -47,17 +47,30 @@ def test_demo_identity_is_held_out_of_training_data():
 
 
 def test_vae_round_trip_keeps_the_held_out_face(demo, demo_crops):
-    """Measured on the shipped model: PSNR 25.4 / 26.5 dB, dlib distance 0.39 / 0.41 (same person for dlib, < 0.6).
-    Guards against a regression; the targets of issue 10 (>= 26 dB, <= 0.2) are NOT met by this model."""
+    """Measured on the shipped model: PSNR 30.3 / 31.2 dB, dlib distance 0.23 / 0.34 (the 4-latent-channel model
+    before it: 25.4 / 26.5 dB, 0.39 / 0.41). Guards against a regression; issue 10's PSNR target (>= 26 dB) is
+    met, its dlib target (<= 0.2) is NOT."""
     from iddm_core.demo_model.measure import native_distance, uint8_images, vae_round_trip
     from iddm_core.evaluate import psnr
 
     images, _ = demo_crops
     recon = vae_round_trip(demo, images)
-    assert float(psnr(recon, images).min()) >= 25.0
+    assert float(psnr(recon, images).min()) >= 29.0
     for a, b in zip(uint8_images(images), uint8_images(recon)):
         d = native_distance(a, b)
-        assert d is not None and d <= 0.45
+        assert d is not None and d <= 0.37
+
+
+def test_unet_denoises_a_face_it_never_saw(demo, demo_crops):
+    """The held-out person's photos, noised to small timesteps, are denoised (epsilon MSE well below 1, the score
+    of predicting zero), not pulled towards the training faces: a UNet trained on the faces alone scored 1.31 at
+    t = 50 and 1.00 at t = 100 here, and DreamBooth on it diverged."""
+    from iddm_core.demo_model.measure import denoising_error
+
+    images, _ = demo_crops
+    errors = {t: denoising_error(demo, images, t, seed=0, prompt="a photo of sks person") for t in (50, 100)}
+    print("epsilon MSE on the held-out photos:", errors)
+    assert all(e < 0.5 for e in errors.values())
 
 
 def test_stage_two_through_the_diffusion_model_lowers_similarity(demo, demo_crops):
@@ -77,8 +90,8 @@ def test_stage_two_through_the_diffusion_model_lowers_similarity(demo, demo_crop
     cfg = PGDConfig(T=8, rho=0.01, id_t_max=0.1)     # timesteps where the model's x0_hat are faces (measured)
     x = pgd_two_stage(demo, ensemble, x0, lm0, embeds, cfg, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(5)
-    noise = Noise(posterior=torch.randn(1, 4, 32, 32, generator=gen), t=torch.tensor([50]),
-                  eps=torch.randn(1, 4, 32, 32, generator=gen))
+    shape = (1, demo.unet.config.in_channels, 32, 32)
+    noise = Noise(posterior=torch.randn(shape, generator=gen), t=torch.tensor([50]), eps=torch.randn(shape, generator=gen))
     with torch.no_grad():
         sim = lambda im: float(ensemble(im, lm0)[1]["dlib"].mean())  # noqa: E731
         hat_before = sim(predict_clean_image(demo, x0, embeds, noise).clamp(0, 1))
@@ -105,7 +118,7 @@ def test_training_stages_reduce_their_loss_and_export_loads(tmp_path):
 
     with torch.no_grad():
         before = float(vae_loss(build_vae(0), probe, 0.0, torch.Generator().manual_seed(0))[1])
-    vae = train_vae(VAETrainConfig(steps=30, batch=8, patch=16, lr=2e-3), sampler)
+    vae = train_vae(VAETrainConfig(steps=30, batch=8, patch=16, lr=2e-3, warmup=5), sampler)
     with torch.no_grad():
         after = float(vae_loss(vae, probe, 0.0, torch.Generator().manual_seed(0))[1])
     assert after < 0.8 * before

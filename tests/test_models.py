@@ -167,6 +167,19 @@ def test_detect_kind_from_real_distinguishing_shapes():
         detect_kind(_shapes(320, None), source="x.safetensors")
 
 
+def test_unet_input_channels_must_match_the_vae_latents():
+    """An inpainting UNet (9 = 4 latent + 4 masked-image + 1 mask channels) is refused; a UNet whose input matches
+    its own VAE's latent channels (the demo model: 16) is an ordinary text-to-image model."""
+    inpaint = {**_shapes(768), "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}
+    with pytest.raises(ModelError, match="9 input channels for 4-channel latents"):
+        detect_kind(inpaint, source="inpaint.safetensors")
+    wide = {**_shapes(768), "model.diffusion_model.input_blocks.0.0.weight": (32, 16, 3, 3),
+            "first_stage_model.post_quant_conv.weight": (16, 16, 1, 1)}
+    assert detect_kind(wide) == "sd1"
+    with pytest.raises(ModelError, match="16 input channels for 4-channel latents"):
+        detect_kind({**wide, "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1)})
+
+
 def test_v_prediction_heuristic_on_norm_bias_spread():
     g = torch.Generator().manual_seed(0)
     state = {k: torch.zeros(v) for k, v in _shapes(1024, "openclip").items()}

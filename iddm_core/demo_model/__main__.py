@@ -12,13 +12,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m iddm_core.demo_model",
                                      description="The demo model: train it from public-domain images, or measure it.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the demo model from scratch (2 CPU cores: about 66 minutes)")
+    t = sub.add_parser("train", help="train the demo model from scratch (2 CPU cores: about 90 minutes)")
     t.add_argument("--stage", choices=["vae", "unet", "refine", "export", "all"], default="all",
                    help="vae; unet (needs the VAE in --work); refine (second UNet phase); export (joins the parts "
                         "in --work into --out); all = the four in order (default)")
     t.add_argument("--work", default="demo_model_work", help="folder for the parts between stages")
     t.add_argument("--out", default=str(ASSET_DIR), help=f"where the fp16 model is written (default {ASSET_DIR})")
-    t.add_argument("--vae-steps", type=int, default=None)
+    t.add_argument("--vae-steps", type=int, default=None, help="steps of each VAE phase (default: train.VAE_PHASES)")
     t.add_argument("--unet-steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -43,8 +43,14 @@ def cmd_train(args) -> int:
     if args.stage in ("vae", "all"):
         from .data import face_pool
 
-        cfg = VAETrainConfig(seed=args.seed, **({"steps": args.vae_steps} if args.vae_steps else {}))
-        vae = train_vae(cfg, device=args.device)
+        from .train import VAE_PHASES
+
+        vae = None
+        for i, phase in enumerate(VAE_PHASES, start=1):
+            steps = {"steps": args.vae_steps} if args.vae_steps else {}
+            cfg = VAETrainConfig(**{**phase, "seed": args.seed + phase["seed"], **steps})
+            log(f"vae phase {i}/{len(VAE_PHASES)}: {cfg}")
+            vae = train_vae(cfg, device=args.device, vae=vae)
         faces, _ = face_pool(64, 128, seed=args.seed + 3)
         scale = latent_scale(vae, torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255)
         vae.register_to_config(scaling_factor=scale)

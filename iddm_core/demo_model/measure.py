@@ -19,6 +19,7 @@ from .data import FACE_DIR, HELD_OUT
 IDENTITIES = {"demo person": HELD_OUT, "biden": ("biden.jpg",), "astronaut": ("astronaut.jpg",)}
 ONE_STEP_TIMESTEPS = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800)
 KEEP_DISTANCE = 0.5
+DENOISE_TIMESTEPS = (10, 50, 100, 200, 400)    # where the denoising error is compared
 
 
 
@@ -58,13 +59,32 @@ def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt
     from ..pgd import Noise, predict_clean_image
 
     gen = torch.Generator().manual_seed(seed)
-    shape = (images.shape[0], 4, images.shape[-2] // bundle.vae_scale_factor, images.shape[-1] // bundle.vae_scale_factor)
+    shape = (images.shape[0], bundle.unet.config.in_channels, images.shape[-2] // bundle.vae_scale_factor,
+             images.shape[-1] // bundle.vae_scale_factor)
     dev = images.device
     noise = Noise(posterior=torch.randn(shape, generator=gen).to(dev),
                   t=torch.full((images.shape[0],), t, dtype=torch.long, device=dev),
                   eps=torch.randn(shape, generator=gen).to(dev))
     embeds = encode_prompts(bundle, [prompt]).expand(images.shape[0], -1, -1)
     return predict_clean_image(bundle, images, embeds, noise).clamp(0, 1)
+
+
+@torch.no_grad()
+def denoising_error(bundle, images: torch.Tensor, t: int, seed: int, prompt: str, draws: int = 4) -> float:
+    """Mean epsilon MSE of the UNet on ``images`` noised to timestep ``t`` (``draws`` noise draws per image).
+    Predicting zero scores 1.0: above that the model does not denoise these images, it pulls them elsewhere."""
+    from ..finetune import encode_posterior, encode_prompts
+
+    gen = torch.Generator().manual_seed(seed)
+    z = encode_posterior(bundle, images).mean * bundle.scaling_factor
+    embeds = encode_prompts(bundle, [prompt]).expand(len(z), -1, -1)
+    tt = torch.full((len(z),), t, dtype=torch.long, device=z.device)
+    errors = []
+    for _ in range(draws):
+        eps = torch.randn(z.shape, generator=gen).to(z.device)
+        pred = bundle.unet(bundle.noise_scheduler.add_noise(z, eps, tt), tt, encoder_hidden_states=embeds).sample
+        errors.append(float((pred.float() - eps).pow(2).mean()))
+    return float(np.mean(errors))
 
 
 def identity_prototypes(recognizer, detector) -> dict[str, torch.Tensor]:
@@ -138,10 +158,20 @@ def cmd_measure(args) -> int:
     print(f"   PSNR {', '.join(f'{v:.2f}' for v in psnr(recon, images).tolist())} dB;  "
           f"dlib distance photo-round trip {', '.join('no face' if d is None else f'{d:.3f}' for d in dists)}")
 
+    from .data import face_pool
+
+    train_faces = torch.from_numpy(face_pool(len(images), bundle.resolution, seed=99, detector=detector)[0])
+    train_faces = train_faces.permute(0, 3, 1, 2).float() / 255
+    print("2. UNet denoising error (epsilon MSE; predicting zero scores 1) on the demo photos vs on augmented "
+          "training faces, prompt 'a photo of sks person':")
+    print("   " + "  ".join(f"t={t}: {denoising_error(bundle, images, t, 0, 'a photo of sks person'):.3f} vs "
+                          f"{denoising_error(bundle, train_faces, t, 0, 'a photo of sks person'):.3f}"
+                          for t in DENOISE_TIMESTEPS))
+
     from ..face.attack import dlib_distance, dlib_prototype
 
     proto = dlib_prototype(rgb)
-    print("2. one-step clean prediction x0_hat (prompt 'a photo of sks person', 4 noise draws per photo):"
+    print("3. one-step clean prediction x0_hat (prompt 'a photo of sks person', 4 noise draws per photo):"
           " mean dlib distance to the person's prototype")
     keep, kept = None, True
     for t in ONE_STEP_TIMESTEPS:
@@ -162,7 +192,7 @@ def cmd_measure(args) -> int:
     recognizer = load_recognizer(parse_surrogates("dlib")[0])
     protos = identity_prototypes(recognizer, detector)
     steps = args.dreambooth_steps or 150
-    print(f"3. DreamBooth-LoRA on the two demo photos and their mirrors ('a photo of sks person', {steps} steps, "
+    print(f"4. DreamBooth-LoRA on the two demo photos and their mirrors ('a photo of sks person', {steps} steps, "
           "lr 1e-4, rank 4, no prior preservation), "
           f"{args.samples} samples (DDIM 25 steps, guidance 5)")
     with torch.no_grad():
