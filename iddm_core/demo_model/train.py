@@ -125,9 +125,9 @@ class UNetTrainConfig:
 
 
 # Further UNet phases, each from the previous one's weights: plain epsilon MSE (which weights the low-noise end SNR
-# times more than min-SNR does) at lower rates. Measured after phase 1 alone: samples carried a speckle texture that
-# stopped dlib from finding their faces (FSR 0 of 8), and one-step predictions lost the identity beyond t = 25.
-# After both phases eps-MSE fell from 0.037 to 0.030, but the speckle and FSR 0 remained (docs/DESIGN.md).
+# times more than min-SNR does) at lower rates. Measured on the shipped model's recipe (face + scene crops): the
+# denoising error on the held-out photos at t = 10 / 50 / 100 fell from 0.625 / 0.332 / 0.252 after phase 1 to
+# 0.441 / 0.277 / 0.223 after both refine phases (``measure``); samples still carry a colour speckle (FSR 0).
 REFINE = ({"steps": 1200, "lr": 2e-4, "warmup": 20, "snr_gamma": None, "seed": 1},
           {"steps": 2400, "lr": 1e-4, "warmup": 20, "snr_gamma": None, "seed": 2})
 
