@@ -1,7 +1,8 @@
 """The demo: the same photos and seeds, a no-defense DreamBooth LoRA against an IDDM LoRA, on the demo model.
 
 What it shows: the demo model (``iddm_core.demo_model``) is small, trained here on two other identities and
-never on the demo person, so a DreamBooth LoRA on the demo photos really personalises it. Both LoRAs get the
+never on the demo person, so whatever a LoRA knows of that person comes from the demo photos (within the demo's
+budget this toy's DreamBooth learns little of them: docs/DESIGN.md, "The demo model"). Both LoRAs get the
 same schedule (K iterations of a burst on the reference set Xc, then a burst on the protection set); the only
 difference is that IDDM's second burst trains on X' (the PGD-protected photos) where the no-defense one trains
 on the clean X0. Samples from both are scored by dlib, the attack's surrogate, and by faceres, a recogniser held

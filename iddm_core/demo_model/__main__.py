@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in --work into --out); all = the four in order (default)")
     t.add_argument("--work", default="demo_model_work", help="folder for the parts between stages")
     t.add_argument("--out", default=str(ASSET_DIR), help=f"where the fp16 model is written (default {ASSET_DIR})")
-    t.add_argument("--vae-steps", type=int, default=None, help="steps of each VAE phase (default: train.VAE_PHASES)")
+    t.add_argument("--vae-steps", type=int, default=None,
+                   help="steps of each VAE phase (default: those of train.VAE_PHASES)")
     t.add_argument("--unet-steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

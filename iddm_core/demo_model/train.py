@@ -1,9 +1,9 @@
 """Training of the demo model, in three stages, each a plain loop.
 
 1. VAE: reconstruction (L1) + a tiny KL term on random patches (the VAE is convolutional, so small patches
-   teach it the same code as whole images at a fraction of the cost), half of them with permuted colour
-   channels, posterior sampled as in SD. Afterwards the latent scale is set SD-style: ``scaling_factor = 1 / std``
-   of the face latents.
+   teach it the same code as whole images at a fraction of the cost), posterior sampled as in SD, in phases
+   (``VAE_PHASES``; in the last, half the patches have permuted colour channels). Afterwards the latent scale is
+   set SD-style: ``scaling_factor = 1 / std`` of the face latents.
 2. UNet: epsilon prediction on the frozen VAE's latents of augmented face crops (prompts from the frozen tiny
    text encoder, 10 % empty for classifier-free guidance) and as many crops of the non-face images (empty
    prompt: they teach denoising in general, so the UNet does not merely memorise the training faces), min-SNR
