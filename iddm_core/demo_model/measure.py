@@ -52,6 +52,12 @@ def vae_round_trip(bundle, images: torch.Tensor) -> torch.Tensor:
     return ((bundle.vae.decode(mean).sample + 1) / 2).clamp(0, 1)
 
 
+def latent_shape(bundle, images: torch.Tensor) -> tuple:
+    """Shape of the (scaled) latents of an image batch in this bundle."""
+    f = bundle.vae_scale_factor
+    return images.shape[0], bundle.unet.config.in_channels, images.shape[-2] // f, images.shape[-1] // f
+
+
 @torch.no_grad()
 def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt: str) -> torch.Tensor:
     """x0_hat of each image at timestep t: the decoded one-step clean prediction PGD's Stage II scores."""
@@ -59,8 +65,7 @@ def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt
     from ..pgd import Noise, predict_clean_image
 
     gen = torch.Generator().manual_seed(seed)
-    shape = (images.shape[0], bundle.unet.config.in_channels, images.shape[-2] // bundle.vae_scale_factor,
-             images.shape[-1] // bundle.vae_scale_factor)
+    shape = latent_shape(bundle, images)
     dev = images.device
     noise = Noise(posterior=torch.randn(shape, generator=gen).to(dev),
                   t=torch.full((images.shape[0],), t, dtype=torch.long, device=dev),
@@ -71,20 +76,21 @@ def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt
 
 @torch.no_grad()
 def denoising_error(bundle, images: torch.Tensor, t: int, seed: int, prompt: str, draws: int = 4) -> float:
-    """Mean epsilon MSE of the UNet on ``images`` noised to timestep ``t`` (``draws`` noise draws per image).
-    Predicting zero scores 1.0: above that the model does not denoise these images, it pulls them elsewhere."""
-    from ..finetune import encode_posterior, encode_prompts
+    """Stage I's L_rec (epsilon MSE) of ``images`` at timestep ``t``, latents at the posterior mean, averaged over
+    ``draws`` noise draws. Predicting zero scores 1.0: above that the model does not denoise these images, it pulls
+    them elsewhere."""
+    from ..finetune import encode_prompts
+    from ..pgd import Noise, rec_loss
 
     gen = torch.Generator().manual_seed(seed)
-    z = encode_posterior(bundle, images).mean * bundle.scaling_factor
-    embeds = encode_prompts(bundle, [prompt]).expand(len(z), -1, -1)
-    tt = torch.full((len(z),), t, dtype=torch.long, device=z.device)
-    errors = []
-    for _ in range(draws):
-        eps = torch.randn(z.shape, generator=gen).to(z.device)
-        pred = bundle.unet(bundle.noise_scheduler.add_noise(z, eps, tt), tt, encoder_hidden_states=embeds).sample
-        errors.append(float((pred.float() - eps).pow(2).mean()))
-    return float(np.mean(errors))
+    shape = latent_shape(bundle, images)
+    dev = images.device
+    embeds = encode_prompts(bundle, [prompt]).expand(images.shape[0], -1, -1)
+    t_all = torch.full((images.shape[0],), t, dtype=torch.long, device=dev)
+    values = [rec_loss(bundle, images, embeds, Noise(posterior=torch.zeros(shape, device=dev), t=t_all,
+                                                     eps=torch.randn(shape, generator=gen).to(dev)))[1]
+              for _ in range(draws)]
+    return float(torch.stack(values).mean())
 
 
 def identity_prototypes(recognizer, detector) -> dict[str, torch.Tensor]:
