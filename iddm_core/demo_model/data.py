@@ -140,14 +140,17 @@ def scene_pool(n: int, size: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     images = [im for name, *_ in SOURCES if name not in FACES
               for im in scale_pyramid(load_source(name), size, 512) if min(im.shape[:2]) >= size]
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
-    for i in range(n):
-        im = images[rng.integers(len(images))]
-        y, x = rng.integers(im.shape[0] - size + 1), rng.integers(im.shape[1] - size + 1)
-        crop = im[y:y + size, x:x + size]
-        crop = crop[:, ::-1] if rng.random() < 0.5 else crop
-        out[i] = crop[..., rng.permutation(3)] if rng.random() < 0.5 else crop
-    return out
+    return np.stack([random_crop(images, size, rng, channel_swap=0.5) for _ in range(n)])
+
+
+def random_crop(images: list[np.ndarray], size: int, rng: np.random.Generator, channel_swap: float) -> np.ndarray:
+    """A ``size`` px square at a random place of a random one of ``images``, mirrored half the time, its RGB
+    channels permuted with probability ``channel_swap``."""
+    im = images[rng.integers(len(images))]
+    y, x = rng.integers(im.shape[0] - size + 1), rng.integers(im.shape[1] - size + 1)
+    crop = im[y:y + size, x:x + size]
+    crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+    return crop[..., rng.permutation(3)] if rng.random() < channel_swap else crop
 
 
 def scale_pyramid(rgb: np.ndarray, min_side: int, max_side: int, count: int = 3) -> list[np.ndarray]:
@@ -183,12 +186,5 @@ class PatchSampler:
     def __call__(self, batch: int):
         import torch
 
-        out = np.empty((batch, self.patch, self.patch, 3), dtype=np.uint8)
-        for b in range(batch):
-            im = self.images[self.rng.integers(len(self.images))]
-            y = self.rng.integers(im.shape[0] - self.patch + 1)
-            x = self.rng.integers(im.shape[1] - self.patch + 1)
-            p = im[y:y + self.patch, x:x + self.patch]
-            p = p[:, ::-1] if self.rng.random() < 0.5 else p
-            out[b] = p[..., self.rng.permutation(3)] if self.rng.random() < self.channel_swap else p
+        out = np.stack([random_crop(self.images, self.patch, self.rng, self.channel_swap) for _ in range(batch)])
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
