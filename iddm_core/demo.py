@@ -127,7 +127,7 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
 
     from .atomic import atomic_write
     from .demo_model.measure import identity_prototypes, identity_scores
-    from .evaluate import cosine_to, embed, prototype, psnr
+    from .evaluate import cosine_to, embed, prototype, psnr, sample_detector_name
     from .face.detect import get_detector
     from .face.registry import find, load_recognizer
     from .iddm import run_iddm
@@ -161,6 +161,7 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
 
     x_ref, lm_ref = refs.reference()
     x0, lm0 = refs.protect()
+    sample_detector = get_detector(sample_detector_name(config.resolution))
     judges = []
     for name, role in DEMO_JUDGES:
         spec = find(name, [])
@@ -171,8 +172,8 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
         reference = prototype(embed(recognizer, x_ref, lm_ref))
         judges.append(JudgeScores(
             name, role,
-            {"no-defense LoRA": identity_scores(plain_samples, protos, recognizer, detector),
-             "IDDM LoRA": identity_scores(iddm_samples, protos, recognizer, detector)},
+            {"no-defense LoRA": identity_scores(plain_samples, protos, recognizer, sample_detector),
+             "IDDM LoRA": identity_scores(iddm_samples, protos, recognizer, sample_detector)},
             {"no-defense LoRA": identity_scores(plain_denoised, protos, recognizer, detector),
              "IDDM LoRA": identity_scores(iddm_denoised, protos, recognizer, detector)},
             float(cosine_to(embed(recognizer, x0, lm0), reference).mean()),
@@ -211,8 +212,7 @@ def format_result(r: DemoResult) -> str:
     for j in r.judges:
         lines += [f"  {j.name} ({j.role})"] + ["    " + format_scores(label, s) for label, s in j.rows.items()]
     if all(s.fsr == 0 for j in r.judges for s in j.rows.values()):
-        lines.append("  no face is found in either LoRA's samples: the toy's samples are faces to the eye but carry "
-                     "a speckle texture that defeats dlib's HOG detector, so they cannot be scored. Next best, below.")
+        lines.append("  no face is found in either LoRA's samples, so they cannot be scored. Next best, below.")
     lines += [f"what each LoRA's denoiser makes of the demo person's clean photos (one-step x0_hat at t = "
               f"{', '.join(map(str, DENOISE_TIMESTEPS))}, same noise for both; a proxy for what it learned, "
               "not a generation: at these timesteps the denoiser mostly keeps the photo's identity, so the rows "

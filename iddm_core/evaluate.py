@@ -472,6 +472,17 @@ def fidelity_report(protected: torch.Tensor, original: torch.Tensor) -> dict:
             "ssim_per_image": [float(v) for v in s.tolist()]}
 
 
+# Generated samples up to this size are judged by dlib's CNN (MMOD) detector, larger ones by HOG (see
+# face.detect.DlibCNNDetector: HOG misses the small, smooth faces of the 128 px demo model's samples).
+SMALL_SAMPLE_PX = 256
+
+
+def sample_detector_name(size: int) -> str:
+    """The detector that finds faces in generated samples of ``size`` px: ``dlib-cnn`` up to
+    :data:`SMALL_SAMPLE_PX`, else ``dlib`` (HOG; the CNN's cost grows with the pixel count)."""
+    return "dlib-cnn" if size <= SMALL_SAMPLE_PX else "dlib"
+
+
 def evaluate(images: torch.Tensor, refs, eval_recognizers=AUTO, surrogates: Sequence = (),
              detector=None, gallery=None, top_k: Sequence[int] = (1, 5), protected: torch.Tensor | None = None,
              original: torch.Tensor | None = None, quality: bool = True, device=None, labels: Sequence[str] = (),
@@ -485,7 +496,8 @@ def evaluate(images: torch.Tensor, refs, eval_recognizers=AUTO, surrogates: Sequ
     is added as identity ``"user"`` and retrieval reports how often a generated face ranks the user first.
     ``protected``/``original``: X' and X0 for PSNR/SSIM. ``labels``: per-image labels (e.g. prompt index)
     copied into the result. ``search_dirs``: model folders for "auto" (default ``$IDDM_MODEL_DIRS``).
-    Returns a JSON-ready dict (no file names or paths in it).
+    ``detector``: finds the faces of ``images`` and of the gallery photos; default: dlib's HOG for the photos and
+    :func:`sample_detector_name` of the images' size for the images. Returns a JSON-ready dict (no file names or paths in it).
     """
     from .events import Emitter
 
@@ -498,14 +510,14 @@ def evaluate(images: torch.Tensor, refs, eval_recognizers=AUTO, surrogates: Sequ
     messages = [judges.warning] if judges.warning else held_out_warnings(eval_names, surrogate_names)
     for m in messages:
         warnings.warn(m, UserWarning, stacklevel=2)
-    if detector is None:
-        from .face.detect import get_detector
+    from .face.detect import get_detector
 
-        detector = get_detector("dlib")
+    sample_detector = detector or get_detector(sample_detector_name(images.shape[-1]))
+    detector = detector or get_detector("dlib")
     recognizers = load_eval_recognizers(judges.tokens, device)
     emit = Emitter(callback, total=len(recognizers) + 2)
 
-    scan = scan_faces(images, detector)
+    scan = scan_faces(images, sample_detector)
     emit("eval", message="faces detected")
     ref_images, ref_landmarks = _reference_batch(refs)
     gallery_layout_ = gallery_layout(gallery) if gallery is not None else None

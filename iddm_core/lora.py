@@ -290,6 +290,7 @@ def build_metadata(bundle, spec: LoraSpec, output_name: str, comment: str = "",
     if bundle.kind not in BASE_INFO:
         raise ModelError(f"unknown model kind {bundle.kind!r}")
     version, v2, arch, pred = BASE_INFO[bundle.kind]
+    pred = "v" if bundle.prediction_type == "v_prediction" else pred     # an SD1 v-prediction base (the demo model)
     date = date or datetime.datetime.now().replace(microsecond=0)
     return {
         "ss_network_module": "networks.lora",

@@ -28,6 +28,8 @@ KINDS = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
 SDXL_KINDS = ("sdxl", "sdxl-v")
 PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon",
                     "sdxl-v": "v_prediction"}
+# a zero-terminal-SNR schedule (Lin et al. 2024) in diffusers' scheduler settings; sampling starts at t = T - 1
+ZERO_TERMINAL_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024, "sdxl-v": 1024}
 
 
@@ -208,6 +210,14 @@ def _declared_v_prediction(state: Mapping[str, Any], metadata: Mapping[str, str]
     if declared:
         return declared.startswith("v")
     return None
+
+
+def _file_prediction_type(kind: str, state: Mapping[str, Any], metadata: Mapping[str, str]) -> str:
+    """The kind's prediction type; an SD1 file that declares v-prediction (a ``v_pred`` key or prediction-type
+    metadata, which ComfyUI reads too) is v-prediction (e.g. the demo model)."""
+    if kind == "sd1" and _declared_v_prediction(state, metadata):
+        return "v_prediction"
+    return PREDICTION_TYPES[kind]
 
 
 def _is_v_prediction(state: Mapping[str, Any], metadata: Mapping[str, str]) -> bool:
@@ -478,6 +488,8 @@ def _single_file_setup(path: Path, state: dict, metadata: dict, kind: str | None
         raise ModelError(f"{path}: kind={kind!r} does not fit this file ({'an SDXL' if sgm else 'not an SDXL'} "
                          f"checkpoint); pass kind=... matching the file, or none to detect it")
     configs = _single_file_configs(path, metadata, kind)
+    if "ztsnr" in state:   # ComfyUI's and Forge's marker of a zero-terminal-SNR schedule (with ``v_pred``)
+        configs = {**configs, "scheduler": {**configs["scheduler"], **ZERO_TERMINAL_SNR}}
     tok = resolve_tokenizer(kind, tokenizer, None, str(path))
     if kind in SDXL_KINDS:
         tok = (tok, resolve_tokenizer_2(tokenizer, None, str(path)))
@@ -557,7 +569,7 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
     kind, configs, tok = _single_file_setup(path, state, metadata, kind, tokenizer)
     modules = [_build_loaded(factory, part_state, str(path), part, kind)
                for part, factory, part_state in _single_file_parts(path, state, configs, kind)]
-    prediction_type = PREDICTION_TYPES[kind]
+    prediction_type = _file_prediction_type(kind, state, metadata)
     extra = {}
     if kind in SDXL_KINDS:   # tok is (tokenizer, tokenizer_2), modules end with text_encoder_2
         tok, extra = tok[0], {"text_encoder_2": modules.pop(), "tokenizer_2": tok[1]}
@@ -815,7 +827,8 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
         parameters[_PART_ATTRS[part]] = _parameter_count(module)
     rows = _token_rows(state, "conditioner.embedders.0." if kind in SDXL_KINDS else "cond_stage_model.") or \
         int(configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE))
-    return ModelInfo(kind, PREDICTION_TYPES[kind], _resolution(configs["vae"], kind), p.stem, rows, parameters)
+    return ModelInfo(kind, _file_prediction_type(kind, state, metadata), _resolution(configs["vae"], kind), p.stem,
+                     rows, parameters)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -838,6 +851,8 @@ def bundle_to_original(bundle: ModelBundle) -> dict:
         state.update(sd_keys.clip_to_openclip(text, bundle.text_encoder.config.projection_dim))
     if bundle.prediction_type == "v_prediction":
         state["v_pred"] = torch.tensor([])   # the marker ComfyUI/kohya read for v-prediction checkpoints
+    if bundle.noise_scheduler.config.get("rescale_betas_zero_snr"):
+        state["ztsnr"] = torch.tensor([])    # ... and for a zero-terminal-SNR schedule
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 

@@ -128,7 +128,6 @@ class IdentityLeakMeter:
         import torch
 
         from ..iddm_core.evaluate import _uint8, evaluate
-        from ..iddm_core.face.detect import get_detector
         from ..iddm_core.leak_render import annotate, bar_chart, label_text, verdict_color
         from .comfy_env import torch_device
 
@@ -139,7 +138,7 @@ class IdentityLeakMeter:
             judges = "auto" if recognizer == AUTO_CHOICE else [_recogniser_token(recognizer)]
             result = evaluate(batch, _clean_refs(refs), eval_recognizers=judges,
                               surrogates=[s.strip() for s in (surrogates or "").split(",") if s.strip()],
-                              detector=get_detector("dlib"), quality=False, device=torch_device(),
+                              quality=False, device=torch_device(),
                               search_dirs=_search_dirs())
             name = result["eval_recognizers"][0]
             thr, source = resolve_threshold(threshold, name)

@@ -116,6 +116,28 @@ def test_5_point_estimate_close_to_68_point_landmarks(detector_5pt, detections, 
         assert err[2:].max() < 0.35, name                 # nose tip, mouth: estimated from the mean face
 
 
+def test_cnn_detector_finds_small_faces(detections, photos):
+    """dlib's MMOD detector (it judges small generated samples): one face per photo shrunk until the face is
+    40 px wide (the demo model's samples: 25-35 px), its eyes where HOG + the 68-point model put them on the
+    full photo; nothing on blank or noise."""
+    from PIL import Image
+
+    cnn = fd.get_detector("dlib-cnn")
+    assert isinstance(cnn, fd.DlibCNNDetector) and not cnn.uses_68 and cnn is fd.get_detector("dlib-cnn")
+    for name, rgb in photos.items():
+        x0, _, x1, _ = detections[name][0].box
+        scale = 40 / (x1 - x0)
+        size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+        faces = cnn.detect(np.asarray(Image.fromarray(rgb).resize(size, Image.LANCZOS)))
+        assert len(faces) == 1, name
+        ref = detections[name][0].landmarks * scale
+        err = np.linalg.norm(faces[0].landmarks[:2] - ref[:2], axis=1) / _iod(ref)
+        print(name, "eye error / eye distance, face 40 px wide:", err.round(3), "confidence", round(faces[0].score, 2))
+        assert err.max() < 0.15, name
+    assert cnn.detect(np.full((128, 128, 3), 128, np.uint8)) == []
+    assert cnn.detect(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)) == []
+
+
 def test_get_detector_factory(tmp_path):
     assert fd.get_detector("dlib") is fd.get_detector("dlib")      # cached: loading the predictors is slow
     with pytest.raises(InputError, match="missing.onnx"):

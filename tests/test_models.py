@@ -146,6 +146,38 @@ def test_sd2_openclip_single_file_roundtrip(tmp_path, kind):
     _assert_same_outputs(bundle, loaded, _ids(bundle.tokenizer))
 
 
+def test_sd1_v_prediction_and_zero_terminal_snr_markers_round_trip(tmp_path):
+    """An SD1 model with v-prediction on a zero-terminal-SNR schedule (the demo model) is written with ComfyUI's
+    ``v_pred`` and ``ztsnr`` markers and loads back as such; the ``ztsnr`` marker alone switches the schedule."""
+    from diffusers import DDPMScheduler
+
+    from iddm_core.models import ZERO_TERMINAL_SNR, validate_model
+
+    tok = str(write_tiny_tokenizer(tmp_path / "tok"))
+    bundle = build_tiny_bundle(3)
+    bundle.prediction_type = "v_prediction"
+    config = {k: v for k, v in bundle.noise_scheduler.config.items() if not k.startswith("_")}
+    bundle.noise_scheduler = DDPMScheduler.from_config({**config, **ZERO_TERMINAL_SNR, "prediction_type": "v_prediction"})
+    path = save_single_file(bundle, tmp_path / "v.safetensors")
+    state, metadata = read_checkpoint(path)
+    assert "v_pred" in state and "ztsnr" in state
+    loaded = load_model(str(path), tokenizer=tok)
+    assert (loaded.kind, loaded.prediction_type) == ("sd1", "v_prediction")
+    assert loaded.noise_scheduler.config.prediction_type == "v_prediction"
+    assert float(loaded.noise_scheduler.alphas_cumprod[-1]) < 1e-6           # zero terminal SNR
+    assert validate_model(str(path), tokenizer=tok).prediction_type == "v_prediction"
+
+    plain = save_single_file(build_tiny_bundle(3), tmp_path / "eps.safetensors")
+    state, metadata = read_checkpoint(plain)
+    assert "v_pred" not in state and "ztsnr" not in state
+    assert load_model(str(plain), tokenizer=tok).prediction_type == "epsilon"
+    save_file({**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, str(tmp_path / "marked.safetensors"),
+              metadata=metadata)
+    marked = load_model(str(tmp_path / "marked.safetensors"), tokenizer=tok)
+    assert marked.prediction_type == "v_prediction" and marked.noise_scheduler.config.rescale_betas_zero_snr
+    assert marked.noise_scheduler.config.timestep_spacing == "trailing"
+
+
 # ---------------------------------------------------------------------------------------------- detection
 def _shapes(context_dim, text="clip"):
     keys = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),

@@ -186,7 +186,7 @@ def run_method(name: str, args, clean, detector, rho: float | None, refs_cache: 
             result = run_iddm(bundle, refs, config)
             fidelity = fidelity_report(result.protected, refs.protect()[0])
         train_time = time.perf_counter() - t0
-        evaluation, _ = evaluate_bundle(bundle, clean, args, detector)
+        evaluation, _ = evaluate_bundle(bundle, clean, args)
     row = {"method": name, "rho": rho, "time_s": train_time, "peak_mb": mem.megabytes(), **evaluation}
     if fidelity is not None:
         row["fidelity"] = fidelity

@@ -184,14 +184,15 @@ def run_surrogates(args) -> list[str]:
     return ["dlib"]
 
 
-def evaluate_bundle(bundle, clean, args, detector, callback=None) -> tuple[dict, "torch.Tensor"]:
-    """Generate with ``bundle`` (whatever adapters are active) and score; shared by the CLI and ``bench paper``."""
+def evaluate_bundle(bundle, clean, args, callback=None) -> tuple[dict, "torch.Tensor"]:
+    """Generate with ``bundle`` (whatever adapters are active) and score (faces found by the sample detector for
+    the samples' size, :func:`~iddm_core.evaluate.sample_detector_name`); shared by the CLI and ``bench paper``."""
     from ..evaluate import evaluate
 
     images, labels = generate_for_prompts(bundle, args.prompts, args.n, args.seed, args.steps, args.guidance,
                                           args.resolution, callback)
     result = evaluate(images, clean, eval_recognizers=args.eval_recognizers, surrogates=run_surrogates(args),
-                      detector=detector, gallery=args.gallery, labels=[str(i) for i in labels],
+                      gallery=args.gallery, labels=[str(i) for i in labels],
                       device=bundle.device, callback=callback, search_dirs=search_dirs(args))
     result["prompts"] = list(args.prompts)
     result["settings"] = {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
@@ -214,7 +215,7 @@ def cmd_evaluate(args) -> int:
     bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=pick_device(args.device))
     if args.lora:
         apply_lora_file(bundle, args.lora)
-    result, images = evaluate_bundle(bundle, clean, args, detector, ConsoleProgress())
+    result, images = evaluate_bundle(bundle, clean, args, ConsoleProgress())
     result["settings"]["lora"] = bool(args.lora)
     write_outputs(result, images, args.n, args.out_json, args.sheet, args.overwrite)
     print(summary_line(result))

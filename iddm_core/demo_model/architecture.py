@@ -6,7 +6,8 @@ mid-block attention (it costs without helping a convolutional code).
 UNet: SD1's four down / up blocks with cross-attention on the first three, on the 32 x 32 latent; one attention
 head per layer (8 heads made a training step 3x slower on 2 CPU cores: the 1024-token attention maps dominate).
 Text encoder and tokenizer: the tiny CLIP of :mod:`iddm_core.tiny` (frozen, random: its prompt embeddings only
-need to differ). Scheduler: SD's scaled-linear DDPM.
+need to differ). Scheduler: SD's scaled-linear DDPM rescaled to zero terminal SNR, v-prediction (the last
+training phase; the earlier ones predict epsilon on SD's own schedule, see ``train.REFINE``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ force_offline()
 
 import torch  # noqa: E402
 
+from ..models import ZERO_TERMINAL_SNR  # noqa: E402
 from ..tiny import SCHEDULER_CONFIG, _text_config, build_tiny_tokenizer  # noqa: E402
 from ..tiny import UNET_CONFIG as TINY_UNET_CONFIG, VAE_CONFIG as TINY_VAE_CONFIG  # noqa: E402
 from . import DEMO_RESOLUTION, DEMO_TITLE  # noqa: E402
@@ -42,6 +44,13 @@ UNET_CONFIG = {
     "attention_head_dim": 1,     # diffusers reads this as the number of heads (SD1's config quirk)
     "norm_num_groups": 16,
 }
+
+
+# The shipped model's schedule. On SD's own schedule t = 999 keeps sqrt(alpha_bar) = 0.068 of the latent, which on
+# a 32 x 32 latent carries layout and colour the UNet learns to lean on; sampling from pure noise then gave faces
+# under a colour speckle that dlib could not find (FSR 0/8). A zero terminal SNR (with v-prediction, which stays
+# defined there) removes that gap between training and sampling (docs/DESIGN.md, "The demo model").
+V_ZERO_SNR_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, **ZERO_TERMINAL_SNR, "prediction_type": "v_prediction"}
 
 
 def build_vae(seed: int = 0):
@@ -71,16 +80,17 @@ def build_text_encoder(seed: int = 0):
     return text_encoder.eval(), tokenizer
 
 
-def build_scheduler():
+def build_scheduler(v_zero_snr: bool = True):
+    """The shipped schedule (zero terminal SNR, v-prediction), or SD's own (epsilon) for the early phases."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    return DDPMScheduler.from_config(V_ZERO_SNR_SCHEDULER_CONFIG if v_zero_snr else SCHEDULER_CONFIG)
 
 
 def assemble(unet, vae, text_encoder, tokenizer):
-    """A :class:`~iddm_core.models.ModelBundle` of trained parts (SD1 kind, title ``demo``)."""
+    """A :class:`~iddm_core.models.ModelBundle` of trained parts (SD1 kind with v-prediction, title ``demo``)."""
     from ..models import ModelBundle
 
     return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                       noise_scheduler=build_scheduler(), kind="sd1", prediction_type="epsilon",
+                       noise_scheduler=build_scheduler(), kind="sd1", prediction_type="v_prediction",
                        resolution=DEMO_RESOLUTION, title=DEMO_TITLE)

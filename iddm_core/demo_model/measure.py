@@ -76,8 +76,9 @@ def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt
 
 @torch.no_grad()
 def denoising_error(bundle, images: torch.Tensor, t: int, seed: int, prompt: str, draws: int = 4) -> float:
-    """Stage I's L_rec (epsilon MSE) of ``images`` at timestep ``t``, latents at the posterior mean, averaged over
-    ``draws`` noise draws. Predicting zero scores 1.0: above that the model does not denoise these images, it pulls
+    """Stage I's L_rec (MSE of the model's target: epsilon, or v for a v-prediction model such as the demo model)
+    of ``images`` at timestep ``t``, latents at the posterior mean, averaged over
+    ``draws`` noise draws. Predicting zero scores about 1.0: above that the model does not denoise these images, it pulls
     them elsewhere."""
     from ..finetune import encode_prompts
     from ..pgd import Noise, rec_loss
@@ -144,7 +145,7 @@ def dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, rank: int = 
 
 
 def cmd_measure(args) -> int:
-    from ..evaluate import psnr
+    from ..evaluate import psnr, sample_detector_name
     from ..face.detect import get_detector
     from ..face.registry import load_recognizer, parse_surrogates
     from ..finetune import generate_images
@@ -168,7 +169,8 @@ def cmd_measure(args) -> int:
 
     train_faces = torch.from_numpy(face_pool(len(images), bundle.resolution, seed=99, detector=detector)[0])
     train_faces = train_faces.permute(0, 3, 1, 2).float() / 255
-    print("2. UNet denoising error (epsilon MSE; predicting zero scores 1) on the demo photos vs on augmented "
+    target = "v" if bundle.prediction_type == "v_prediction" else "epsilon"
+    print(f"2. UNet denoising error ({target} MSE; predicting zero scores about 1) on the demo photos vs on augmented "
           "training faces, prompt 'a photo of sks person':")
     print("   " + "  ".join(f"t={t}: {denoising_error(bundle, images, t, 0, 'a photo of sks person'):.3f} vs "
                           f"{denoising_error(bundle, train_faces, t, 0, 'a photo of sks person'):.3f}"
@@ -197,17 +199,18 @@ def cmd_measure(args) -> int:
 
     recognizer = load_recognizer(parse_surrogates("dlib")[0])
     protos = identity_prototypes(recognizer, detector)
+    sample_detector = get_detector(sample_detector_name(bundle.resolution))
     steps = args.dreambooth_steps or 150
     print(f"4. DreamBooth-LoRA on the two demo photos and their mirrors ('a photo of sks person', {steps} steps, "
           "lr 1e-4, rank 4, no prior preservation), "
           f"{args.samples} samples (DDIM 25 steps, guidance 5)")
     with torch.no_grad():
         base = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25, guidance_scale=5.0)
-    print("   " + format_scores("base model", identity_scores(base, protos, recognizer, detector)))
+    print("   " + format_scores("base model", identity_scores(base, protos, recognizer, sample_detector)))
     trainer = dreambooth(bundle, torch.cat([images, images.flip(-1)]), steps, lr=1e-4)
     with torch.no_grad():
         tuned = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25, guidance_scale=5.0)
-    print("   " + format_scores("after DreamBooth", identity_scores(tuned, protos, recognizer, detector)))
+    print("   " + format_scores("after DreamBooth", identity_scores(tuned, protos, recognizer, sample_detector)))
     del trainer
     print(f"({time.time() - t_start:.0f} s)")
     return 0

@@ -8,7 +8,8 @@
    text encoder, 10 % empty for classifier-free guidance) and as many crops of the non-face images (empty
    prompt: they teach denoising in general, so the UNet does not merely memorise the training faces), min-SNR
    loss weighting, EMA of the weights.
-3. Refine: further UNet phases from the previous weights with plain epsilon MSE (``REFINE``).
+3. Refine: further UNet phases from the previous weights with plain epsilon MSE, and last a switch to the
+   shipped schedule: zero terminal SNR with v-prediction (``REFINE``).
 
 Each stage writes its part to a work folder; :func:`export` writes the fp16 single file that ships.
 """
@@ -119,7 +120,8 @@ class UNetTrainConfig:
     pool: int = 512             # augmented face crops encoded once
     scenes: int = 512           # non-face crops (data.scene_pool) encoded once, trained with the empty prompt
     uncond: float = 0.1         # share of empty prompts (classifier-free guidance)
-    snr_gamma: float | None = 5.0   # min-SNR weighting (None: plain epsilon MSE)
+    snr_gamma: float | None = 5.0   # min-SNR weighting (None: plain MSE)
+    v_zero_snr: bool = False    # the shipped schedule (zero terminal SNR, v-prediction); else SD's, epsilon
     ema: float = 0.999
     seed: int = 0
 
@@ -127,16 +129,19 @@ class UNetTrainConfig:
 # Further UNet phases, each from the previous one's weights: plain epsilon MSE (which weights the low-noise end SNR
 # times more than min-SNR does) at lower rates. Measured on the shipped model's recipe (face + scene crops): the
 # denoising error on the held-out photos at t = 10 / 50 / 100 fell from 0.625 / 0.332 / 0.252 after phase 1 to
-# 0.441 / 0.277 / 0.223 after both refine phases (``measure``); samples still carry a colour speckle (FSR 0).
+# 0.441 / 0.277 / 0.223 after the two epsilon refine phases (``measure``), yet samples from pure noise carried a
+# colour speckle (FSR 0/8). The third phase moves the UNet to zero terminal SNR + v-prediction (plain v MSE; the
+# min-SNR weight would be 0 at the terminal step): after it samples are clean faces (docs/DESIGN.md).
 REFINE = ({"steps": 1200, "lr": 2e-4, "warmup": 20, "snr_gamma": None, "seed": 1},
-          {"steps": 2400, "lr": 1e-4, "warmup": 20, "snr_gamma": None, "seed": 2})
+          {"steps": 2400, "lr": 1e-4, "warmup": 20, "snr_gamma": None, "seed": 2},
+          {"steps": 2000, "lr": 2e-4, "warmup": 50, "snr_gamma": None, "seed": 0, "v_zero_snr": True})
 
 
-def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) / SNR per sample: the min-SNR weighting of the epsilon loss."""
+def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_prediction: bool = False) -> torch.Tensor:
+    """The min-SNR weight per sample: min(SNR, gamma) / SNR of the epsilon loss, / (SNR + 1) of the v loss."""
     a = alphas_cumprod[t]
     snr = a / (1 - a)
-    return torch.clamp(snr, max=gamma) / snr
+    return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
 
 
 @torch.no_grad()
@@ -178,7 +183,7 @@ def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer, unet=None):
     ema = EMAModel(unet.parameters(), decay=cfg.ema, use_ema_warmup=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
-    noise_sched = build_scheduler()
+    noise_sched = build_scheduler(cfg.v_zero_snr)
     device = next(vae.parameters()).device
     ac = noise_sched.alphas_cumprod.to(device)
     start, running = time.time(), None
@@ -196,9 +201,10 @@ def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer, unet=None):
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,)).to(device)
         eps = torch.randn_like(z0)
         zt = noise_sched.add_noise(z0, eps, t)
+        target = noise_sched.get_velocity(z0, eps, t) if cfg.v_zero_snr else eps
         pred = unet(zt, t, encoder_hidden_states=ctx).sample
-        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
-        loss = (per * snr_weights(ac, t, cfg.snr_gamma)).mean() if cfg.snr_gamma else per.mean()
+        per = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (per * snr_weights(ac, t, cfg.snr_gamma, cfg.v_zero_snr)).mean() if cfg.snr_gamma else per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -207,7 +213,8 @@ def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer, unet=None):
         ema.step(unet.parameters())
         running = per.mean().item() if running is None else 0.98 * running + 0.02 * per.mean().item()
         if step % 100 == 0 or step == cfg.steps:
-            log(f"unet step {step}/{cfg.steps}  eps-MSE {running:.4f}  ({time.time() - start:.0f}s)")
+            log(f"unet step {step}/{cfg.steps}  {'v' if cfg.v_zero_snr else 'eps'}-MSE {running:.4f}  "
+                f"({time.time() - start:.0f}s)")
     ema.copy_to(unet.parameters())
     return unet.eval()
 

@@ -1,4 +1,5 @@
-"""Face detection with 5 ArcFace-order landmarks: dlib's HOG detector (default) or an SCRFD .onnx (face/scrfd.py).
+"""Face detection with 5 ArcFace-order landmarks: dlib's HOG detector (default), dlib's CNN (MMOD) detector (it judges
+small generated samples) or an SCRFD .onnx (face/scrfd.py).
 
 dlib's shape predictors do not give the ArcFace points directly: the 5-point model marks the eye *corners* and
 the nose *base*, and no mouth. The 68-point model (shipped in the same ``face_recognition_models`` package) has
@@ -30,7 +31,7 @@ import numpy as np
 
 from ..errors import InputError
 from .base import Face
-from .dlib_files import SHAPE_5, SHAPE_68, find_model, require_model
+from .dlib_files import MMOD, SHAPE_5, SHAPE_68, find_model, require_model
 from .dlib_chip import MEAN_FACE_5
 from .dlib_resnet import mean_face_arcface_points
 
@@ -138,6 +139,31 @@ class DlibDetector:
                         shape68=shape68)
 
 
+class DlibCNNDetector(DlibDetector):
+    """dlib's CNN (MMOD) face detector with the 5-point shape predictor (trained for both of dlib's detectors).
+
+    Judges generated samples of small models: on the demo model's 128 px samples, whose faces are 25-35 px wide
+    and smooth, HOG scores real faces below its threshold (1 of 8 kept, upsampled once or twice) where MMOD finds
+    all 8 with confidence about 1 (docs/DESIGN.md, "The demo model"). It costs about 0.3 s per 128 px image on 2
+    CPU cores once upsampled, and grows with the pixel count, so photos and large samples stay with HOG.
+    ``min_score`` is MMOD's confidence (dlib keeps > 0).
+    """
+
+    name = "dlib-cnn"
+
+    def __init__(self, upsample: int = 1, min_score: float = 0.0):
+        import dlib
+
+        super().__init__(upsample=upsample, use_68=False, min_score=min_score)
+        self._cnn = dlib.cnn_face_detection_model_v1(str(require_model(MMOD)))
+
+    def detect(self, rgb: np.ndarray) -> list[DlibFace]:
+        rgb = check_rgb(rgb)
+        found = [d for d in self._cnn(rgb, self.upsample) if d.confidence > self.min_score]
+        faces = [self._face(rgb, d.rect, d.confidence) for d in found]
+        return sorted(faces, key=box_area, reverse=True)
+
+
 def _load_scrfd(path: str):
     from . import scrfd  # written separately; imported only when an .onnx detector is asked for
 
@@ -147,13 +173,15 @@ def _load_scrfd(path: str):
 
 @functools.lru_cache(maxsize=4)
 def get_detector(name: str = "dlib"):
-    """``"dlib"`` or the path of an SCRFD ``.onnx`` file -> a detector with ``.detect(rgb) -> list[Face]``.
+    """``"dlib"`` (HOG), ``"dlib-cnn"`` (MMOD) or the path of an SCRFD ``.onnx`` file -> a detector with ``.detect(rgb) -> list[Face]``.
     Cached: the 68-point predictor alone is a 100 MB file."""
     if name is None or str(name).strip().lower() in ("", "dlib"):
         return DlibDetector()
+    if str(name).strip().lower() == "dlib-cnn":
+        return DlibCNNDetector()
     path = os.fspath(name)
     if not path.lower().endswith(".onnx"):
-        raise InputError(f"detector: expected 'dlib' or the path of an SCRFD .onnx file, got {name!r}")
+        raise InputError(f"detector: expected 'dlib', 'dlib-cnn' or the path of an SCRFD .onnx file, got {name!r}")
     if not os.path.isfile(path):
         raise InputError(f"detector: SCRFD model not found: {path}")
     return _load_scrfd(path)
