@@ -25,15 +25,16 @@ DENOISE_TIMESTEPS = (50, 100)  # where the demo model's one-step predictions are
 DENOISE_SEEDS = (0, 1)
 
 DEMO_NOTE = (
-    "What a toy can and cannot show: the demo model is a ~7M-parameter diffusion model trained here in about an "
-    "hour and a half on 2 CPU cores from two public-domain faces (plus other images) at 128 px. Its VAE "
-    "reconstructs the held-out demo photos (PSNR about 30 dB) and its denoiser keeps their identity up to "
-    "timestep 100, so Stage II really pushes X' away from the person, and both LoRAs above are real runs on the "
-    "same photos, seeds and schedule. But its samples are too rough for dlib to find faces in, its DreamBooth does "
-    "not learn the person within the demo's budget, and only 3 identities exist; dlib is the attack's "
-    "surrogate, so its numbers measure the attack itself, and faceres (held out) is the fair test of whether the "
-    "protection transfers. None of this is evidence about Stable Diffusion. Use --model with a real "
-    "SD 1.x/2.x or SDXL checkpoint (`python -m iddm_core train --help`) for a real run.")
+    "What a toy can and cannot show: the demo model is a ~7M-parameter diffusion model trained here in about two "
+    "hours on 2 CPU cores from two public-domain faces (plus other images) at 128 px. Its VAE reconstructs the "
+    "held-out demo photos (PSNR about 30 dB) and its denoiser keeps their identity up to timestep 100, so Stage II "
+    "really pushes X' away from the person; its samples are faces (found by dlib's CNN detector), and both LoRAs "
+    "above are real runs on the same photos, seeds and schedule. But it knows only two faces: its samples show "
+    "those two people, and its DreamBooth does not learn a new person within the demo's budget, so the sample "
+    "rows cannot differ by whom they show. dlib is the attack's surrogate, so its numbers measure the attack "
+    "itself; faceres (held out) is the fair test of whether the protection transfers. None of this is evidence "
+    "about Stable Diffusion. Use --model with a real SD 1.x/2.x or SDXL checkpoint "
+    "(`python -m iddm_core train --help`) for a real run.")
 
 
 def demo_photos():

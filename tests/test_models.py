@@ -513,7 +513,7 @@ def test_validate_model_diffusers_folder_pickle_demo_and_tiny(written, tmp_path,
     # a pickle carries no architecture metadata: checked against real SD1 shapes, which the tiny weights are not
     with pytest.raises(ModelError, match="model.ckpt: the UNet does not match the sd1 architecture"):
         models_mod.validate_model(str(ckpt), tokenizer=str(written[0] / "tokenizer"))
-    assert models_mod.validate_model("demo") == models_mod.ModelInfo("sd1", "epsilon", 128, "demo", 585)
+    assert models_mod.validate_model("demo") == models_mod.ModelInfo("sd1", "v_prediction", 128, "demo", 585)
     assert models_mod.validate_model("tiny").resolution == 64
     broken = tmp_path / "broken"
     shutil.copytree(written[0], broken)

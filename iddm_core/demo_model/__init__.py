@@ -3,7 +3,8 @@
 Why: no Stable Diffusion weights can reach our machines, and a random model cannot show what IDDM does (its VAE
 does not reconstruct and its one-step predictions are not faces). This model is the smallest one that behaves
 like Stable Diffusion on faces at 128 px: an AutoencoderKL that reconstructs photos (f = 4), a cross-attention
-UNet2DConditionModel that generates faces from prompts, the tiny CLIP text encoder, a DDPM schedule.
+UNet2DConditionModel that generates faces from prompts, the tiny CLIP text encoder, a DDPM schedule (rescaled to
+zero terminal SNR, v-prediction).
 Its weights ship in ``iddm_core/assets/demo_model/`` (fp16, original SD key layout, architecture in metadata) and
 load with the ordinary single-file loader: ``load_model("demo")``. ``python -m iddm_core.demo_model train``
 rebuilds them from scratch; ``python -m iddm_core.demo_model measure`` prints what the model can do.

@@ -142,10 +142,10 @@ class DlibDetector:
 class DlibCNNDetector(DlibDetector):
     """dlib's CNN (MMOD) face detector with the 5-point shape predictor (trained for both of dlib's detectors).
 
-    Judges generated samples of small models: on the demo model's 128 px samples, whose faces are 25-35 px wide
-    and smooth, HOG scores real faces below its threshold (1 of 8 kept, upsampled once or twice) where MMOD finds
-    all 8 with confidence about 1 (docs/DESIGN.md, "The demo model"). It costs about 0.3 s per 128 px image on 2
-    CPU cores once upsampled, and grows with the pixel count, so photos and large samples stay with HOG.
+    Judges generated samples of small models: on 16 + 16 of the demo model's 128 px samples, whose faces are
+    25-35 px wide and smooth, HOG found 3 + 4 (upsampled once) or 6 + 3 (twice), MMOD 16 + 15 (docs/DESIGN.md,
+    "The demo model"). It costs 0.27 s per 128 px image on 2 CPU cores (upsampled once; HOG 0.006 s), growing with
+    the pixel count, so photos and large samples stay with HOG.
     ``min_score`` is MMOD's confidence (dlib keeps > 0).
     """
 
