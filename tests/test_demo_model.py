@@ -92,6 +92,21 @@ def test_samples_from_pure_noise_are_faces(demo):
     assert sum(found) >= 3
 
 
+def test_full_dreambooth_fits_the_photos_and_freezes_the_unet_after(demo_crops):
+    """measure's full-UNet DreamBooth (item 5) lowers the denoising error of the photos it trains on."""
+    from iddm_core.demo_model import load_demo_bundle
+    from iddm_core.demo_model.measure import denoising_error, full_dreambooth
+
+    bundle = load_demo_bundle()
+    images, _ = demo_crops
+    before = denoising_error(bundle, images, 200, seed=0, prompt="a photo of sks person")
+    full_dreambooth(bundle, images, 30, lr=1e-4)
+    after = denoising_error(bundle, images, 200, seed=0, prompt="a photo of sks person")
+    print(f"L_rec at t = 200 on the trained photos: {before:.3f} -> {after:.3f}")
+    assert after < 0.9 * before
+    assert not bundle.unet.training and not any(p.requires_grad for p in bundle.unet.parameters())
+
+
 def test_min_snr_weights_of_the_epsilon_and_v_losses():
     from iddm_core.demo_model.architecture import build_scheduler
     from iddm_core.demo_model.train import snr_weights

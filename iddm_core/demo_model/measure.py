@@ -144,6 +144,62 @@ def dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, rank: int = 
     return trainer
 
 
+def full_dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, prompt: str = "a photo of sks person",
+                    seed: int = 0) -> None:
+    """DreamBooth as its paper does it: the whole UNet fine-tuned on ``images`` (in [0, 1]) with Stage I's L_rec
+    (``pgd.rec_loss``: epsilon or v target, uniform timesteps), batch = all images, AdamW. Changes ``bundle.unet``
+    in place. Not the pack's product path (that is the DreamBooth-*LoRA* of ``finetune``): the demo model's LoRA
+    is too small to learn a new face (docs/DESIGN.md), its whole UNet is not."""
+    from ..finetune import encode_prompts
+    from ..pgd import Noise, rec_loss
+
+    unet = bundle.unet.train()
+    unet.requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    with torch.no_grad():
+        embeds = encode_prompts(bundle, [prompt]).expand(images.shape[0], -1, -1)
+    gen = torch.Generator().manual_seed(seed)
+    shape = latent_shape(bundle, images)
+    steps_total = bundle.noise_scheduler.config.num_train_timesteps
+    for _ in range(steps):
+        noise = Noise(posterior=torch.randn(shape, generator=gen), eps=torch.randn(shape, generator=gen),
+                      t=torch.randint(0, steps_total, (images.shape[0],), generator=gen))
+        loss, _ = rec_loss(bundle, images, embeds, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    unet.eval().requires_grad_(False)
+
+
+def protection_effect(args, protos: dict, sample_detector) -> None:
+    """Item 5: the demo's IDDM run, then a full-UNet DreamBooth on the clean photos (Xc + X0) and on the protected
+    ones (Xc + X'), each from the shipped model; samples scored by every judge in ``protos``."""
+    from ..demo import demo_config, demo_photos
+    from ..evaluate import psnr
+    from ..face.detect import get_detector
+    from ..finetune import generate_images
+    from ..iddm import run_iddm
+    from ..refs import refs_from_photos
+    from . import ASSET_DIR, load_demo_bundle
+
+    folder = Path(args.model) if args.model else ASSET_DIR
+    config = demo_config().validate()
+    refs = refs_from_photos(demo_photos(), config.resolution, get_detector("dlib"), seed=config.seed)
+    protected = run_iddm(load_demo_bundle(folder), refs, config).protected
+    (xc, _), (x0, _) = refs.reference(), refs.protect()
+    print(f"5. IDDM's effect on a full-UNet DreamBooth ({args.full_dreambooth} steps, lr 1e-4, 'a photo of sks "
+          f"person'): the demo's IDDM run (X' PSNR {float(psnr(protected, x0).mean()):.1f} dB), then the shipped model "
+          f"fine-tuned on the clean photos Xc + X0 or on Xc + X'; {args.samples} samples each (DDIM 25, guidance 5)")
+    for label, train in (("clean Xc + X0", torch.cat([xc, x0])), ("IDDM Xc + X'", torch.cat([xc, protected]))):
+        bundle = load_demo_bundle(folder)
+        full_dreambooth(bundle, train, args.full_dreambooth, lr=1e-4)
+        with torch.no_grad():
+            samples = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25,
+                                      guidance_scale=5.0)
+        for name, (recognizer, p) in protos.items():
+            print("   " + format_scores(f"{label} ({name})", identity_scores(samples, p, recognizer, sample_detector)))
+
+
 def cmd_measure(args) -> int:
     from ..evaluate import psnr, sample_detector_name
     from ..face.detect import get_detector
@@ -212,5 +268,14 @@ def cmd_measure(args) -> int:
         tuned = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25, guidance_scale=5.0)
     print("   " + format_scores("after DreamBooth", identity_scores(tuned, protos, recognizer, sample_detector)))
     del trainer
+    if args.full_dreambooth:
+        from ..face.registry import find
+
+        judges = {"dlib": (recognizer, protos)}
+        faceres = find("faceres", [])
+        if faceres.available:
+            held_out = load_recognizer(faceres)
+            judges["faceres"] = (held_out, identity_prototypes(held_out, detector))
+        protection_effect(args, judges, sample_detector)
     print(f"({time.time() - t_start:.0f} s)")
     return 0
