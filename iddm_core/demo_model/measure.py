@@ -111,10 +111,13 @@ class IdentityScores:
     n: int
 
 
-def identity_scores(images: torch.Tensor, protos: dict, recognizer, detector, target: str = "demo person"):
+def identity_scores(images: torch.Tensor, protos: dict, recognizer, detector=None, target: str = "demo person",
+                    scan=None):
+    """FSR, ISM per identity and linked share of ``images``; faces found by ``detector``, or given as ``scan``
+    (an ``evaluate.scan_faces`` result of these images, so several judges share one detection pass)."""
     from ..evaluate import cosine_to, embed, scan_faces
 
-    scan = scan_faces(images, detector)
+    scan = scan if scan is not None else scan_faces(images, detector)
     fsr = sum(scan.found) / len(scan.found)
     if not scan.index:
         return IdentityScores(fsr, {k: None for k in protos}, None, len(scan.found))

@@ -245,7 +245,8 @@ def readme_text() -> str:
 
 A small Stable-Diffusion-1-shaped model (diffusers AutoencoderKL with downsampling factor 4 and 16 latent
 channels, UNet2DConditionModel
-with cross-attention, the tiny CLIP text encoder and tokenizer, DDPM schedule) at 128 px, trained on a CPU from
+with cross-attention, the tiny CLIP text encoder and tokenizer, DDPM schedule rescaled to zero terminal SNR,
+v-prediction) at 128 px, trained on a CPU from
 the public-domain / CC0 images below only. `demo.safetensors`: fp16, original SD key layout, architecture in its
 `iddm.configs` metadata; `tokenizer/`: the tiny CLIP tokenizer. Load it with `load_model("demo")` or `--model demo`.
 
