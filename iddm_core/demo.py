@@ -166,7 +166,7 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     x_ref, lm_ref = refs.reference()
     x0, lm0 = refs.protect()
     sample_detector = get_detector(sample_detector_name(config.resolution))
-    scans = {id(s): scan_faces(s, sample_detector) for s in (plain_samples, iddm_samples)}   # once, for every judge
+    plain_scan, iddm_scan = scan_faces(plain_samples, sample_detector), scan_faces(iddm_samples, sample_detector)
     judges = []
     for name, role in DEMO_JUDGES:
         spec = find(name, [])
@@ -177,8 +177,8 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
         reference = prototype(embed(recognizer, x_ref, lm_ref))
         judges.append(JudgeScores(
             name, role,
-            {"no-defense LoRA": identity_scores(plain_samples, protos, recognizer, scan=scans[id(plain_samples)]),
-             "IDDM LoRA": identity_scores(iddm_samples, protos, recognizer, scan=scans[id(iddm_samples)])},
+            {"no-defense LoRA": identity_scores(plain_samples, protos, recognizer, scan=plain_scan),
+             "IDDM LoRA": identity_scores(iddm_samples, protos, recognizer, scan=iddm_scan)},
             {"no-defense LoRA": identity_scores(plain_denoised, protos, recognizer, detector),
              "IDDM LoRA": identity_scores(iddm_denoised, protos, recognizer, detector)},
             float(cosine_to(embed(recognizer, x0, lm0), reference).mean()),

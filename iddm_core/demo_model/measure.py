@@ -6,6 +6,7 @@ pipeline's dlib recogniser and the cosine to each identity's prototype, as ``eva
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,16 +186,16 @@ def protection_effect(args, protos: dict, sample_detector) -> None:
     from ..refs import refs_from_photos
     from . import ASSET_DIR, load_demo_bundle
 
-    folder = Path(args.model) if args.model else ASSET_DIR
+    base = load_demo_bundle(Path(args.model) if args.model else ASSET_DIR)
     config = demo_config().validate()
     refs = refs_from_photos(demo_photos(), config.resolution, get_detector("dlib"), seed=config.seed)
-    protected = run_iddm(load_demo_bundle(folder), refs, config).protected
+    protected = run_iddm(copy.deepcopy(base), refs, config).protected
     (xc, _), (x0, _) = refs.reference(), refs.protect()
     print(f"5. IDDM's effect on a full-UNet DreamBooth ({args.full_dreambooth} steps, lr 1e-4, 'a photo of sks "
           f"person'): the demo's IDDM run (X' PSNR {float(psnr(protected, x0).mean()):.1f} dB), then the shipped model "
           f"fine-tuned on the clean photos Xc + X0 or on Xc + X'; {args.samples} samples each (DDIM 25, guidance 5)")
     for label, train in (("clean Xc + X0", torch.cat([xc, x0])), ("IDDM Xc + X'", torch.cat([xc, protected]))):
-        bundle = load_demo_bundle(folder)
+        bundle = copy.deepcopy(base)
         full_dreambooth(bundle, train, args.full_dreambooth, lr=1e-4)
         with torch.no_grad():
             samples = generate_images(bundle, "a photo of sks person", args.samples, seed=1, steps=25,
