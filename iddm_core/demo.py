@@ -130,10 +130,9 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     from PIL import Image
 
     from .atomic import atomic_write
-    from .demo_model.measure import identity_prototypes, identity_scores
+    from .demo_model.measure import identity_scores, installed_judges
     from .evaluate import cosine_to, embed, prototype, psnr, sample_detector_name, scan_faces
     from .face.detect import get_detector
-    from .face.registry import find, load_recognizer
     from .iddm import run_iddm
     from .lora import LoraSpec, save_kohya_lora
     from .models import load_model
@@ -167,13 +166,10 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     x0, lm0 = refs.protect()
     sample_detector = get_detector(sample_detector_name(config.resolution))
     plain_scan, iddm_scan = scan_faces(plain_samples, sample_detector), scan_faces(iddm_samples, sample_detector)
-    judges = []
-    for name, role in DEMO_JUDGES:
-        spec = find(name, [])
-        if not spec.available:                 # faceres not installed: dlib alone (format_result says so)
-            continue
-        recognizer = load_recognizer(spec)
-        protos = identity_prototypes(recognizer, detector)
+    judges, roles = [], dict(DEMO_JUDGES)
+    # faceres not installed: dlib alone (format_result says so)
+    for name, (recognizer, protos) in installed_judges(roles, detector).items():
+        role = roles[name]
         reference = prototype(embed(recognizer, x_ref, lm_ref))
         judges.append(JudgeScores(
             name, role,

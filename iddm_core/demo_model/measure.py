@@ -104,6 +104,20 @@ def identity_prototypes(recognizer, detector) -> dict[str, torch.Tensor]:
             for who, files in IDENTITIES.items()}
 
 
+def installed_judges(names, detector) -> dict:
+    """{name: (recogniser, identity prototypes)} for each of ``names`` that is installed, in order (faceres may
+    not be: dlib alone then)."""
+    from ..face.registry import find, load_recognizer
+
+    judges = {}
+    for name in names:
+        spec = find(name, [])
+        if spec.available:
+            recognizer = load_recognizer(spec)
+            judges[name] = (recognizer, identity_prototypes(recognizer, detector))
+    return judges
+
+
 @dataclass
 class IdentityScores:
     fsr: float                       # share of images with a face dlib finds
@@ -273,13 +287,6 @@ def cmd_measure(args) -> int:
     print("   " + format_scores("after DreamBooth", identity_scores(tuned, protos, recognizer, sample_detector)))
     del trainer
     if args.full_dreambooth:
-        from ..face.registry import find
-
-        judges = {"dlib": (recognizer, protos)}
-        faceres = find("faceres", [])
-        if faceres.available:
-            held_out = load_recognizer(faceres)
-            judges["faceres"] = (held_out, identity_prototypes(held_out, detector))
-        protection_effect(args, judges, sample_detector)
+        protection_effect(args, installed_judges(("dlib", "faceres"), detector), sample_detector)
     print(f"({time.time() - t_start:.0f} s)")
     return 0
