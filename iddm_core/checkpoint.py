@@ -151,7 +151,7 @@ def model_hash(bundle, source=None) -> str:
     otherwise, e.g. the built-in "tiny"/"demo" models or an in-memory bundle, its loaded weights), plus the kind
     and prediction type the bundle was loaded as and how its tokenizer reads the training prompts."""
     h = hashlib.sha256()
-    if source is not None and str(source) not in ("tiny", "demo") and Path(str(source)).exists():
+    if source is not None and str(source) not in ("tiny", "demo", "demo-v2") and Path(str(source)).exists():
         h.update(b"file:" + file_hash(source).encode())
     else:
         parts = (bundle.unet, bundle.vae, bundle.text_encoder, getattr(bundle, "text_encoder_2", None))  # SDXL: 4

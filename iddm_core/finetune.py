@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .events import Emitter, Event
+from .events import Emitter, Event, report_setup
 from .grad_checkpoint import activation_checkpointing, check_setting, use_checkpointing
 from .lora import LoraSpec, add_lora, get_lora_state, lora_disabled, lora_parameters, set_lora_state
 from .precision import MODES, precision_for
@@ -196,9 +196,21 @@ def encode_posterior(bundle, images: torch.Tensor, chunk: int = 4) -> Posterior:
 
 @torch.no_grad()
 def generate_images(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
-                    resolution: Optional[int] = None, batch: int = 4) -> torch.Tensor:
+                    resolution: Optional[int] = None, batch: int = 4,
+                    on_step: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """Sample ``n`` images ``[n, 3, H, W]`` in [0, 1] from the bundle with deterministic DDIM (eta = 0) and
-    classifier-free guidance. Runs whatever adapters are active: wrap in :func:`lora_disabled` for the base."""
+    classifier-free guidance. Runs whatever adapters are active: wrap in :func:`lora_disabled` for the base.
+    ``on_step(done, total)``: after every sampler step of every batch (may raise to stop)."""
+    return torch.cat(list(generate_image_batches(bundle, prompt, n, seed, steps, guidance_scale, resolution, batch,
+                                                 on_step)))
+
+
+def generate_image_batches(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
+                           resolution: Optional[int] = None, batch: int = 4,
+                           on_step: Optional[Callable[[int, int], None]] = None):
+    """:func:`generate_images` one batch at a time (``[m, 3, H, W]`` each; one noise stream for all), so a caller
+    can report progress and cancel between batches; ``on_step(done, total)`` is called after every sampler step
+    (``total`` = batches x steps) and may raise to stop within one UNet call."""
     from diffusers import DDIMScheduler
 
     res = resolution or bundle.resolution
@@ -209,7 +221,7 @@ def generate_images(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20,
     uncond = cond.unconditional() if isinstance(cond, SDXLConditioning) else encode_prompts(bundle, [""]).float()
     dtype = next(bundle.unet.parameters()).dtype
     size = res // bundle.vae_scale_factor
-    out = []
+    done, total = 0, -(-n // batch) * len(sched.timesteps)
     for start in range(0, n, batch):
         m = min(batch, n - start)
         latents = torch.randn((m, bundle.unet.config.in_channels, size, size), generator=gen)
@@ -220,10 +232,12 @@ def generate_images(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20,
             pred_u, pred_c = bundle.unet(inp, t, **ctx).sample.float().chunk(2)
             pred = pred_u + guidance_scale * (pred_c - pred_u)
             latents = sched.step(pred, t, latents).prev_sample
+            done += 1
+            if on_step is not None:
+                on_step(done, total)
         vae_dtype = next(bundle.vae.parameters()).dtype
         decoded = bundle.vae.decode((latents / bundle.scaling_factor).to(vae_dtype)).sample.float()
-        out.append(((decoded + 1) / 2).clamp(0, 1).cpu())
-    return torch.cat(out)
+        yield ((decoded + 1) / 2).clamp(0, 1).cpu()
 
 
 def class_cache_key(title: str, prompt: str, n: int, resolution: int, seed: int, steps: int) -> str:
@@ -259,10 +273,13 @@ class DreamBoothTrainer:
 
     ``class_images``: a tensor ``[M, 3, H, W]`` in [0, 1], a folder of images, or None to sample
     ``config.num_class_images`` from the base model once (cached on disk under ``class_cache_dir`` if given).
+    ``callback(Event)``: setup events while class images are made (after every sampler step; it may raise to
+    cancel, and then nothing is cached).
     """
 
     def __init__(self, bundle, lora_spec: LoraSpec, config: FinetuneConfig | None = None,
-                 class_images: torch.Tensor | str | None = None, class_cache_dir=None):
+                 class_images: torch.Tensor | str | None = None, class_cache_dir=None,
+                 callback: Optional[Callable[[Event], None]] = None):
         xl = is_sdxl(bundle)
         self.bundle, self.spec = bundle, lora_spec
         self.config = config = config or FinetuneConfig()
@@ -288,12 +305,12 @@ class DreamBoothTrainer:
         self.class_images = None
         self.class_posterior = None
         if config.prior_preservation:
-            self.class_images = self._class_images(class_images, class_cache_dir)
+            self.class_images = self._class_images(class_images, class_cache_dir, callback)
             self.class_posterior = self.encode(self.class_images)     # class images never change: encode once
 
     # -- setup helpers
 
-    def _class_images(self, given, cache_dir) -> torch.Tensor:
+    def _class_images(self, given, cache_dir, callback=None) -> torch.Tensor:
         cfg, res = self.config, self.resolution
         if isinstance(given, torch.Tensor):
             return check_images(given, res, "class_images")
@@ -306,10 +323,19 @@ class DreamBoothTrainer:
             from safetensors.torch import load_file
 
             return load_file(str(path))["images"].float().div(255)
+        n = cfg.num_class_images
+        report_setup(callback, "class_images", f"making {n} class images with the base model")
+
+        def on_step(done, total):
+            report_setup(callback, "class_images", f"making {n} class images: sampler step {done}/{total}")
+
         with torch.inference_mode(False), lora_disabled(self.bundle):
-            images = generate_images(self.bundle, cfg.class_prompt, cfg.num_class_images, seed=cfg.seed,
+            images = generate_images(self.bundle, cfg.class_prompt, n, seed=cfg.seed,
                                      steps=cfg.class_sampler_steps, guidance_scale=cfg.class_guidance_scale,
-                                     resolution=res)
+                                     resolution=res, on_step=on_step if callback is not None else None)
+        # Written only now, when every class image exists (a cancelled run raised above and caches nothing; the
+        # last chance to cancel is just before the write), and atomically (temp file + rename): never a partial set.
+        report_setup(callback, "class_images", f"{n} class images made")
         if path is not None:
             from safetensors.torch import save_file
 

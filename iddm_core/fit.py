@@ -147,13 +147,18 @@ def check_model_fits(info, device, precision_mode: str = "auto") -> None:
 
 
 def check_fits(trial_finetune, trial_pgd, batch: int, gradient: str | None, precision_name: str,
-               checkpointing: bool, resolution: int, device, pgd_step: str = "a Stage II PGD step") -> None:
+               checkpointing: bool, resolution: int, device, pgd_step: str = "a Stage II PGD step",
+               callback=None) -> None:
     """Run the two trial steps; raise InputError with advice if either runs out of memory. ``batch``/``gradient``:
     the PGD micro-batch and gradient mode in effect (None: the attack has no modes); ``pgd_step`` names the second
-    trial in the message."""
+    trial in the message. ``callback(Event)``: a ``"setup"`` event (stage ``"trial"``) before each trial, which
+    may raise to cancel (events.report_setup)."""
+    from .events import report_setup
+
     before = memory_text(device)
     on_cpu = torch.device(device).type == "cpu"
     for what, trial in (("a fine-tune step", trial_finetune), (pgd_step, trial_pgd)):
+        report_setup(callback, "trial", f"trial step (will it fit in memory?): {what}")
         try:
             with cpu_memory_cap() if on_cpu else contextlib.nullcontext():
                 trial()

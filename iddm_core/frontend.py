@@ -12,6 +12,7 @@ found) for the user's own screen; front ends show it and never log or save it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
 from typing import Iterable, Sequence
 
@@ -50,18 +51,65 @@ def parse_file_list(text: str) -> list[str] | None:
     return names or None
 
 
+# ------------------------------------------------------------------------------------------------ numbers
+# The range of every number a front end passes to pgd_config / iddm_config: (lowest, highest, whole number,
+# what it is). The ComfyUI nodes' widgets have the same limits; a value typed outside them (a text box, an API
+# call, a web UI slider's number box) is an error naming the parameter before anything starts, never clamped.
+NUMBER_LIMITS = {
+    "T": (1, 1000, True, "PGD steps per iteration (paper 8)"),
+    "rho": (0.01, 0.99, False, "share of Stage I steps (0.1 = paper/privacy)"),
+    "eta": (0.001, 1.0, False, "L-inf budget, pixels in [0, 1] (paper 0.08 = 20/255)"),
+    "alpha": (0.0001, 1.0, False, "PGD step, at most eta (paper 0.008 = 2/255)"),
+    "pgd_batch": (1, 64, True, "protected photos per PGD pass"),
+    "K": (1, 1000, True, "outer iterations (paper 10)"),
+    "ft_steps": (1, 100000, True, "fine-tune steps per burst"),
+    "rank": (1, 256, True, "LoRA rank"),
+    "lr": (1e-7, 0.1, False, "learning rate (default 1e-4)"),
+    "resolution": (0, 2048, True, "training size in pixels, a multiple of 8; 0 = the model's own"),
+    "seed": (0, 0xFFFFFFFF, True, "training seed"),
+    "num_class_images": (1, 1000, True, "class images for prior preservation"),
+    "tau": (0.001, 10.0, False, "softmax temperature (paper 0.03)"),
+}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(name: str, value, limits: tuple | None = None):
+    """``value`` as an int (whole-number parameters) or float, if it lies in ``NUMBER_LIMITS[name]`` (or
+    ``limits``); else an :class:`InputError` naming the parameter, the value and the range. Nothing is clamped or
+    rounded: 5 for eta, 2.5 for K, an empty field or NaN are errors."""
+    lo, hi, whole, what = limits or NUMBER_LIMITS[name]
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise InputError(f"{name}={value!r}: give a number ({what})") from None
+    if not _is_number(value) or not math.isfinite(value):          # None, NaN, inf, anything else
+        raise InputError(f"{name}={value!r}: give a number ({what})")
+    if whole and float(value) != int(value):
+        raise InputError(f"{name}={value:g}: give a whole number from {lo:g} to {hi:g} ({what})")
+    if not lo <= value <= hi:
+        raise InputError(f"{name}={value:g} is out of range: give a number from {lo:g} to {hi:g} ({what})")
+    return int(value) if whole else float(value)
+
+
 # ------------------------------------------------------------------------------------------------ configs
 def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float, gradient: str = "full",
                pgd_batch: int = 1):
     """:class:`~iddm_core.pgd.PGDConfig` from a front end's fields: a preset other than "custom" fixes what it names
-    (rho; "fast" also the gradient), the fields give the rest; errors name the parameter."""
+    (rho; "fast" also the gradient), the fields give the rest; every number is checked against
+    :data:`NUMBER_LIMITS` (:func:`check_number`), so errors name the parameter and nothing is clamped."""
     from .iddm import preset_values
     from .pgd import PGDConfig
 
-    values = {"rho": float(rho), "gradient": str(gradient)}
-    if preset != "custom":
-        values.update(preset_values(preset))
-    return PGDConfig(T=int(T), eta=float(eta), alpha=float(alpha), batch=int(pgd_batch), **values).validate()
+    if preset != "custom":              # the preset fixes rho (and "fast" the gradient): the rho field is unused
+        values = {"gradient": str(gradient), **preset_values(preset)}
+    else:
+        values = {"rho": check_number("rho", rho), "gradient": str(gradient)}
+    return PGDConfig(T=check_number("T", T), eta=check_number("eta", eta), alpha=check_number("alpha", alpha),
+                     batch=check_number("pgd_batch", pgd_batch), **values).validate()
 
 
 def pgd_settings_text(config, preset: str, rho: float, gradient: str) -> str:
@@ -71,7 +119,7 @@ def pgd_settings_text(config, preset: str, rho: float, gradient: str) -> str:
              f"T={config.T} steps), gradient {config.gradient}, eta {config.eta:g}, alpha {config.alpha:g}, "
              f"pgd_batch {config.batch}"]
     if preset != "custom":
-        if abs(float(rho) - config.rho) > 1e-9:
+        if _is_number(rho) and abs(float(rho) - config.rho) > 1e-9:
             lines.append(f"note: the rho widget ({float(rho):g}) is not used: preset '{preset}' sets rho "
                          f"{config.rho:g}; choose preset 'custom' to use the widget")
         if str(gradient) != config.gradient:
@@ -115,31 +163,39 @@ def iddm_config(pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation
     ``surrogates``: registry tokens (see :func:`selected_surrogates`); ``resolution`` 0 = the model's native size."""
     from .iddm import IDDMConfig
 
-    return IDDMConfig(K=int(K), pgd=dataclasses.replace(pgd), tau=float(tau), surrogates=tuple(surrogates),
-                      ft_steps=int(ft_steps), rank=int(rank), lr=float(lr), resolution=int(resolution) or None,
-                      seed=int(seed), prior_preservation=bool(prior_preservation),
-                      num_class_images=max(1, int(num_class_images)),
+    # class images are only made with prior preservation: without it the field is not used (nor checked)
+    n_class = check_number("num_class_images", num_class_images) if prior_preservation else \
+        NUMBER_LIMITS["num_class_images"][0]
+    return IDDMConfig(K=check_number("K", K), pgd=dataclasses.replace(pgd), tau=check_number("tau", tau),
+                      surrogates=tuple(surrogates), ft_steps=check_number("ft_steps", ft_steps),
+                      rank=check_number("rank", rank), lr=check_number("lr", lr),
+                      resolution=check_number("resolution", resolution) or None, seed=check_number("seed", seed),
+                      prior_preservation=bool(prior_preservation), num_class_images=n_class,
                       train_text_encoder=bool(train_text_encoder)).validate()
 
 
 # ------------------------------------------------------------------------------------------------- model
 @contextmanager
-def loaded_for_training(path: str, device, info=None, precision: str = "auto", tokenizer=None):
+def loaded_for_training(path: str, device, info=None, precision: str = "auto", tokenizer=None, callback=None):
     """Yield a :class:`~iddm_core.models.ModelBundle` of ``path`` on ``device`` for one run, and drop its weights
     after it, whether the run finished, failed or was cancelled.
 
     Call it after the host application has freed its own models. The frozen weights are stored as the precision
     policy says (``precision.weight_dtypes``: bf16/fp16 UNet and text encoders on a GPU); with ``info``
     (``models.validate_model``'s answer) a model whose weights cannot fit the memory left is refused before
-    loading. ``tokenizer``: a CLIP tokenizer folder for a single-file checkpoint (see ``models.load_model``)."""
+    loading. ``tokenizer``: a CLIP tokenizer folder for a single-file checkpoint (see ``models.load_model``).
+    ``callback(Event)``: the run's progress callback; it gets ``"setup"`` events while the model loads (between its
+    parts) and may raise there to cancel, as during training."""
+    from .events import report_setup
     from .fit import check_model_fits
     from .models import load_model
     from .precision import precision_for, weight_dtypes
 
+    report_setup(callback, "load", "loading the model: checking the memory")
     if info is not None:
         check_model_fits(info, device, precision)
     bundle = load_model(path, tokenizer=tokenizer, device=device,
-                        weight_dtypes=weight_dtypes(precision_for(device, precision)))
+                        weight_dtypes=weight_dtypes(precision_for(device, precision)), callback=callback)
     try:
         yield bundle
     finally:
@@ -149,15 +205,27 @@ def loaded_for_training(path: str, device, info=None, precision: str = "auto", t
 
 
 # -------------------------------------------------------------------------------------------------- texts
-def refs_summary(refs) -> str:
-    """Counts, and the names of the photos left out (no face found) so the user can fix the folder.
+def refs_summary(refs, show_names: bool = True) -> str:
+    """Counts, and which photos were left out (no face found) so the user can fix the folder.
 
-    For the user's screen only (a node's text, the tab's preview): never written into a LoRA, a report or a log."""
+    For the user's screen only (a node's text, the tab's preview): never written into a LoRA, a report or a log.
+    ``show_names=False`` names a left-out photo by its position in the folder (sorted by file name) instead of its
+    file name: for hosts that keep what a node shows (ComfyUI stores every node's text and outputs in /history)."""
     n_ref, n_prot = len(refs.split.reference), len(refs.split.protect)
     lines = [f"{len(refs)} photos with a face at {refs.resolution}px: {n_ref} reference (Xc), {n_prot} protected (X0)"]
     if refs.skipped:
-        lines.append(f"{len(refs.skipped)} photo(s) without a detectable face were skipped: "
-                     + ", ".join(refs.skipped))
+        if show_names:
+            which = ", ".join(refs.skipped)
+        else:
+            order = sorted(list(refs.names) + list(refs.skipped))
+            which = ", ".join(f"#{order.index(name) + 1}" for name in refs.skipped)
+            which += f" of the folder's {len(order)} photos, sorted by file name"
+        lines.append(f"{len(refs.skipped)} photo(s) without a detectable face were skipped: {which}")
+    from .refs import identity_note
+
+    note = identity_note(refs, show_names)       # refs.identity: set by refs.check_identity, when it was run
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 
@@ -173,8 +241,12 @@ def result_summary(file_name: str, report: dict, where: str = COMFY_LORA_PLACE) 
              f"rank={cfg.get('rank')} at {report.get('resolution')}px, "
              f"{report.get('n_reference')} reference + {report.get('n_protect')} protected photos"]
     sims = report.get("final_similarity") or {}
-    if sims:
-        lines.append("final similarity of protected photos: " + ", ".join(f"{k} {v:.3f}" for k, v in sims.items()))
+    if sims:      # iddm._final_similarity: the recognisers on X' itself; the PGD steps' numbers are on x0_hat
+        lines.append("face similarity of the protected photos X' after the last iteration (mean cosine similarity "
+                     "to your clean reference photos, per attacked recogniser; lower = harder to link to you): "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in sims.items()))
+        lines.append("  (the similarity shown at each PGD step is of the model's one-step denoised reconstruction "
+                     "of the photos, before that step, so it differs)")
     sched = report.get("schedule") or {}
     if sched:
         lines.append(f"PGD per iteration: {sched.get('stage1_steps')} Stage I + {sched.get('stage2_steps')} Stage II "

@@ -105,8 +105,9 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
              check_memory: bool | None = None, model_source=None, on_mismatch: str = "error") -> IDDMResult:
     """Run IDDM on prepared ``refs`` (refs.PrivateRefs) and write the kohya LoRA to ``out_path``.
 
-    ``callback(Event)`` is called after every step and may raise to cancel: then no LoRA is written (the resume
-    state of the last finished iteration stays in ``checkpoint_dir`` if one was given). ``stop_after=k`` ends the
+    ``callback(Event)`` is called after every step and at every setup step (phase "setup": resume check,
+    recognisers, class images per sampler step, trial steps) and may raise to cancel: then no LoRA is written
+    (the resume state of the last finished iteration stays in ``checkpoint_dir`` if one was given). ``stop_after=k`` ends the
     run after iteration k without writing a LoRA (tests use it to simulate an interruption). ``check_memory``
     (default on; False skips it) tries one fine-tune step and one Stage II PGD step first (fit.py; on the CPU
     under an address-space cap, so running out of memory raises instead of the process being killed), so
@@ -157,11 +158,13 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
         class_images = load_class_folder(class_images, resolution)    # loaded once: hashed, then trained on
     state, resume_info = None, {}
     if checkpoint_dir is not None:
+        emit.setup("resume")                     # every setup step reports first: the callback may cancel there
         fp = ckpt.run_fingerprint(bundle, refs, config, class_images if config.prior_preservation else None,
                                   model_source)
         state, resume_info = ckpt.open_state(checkpoint_dir, resume, fp, on_mismatch)
 
     if ensemble is None:
+        emit.setup("recognisers")
         ensemble = build_ensemble(config.surrogates, config.tau, device)
     x_ref, lm_ref = (t.to(device).clone() for t in refs.reference())
     x_clean, lm_prot = (t.to(device).clone() for t in refs.protect())
@@ -170,7 +173,8 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
 
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
     trainer = DreamBoothTrainer(bundle, spec, finetune_config(config, resolution), class_images=class_images,
-                                class_cache_dir=class_cache_dir)
+                                class_cache_dir=class_cache_dir, callback=emit.relay)
+    emit.setup("encode")
     ref_posterior = trainer.encode(x_ref)        # Xc never changes: its latents are encoded once per run
     generator = torch.Generator().manual_seed(config.seed + 1)
     if check_memory is not False:
@@ -181,7 +185,8 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
                    lambda: pgd_two_stage(bundle, ensemble, x_clean[:b], lm_prot[:b], trainer.instance_embeds(),
                                          trial_pgd_config(config.pgd), torch.Generator().manual_seed(0),
                                          precision=trainer.precision, checkpointing=trainer.checkpointing),
-                   b, config.pgd.gradient, trainer.precision.name, trainer.checkpointing, resolution, device)
+                   b, config.pgd.gradient, trainer.precision.name, trainer.checkpointing, resolution, device,
+                   callback=emit.relay)
 
     report = {"config": config.to_dict(), "schedule": config.pgd.schedule(), "resolution": resolution,
               "precision": trainer.precision.name, "gradient_checkpointing": trainer.checkpointing,
@@ -244,7 +249,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     if out_path is not None:
         emit("save", advance=0, message="writing LoRA")
         lora_path = save_kohya_lora(out_path, bundle, spec, output_name=lora_name, comment=lora_comment(config),
-                                    overwrite=overwrite)
+                                    overwrite=overwrite, resolution=resolution)
     if report_path is not None:
         import json
 

@@ -28,6 +28,9 @@ import torch
 from .atomic import atomic_write, check_writable
 from .errors import InputError, ModelError
 from .models import SDXL_KINDS
+from .requirements_check import require
+
+require("peft")        # a peft too new for this transformers / accelerate fails here, naming the fix
 
 ADAPTER = "iddm"
 UNET_PREFIX = "lora_unet_"
@@ -60,6 +63,27 @@ BASE_INFO = {
     "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "epsilon"),
     "sdxl-v": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "v"),
 }
+# The shapes of the real Stable Diffusion UNets: (block_out_channels, cross_attention_dim) per kind. A base with
+# another shape (the pack's demo model, the tiny test models) gets the "custom" labels below, so that web UIs do
+# not offer its LoRA for real checkpoints (it cannot apply to them: every layer's shape differs).
+STANDARD_UNETS = {
+    "sd1": ((320, 640, 1280, 1280), 768),
+    "sd2": ((320, 640, 1280, 1280), 1024),
+    "sd2v": ((320, 640, 1280, 1280), 1024),
+    "sdxl": ((320, 640, 1280), 2048),
+    "sdxl-v": ((320, 640, 1280), 2048),
+}
+# How A1111 1.10.1 files a LoRA (extensions-builtin/Lora/network.py, NetworkOnDisk.detect_version): SDXL when
+# ss_base_model_version starts with "sdxl_", else SD2 when ss_v2 is "True", else SD1 when there is any metadata;
+# its Lora tab then lists a LoRA only for checkpoints of that version. Forge reads the same keys (plus exact
+# modelspec.architecture values). There is no "none of these" for a file with metadata, so an SD1/SD2-shaped
+# custom base is filed as SD2 (ss_v2 "True"; the least used family: hidden next to SD1 and SDXL checkpoints,
+# where "Networks with errors" would follow) under its own ss_base_model_version and modelspec.architecture.
+# ComfyUI reads none of these keys (it matches a LoRA by its tensor names). SDXL-shaped custom bases keep the
+# SDXL file layout (kohya's SGM names) and so their SDXL labels.
+CUSTOM_BASE_PREFIX = "iddm_custom_"          # ss_base_model_version = prefix + the family's own value
+CUSTOM_ARCH_PREFIX = "iddm-custom-"          # modelspec.architecture = prefix + the family's own value
+
 METADATA_KEYS = (
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_v2",
     "ss_output_name", "ss_training_comment", "sshs_model_hash", "sshs_legacy_hash",
@@ -281,16 +305,37 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return _sha256_after_header(blob), _legacy_hash(blob)
 
 
-def build_metadata(bundle, spec: LoraSpec, output_name: str, comment: str = "",
-                   date: datetime.datetime | None = None) -> dict[str, str]:
-    """The kohya ``ss_*`` and SAI ``modelspec.*`` keys (hashes added by :func:`save_kohya_lora`).
+def is_standard_base(bundle) -> bool:
+    """Whether ``bundle``'s UNet has the shape of the real Stable Diffusion models of its kind (STANDARD_UNETS);
+    False for the demo model and the tiny models, whose LoRAs fit no real checkpoint."""
+    config = getattr(bundle.unet, "config", None)
+    if config is None or bundle.kind not in STANDARD_UNETS:
+        return False
+    shape = (tuple(int(c) for c in config.get("block_out_channels", ())), config.get("cross_attention_dim"))
+    return shape == STANDARD_UNETS[bundle.kind]
 
-    Only the LoRA name, the base model's title and training settings go in: never a photo's name or path.
-    """
+
+def base_labels(bundle) -> tuple[str, str, str, str]:
+    """(ss_base_model_version, ss_v2, modelspec.architecture, modelspec.prediction_type) for ``bundle``; custom
+    SD1/SD2-shaped bases get the labels that keep web UIs from offering the LoRA for real checkpoints."""
     if bundle.kind not in BASE_INFO:
         raise ModelError(f"unknown model kind {bundle.kind!r}")
     version, v2, arch, pred = BASE_INFO[bundle.kind]
     pred = "v" if bundle.prediction_type == "v_prediction" else pred     # an SD1 v-prediction base (the demo model)
+    if bundle.kind not in SDXL_KINDS and not is_standard_base(bundle):
+        version, v2, arch = CUSTOM_BASE_PREFIX + version, "True", CUSTOM_ARCH_PREFIX + arch
+    return version, v2, arch, pred
+
+
+def build_metadata(bundle, spec: LoraSpec, output_name: str, comment: str = "",
+                   date: datetime.datetime | None = None, resolution: int | None = None) -> dict[str, str]:
+    """The kohya ``ss_*`` and SAI ``modelspec.*`` keys (hashes added by :func:`save_kohya_lora`).
+
+    Only the LoRA name, the base model's title and training settings go in: never a photo's name or path.
+    ``resolution``: the side the LoRA was trained at (default: the base model's native one).
+    """
+    version, v2, arch, pred = base_labels(bundle)
+    resolution = int(resolution or bundle.resolution)
     date = date or datetime.datetime.now().replace(microsecond=0)
     return {
         "ss_network_module": "networks.lora",
@@ -304,20 +349,21 @@ def build_metadata(bundle, spec: LoraSpec, output_name: str, comment: str = "",
         "modelspec.architecture": arch,
         "modelspec.implementation": "diffusers",
         "modelspec.title": output_name,
-        "modelspec.resolution": f"{bundle.resolution}x{bundle.resolution}",
+        "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": pred,
         "modelspec.date": date.isoformat(),
     }
 
 
 def save_kohya_lora(path, bundle, spec: LoraSpec, output_name: str, comment: str = "", overwrite: bool = False,
-                    dtype: torch.dtype = torch.float16) -> Path:
-    """Write the adapter as a kohya LoRA, atomically; refuses an existing file unless ``overwrite``."""
+                    dtype: torch.dtype = torch.float16, resolution: int | None = None) -> Path:
+    """Write the adapter as a kohya LoRA, atomically; refuses an existing file unless ``overwrite``.
+    ``resolution``: the training side, written as ``modelspec.resolution`` (default: the base's native one)."""
     if not output_name or "/" in output_name or "\\" in output_name:
         raise InputError(f"LoRA name {output_name!r} must be a plain name (no folders)")
     check_writable(path, overwrite)
     tensors = kohya_state_dict(bundle, spec, dtype)
-    metadata = build_metadata(bundle, spec, output_name, comment)
+    metadata = build_metadata(bundle, spec, output_name, comment, resolution=resolution)
     model_hash, legacy_hash = kohya_hashes(tensors, metadata)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hash, legacy_hash
 
@@ -369,8 +415,14 @@ def _modules(tensors) -> dict[str, dict[str, torch.Tensor]]:
     return mods
 
 
+def _base_version(metadata: dict[str, str]) -> str:
+    """ss_base_model_version without the custom-base prefix (the family's own value)."""
+    version = metadata.get("ss_base_model_version", "")
+    return version[len(CUSTOM_BASE_PREFIX):] if version.startswith(CUSTOM_BASE_PREFIX) else version
+
+
 def _is_sdxl_file(metadata: dict[str, str]) -> bool:
-    return metadata.get("ss_base_model_version", "").startswith("sdxl")
+    return _base_version(metadata).startswith("sdxl")
 
 
 def check_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[str]:
@@ -420,10 +472,10 @@ def inspect_lora(path) -> dict:
     alphas = sorted({round(float(p["alpha"].float().reshape(-1)[0]), 6) for p in mods.values()
                      if "alpha" in p and p["alpha"].numel() == 1})
     kinds = {(v[0], v[3]): k for k, v in BASE_INFO.items()}
-    kind = kinds.get((metadata.get("ss_base_model_version", ""), metadata.get("modelspec.prediction_type", "")))
+    version = _base_version(metadata)
+    kind = kinds.get((version, metadata.get("modelspec.prediction_type", "")))
     if kind is None:   # SD1/SD2 versions name the kind on their own
-        kind = {v[0]: k for k, v in BASE_INFO.items() if k not in SDXL_KINDS}.get(
-            metadata.get("ss_base_model_version", ""), "unknown")
+        kind = {v[0]: k for k, v in BASE_INFO.items() if k not in SDXL_KINDS}.get(version, "unknown")
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     problems = check_kohya(tensors, metadata)
     modules = {"unet": sum(n.startswith(UNET_PREFIX) for n in mods),
@@ -431,7 +483,8 @@ def inspect_lora(path) -> dict:
     if _is_sdxl_file(metadata) or any(n.startswith((TE1_PREFIX, TE2_PREFIX)) for n in mods):
         modules.update(te1=sum(n.startswith(TE1_PREFIX) for n in mods), te2=sum(n.startswith(TE2_PREFIX) for n in mods))
     return {
-        "kind": kind,
+        "kind": kind,           # the base's family; "custom_base": a demo/tiny-shaped base, not a real checkpoint
+        "custom_base": metadata.get("ss_base_model_version", "").startswith(CUSTOM_BASE_PREFIX),
         "rank": ranks[0] if len(ranks) == 1 else ranks,
         "alpha": alphas[0] if len(alphas) == 1 else alphas,
         "modules": modules,

@@ -22,6 +22,9 @@ force_offline()
 import torch  # noqa: E402
 
 from .errors import ModelError  # noqa: E402
+from .requirements_check import require  # noqa: E402
+
+require("diffusers")   # a diffusers that cannot import with this torch fails here, naming the fix
 from .atomic import atomic_write, check_writable  # noqa: E402
 
 KINDS = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
@@ -94,7 +97,7 @@ class ModelBundle:
 
 def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
                device="cpu", dtype: torch.dtype = torch.float32,
-               weight_dtypes: Mapping[str, torch.dtype] | None = None) -> ModelBundle:
+               weight_dtypes: Mapping[str, torch.dtype] | None = None, callback=None) -> ModelBundle:
     """Load a Stable Diffusion model for training.
 
     ``path``: ``"demo"`` (the small trained model shipped in ``iddm_core/assets/demo_model``, 128 px), ``"tiny"``
@@ -103,14 +106,23 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
     SD key layout. ``kind`` overrides detection ("sd1" | "sd2" | "sd2v" | "sdxl" | "sdxl-v"). ``tokenizer`` is a
     folder holding ``vocab.json`` + ``merges.txt`` (needed for single files outside ComfyUI; for SDXL it serves
     both text encoders). ``weight_dtypes`` (``precision.weight_dtypes``) overrides ``dtype`` per part; the cast
-    happens on the CPU, before the move to ``device``, so the device never holds an fp32 copy.
+    happens on the CPU, before the move to ``device``, so the device never holds an fp32 copy. ``callback(Event)``:
+    a ``"setup"`` event (stage ``"load"``) before reading, between the parts and before the move; it may raise to
+    cancel the load there (events.report_setup).
     """
+    from .events import report_setup
+
+    report_setup(callback, "load", "loading the model: reading the weights")
     if kind is not None and kind not in KINDS:
         raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     if str(path) == "demo":
         from .demo_model import load_demo_bundle
 
         return load_demo_bundle().to(None, dtype).cast(weight_dtypes or {}).to(device)
+    if str(path) == "demo-v2":          # issue 26's first cut, trained on the congress portraits (docs/DESIGN.md)
+        from .demo_model import load_demo_v2_bundle
+
+        return load_demo_v2_bundle().to(None, dtype).cast(weight_dtypes or {}).to(device)
     if str(path) == "tiny":
         from .tiny import build_tiny_bundle
 
@@ -119,12 +131,14 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
         return build_tiny_bundle(0, kind or "sd1").to(None, dtype).cast(weight_dtypes or {}).to(device)
     p = Path(path)
     if p.is_dir():
-        bundle = load_diffusers(p, kind=kind, tokenizer=tokenizer)
+        bundle = load_diffusers(p, kind=kind, tokenizer=tokenizer, callback=callback)
     elif p.is_file():
-        bundle = load_single_file(p, kind=kind, tokenizer=tokenizer)
+        bundle = load_single_file(p, kind=kind, tokenizer=tokenizer, callback=callback)
     else:
         raise ModelError(f"model not found: {path} (expected 'demo', 'tiny', a diffusers folder or a .safetensors file)")
-    return bundle.to(None, dtype).cast(weight_dtypes or {}).to(device)
+    bundle = bundle.to(None, dtype).cast(weight_dtypes or {})
+    report_setup(callback, "load", f"loading the model: moving it to {torch.device(device).type}")
+    return bundle.to(device)
 
 
 
@@ -478,6 +492,26 @@ def _single_file_configs(path: Path, metadata: Mapping[str, str], kind: str) -> 
     return shipped_configs(kind)
 
 
+def _carries_tiny_vocabulary(state: dict, metadata: Mapping[str, str], kind: str) -> bool:
+    """Whether a single file is one of the pack's own models (tiny, demo: written with ``iddm.configs`` metadata)
+    whose text encoder has the built-in tiny tokenizer's vocabulary. Such a file needs no tokenizer argument:
+    the tokenizer is built in, so it also loads inside ComfyUI, where ComfyUI's own CLIP tokenizer would be found
+    first and would not fit it."""
+    if CONFIGS_METADATA_KEY not in metadata:
+        return False
+    prefix = "conditioner.embedders.0." if kind in SDXL_KINDS else "cond_stage_model."
+    return _token_rows(state, prefix) == _tiny_tokenizer_size()
+
+
+def _tiny_tokenizer(kind: str, pad: str | None = None):
+    from .tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    if pad is not None:
+        tok.pad_token = pad
+    return tok
+
+
 def _single_file_setup(path: Path, state: dict, metadata: dict, kind: str | None, tokenizer):
     """(kind, configs, tokenizer) of a single file, the tokenizer checked against the text encoder's embedding.
 
@@ -490,9 +524,11 @@ def _single_file_setup(path: Path, state: dict, metadata: dict, kind: str | None
     configs = _single_file_configs(path, metadata, kind)
     if "ztsnr" in state:   # ComfyUI's and Forge's marker of a zero-terminal-SNR schedule (with ``v_pred``)
         configs = {**configs, "scheduler": {**configs["scheduler"], **ZERO_TERMINAL_SNR}}
-    tok = resolve_tokenizer(kind, tokenizer, None, str(path))
+    own = tokenizer is None and _carries_tiny_vocabulary(state, metadata, kind)
+    tok = _tiny_tokenizer(kind, pad="!" if kind in ("sd2", "sd2v") else None) if own else \
+        resolve_tokenizer(kind, tokenizer, None, str(path))
     if kind in SDXL_KINDS:
-        tok = (tok, resolve_tokenizer_2(tokenizer, None, str(path)))
+        tok = (tok, _tiny_tokenizer(kind, pad="!") if own else resolve_tokenizer_2(tokenizer, None, str(path)))
         for t, n, part in ((tok[0], 0, "text_encoder"), (tok[1], 1, "text_encoder_2")):
             rows = _token_rows(state, f"conditioner.embedders.{n}.") or \
                 int(configs[part].get("vocab_size", CLIP_VOCAB_SIZE))
@@ -556,7 +592,7 @@ def _sdxl_text_parts(state: dict, configs: dict) -> list:
 
 
 def load_single_file(path: str | os.PathLike, kind: str | None = None,
-                     tokenizer: str | os.PathLike | None = None) -> ModelBundle:
+                     tokenizer: str | os.PathLike | None = None, callback=None) -> ModelBundle:
     """An original-layout SD checkpoint -> :class:`ModelBundle` (float32, CPU).
 
     Keys are converted with diffusers' public single-file conversion functions (pure functions on a dict; no
@@ -567,8 +603,12 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
     path = Path(path)
     state, metadata = read_checkpoint(path)
     kind, configs, tok = _single_file_setup(path, state, metadata, kind, tokenizer)
-    modules = [_build_loaded(factory, part_state, str(path), part, kind)
-               for part, factory, part_state in _single_file_parts(path, state, configs, kind)]
+    from .events import report_setup
+
+    modules = []
+    for part, factory, part_state in _single_file_parts(path, state, configs, kind):
+        report_setup(callback, "load", f"loading the model: {part}")     # ``callback`` may cancel between parts
+        modules.append(_build_loaded(factory, part_state, str(path), part, kind))
     prediction_type = _file_prediction_type(kind, state, metadata)
     extra = {}
     if kind in SDXL_KINDS:   # tok is (tokenizer, tokenizer_2), modules end with text_encoder_2
@@ -640,22 +680,29 @@ def _folder_setup(folder: Path, kind: str | None, tokenizer):
 
 
 def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
-                   tokenizer: str | os.PathLike | None = None) -> ModelBundle:
-    """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+                   tokenizer: str | os.PathLike | None = None, callback=None) -> ModelBundle:
+    """A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). ``callback``: a
+    setup event before each part (it may raise to cancel)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    from .events import report_setup
 
     folder = Path(folder)
     kind, configs, tok = _folder_setup(folder, kind, tokenizer)   # before any weights are read
     extra = {}
     try:
+        report_setup(callback, "load", "loading the model: UNet")
         unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
+        report_setup(callback, "load", "loading the model: VAE")
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
+        report_setup(callback, "load", "loading the model: text encoder")
         text_encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
         scheduler_config = DDPMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True)
         if kind in SDXL_KINDS:
             from transformers import CLIPTextModelWithProjection
 
+            report_setup(callback, "load", "loading the model: text encoder 2")
             extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 str(folder), subfolder="text_encoder_2", local_files_only=True).eval()
     except (OSError, ValueError) as exc:
@@ -784,7 +831,7 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
     and the architecture built on the meta device, well under a second after the imports (diffusers and
     transformers take several seconds to import the first time). A pickle (``.ckpt``): memory-mapped when it
     is a zip pickle, else read whole. A diffusers folder: its JSON configs and tokenizer only (weights are not
-    opened). ``"demo"``/``"tiny"``: constant.
+    opened). ``"demo"``/``"demo-v2"``/``"tiny"``: constant.
     """
     if kind is not None and kind not in KINDS:
         raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
@@ -802,6 +849,14 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
                              f"`python -m iddm_core.demo_model train`)")
         info = validate_model(str(weights_path()), kind="sd1", tokenizer=ASSET_DIR / TOKENIZER_DIR)
         return ModelInfo(info.kind, info.prediction_type, info.resolution, DEMO_TITLE, info.vocab_size,
+                         info.parameters)
+    if str(path) == "demo-v2":
+        from .demo_model import ASSET_DIR_V2, DEMO_V2_TITLE, weights_path
+
+        if not weights_path(ASSET_DIR_V2).is_file():
+            raise ModelError(f"demo model v2 weights missing: {weights_path(ASSET_DIR_V2)}")
+        info = validate_model(str(weights_path(ASSET_DIR_V2)), kind="sd1")
+        return ModelInfo(info.kind, info.prediction_type, info.resolution, DEMO_V2_TITLE, info.vocab_size,
                          info.parameters)
     p = Path(path)
     if p.is_dir():

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError
-from .events import Emitter
+from .events import Emitter, report_setup
 
 METHODS = ("aspl", "fsmg")
 PROBES = ("fresh", "shared")     # how CAP's ratio search draws the noise it scores each candidate's L_rec on
@@ -501,6 +501,8 @@ def _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, c
 
     resolution = int(config.resolution or bundle.resolution)
     device = bundle.device
+    if config.cap:
+        report_setup(callback, "load", "loading CAP's feature network")     # setup reports; the callback may cancel
     style_net = style_network(bundle, vgg19_path) if config.cap else None
     style_name = (style_net.name if style_net is not None else (FEATURES_VGG if vgg19_path else FEATURES_VAE))
     x_clean = check_images(images, resolution, "images").to(device)
@@ -511,19 +513,22 @@ def _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, c
 
     state, resume_info = None, {}
     if checkpoint_dir is not None:
+        emit.setup("resume")
         fp = fingerprint(bundle, x_clean, config, style_name, style_net, model_source)
         state, resume_info = ckpt.open_state(checkpoint_dir, resume, fp, on_mismatch)
 
     ft = FinetuneConfig(instance_prompt=config.instance_prompt, lr=config.lr, seed=config.seed, resolution=resolution,
                         prior_preservation=config.prior_preservation, num_class_images=config.num_class_images,
                         mixed_precision=config.mixed_precision, gradient_checkpointing=config.gradient_checkpointing)
-    trainer = DreamBoothTrainer(bundle, LoraSpec(rank=config.rank), ft, class_cache_dir=class_cache_dir)
+    trainer = DreamBoothTrainer(bundle, LoraSpec(rank=config.rank), ft, class_cache_dir=class_cache_dir,
+                                callback=emit.relay)
+    emit.setup("encode")
     clean_post = trainer.encode(x_clean)
     embeds = trainer.instance_embeds()
     generator = torch.Generator().manual_seed(config.seed + 1)
     precision, checkpointing = trainer.precision, trainer.checkpointing
     if check_memory is not False:
-        _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resolution, style_net)
+        _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resolution, style_net, emit.relay)
 
     report = {"method": config.method, "cap": config.cap, "config": config.to_dict(), "resolution": resolution,
               "n_photos": int(x_clean.shape[0]), "precision": precision.name, "gradient_checkpointing": checkpointing,
@@ -603,7 +608,7 @@ def _measure(bundle, x_clean, x, embeds, config, precision) -> dict:
     return out
 
 
-def _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resolution, style_net) -> None:
+def _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resolution, style_net, callback=None) -> None:
     """fit.check_fits with one fine-tune step and one PGD ascent step on ``batch`` photos (the CAP search too)."""
     import dataclasses
 
@@ -616,7 +621,8 @@ def _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resoluti
                lambda: pgd_ascent(bundle, xs, xs, embeds, trial, torch.Generator().manual_seed(0), 1, 0,
                                   trainer.precision, trainer.checkpointing, style_net),
                b, None, trainer.precision.name, trainer.checkpointing, resolution, bundle.device,
-               pgd_step="a PGD ascent step" + (" with CAP's ratio search" if style_net is not None else ""))
+               pgd_step="a PGD ascent step" + (" with CAP's ratio search" if style_net is not None else ""),
+               callback=callback)
 
 
 # ---------------------------------------------------------------------------------------------- writing

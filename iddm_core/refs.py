@@ -29,6 +29,8 @@ class PrivateRefs:
     # names of the photos left out because no face was found in them: for the user's own screen (terminal, error
     # messages), in memory only; never logged, never written to a LoRA, report or file
     skipped: list[str] = field(default_factory=list, repr=False)
+    # whether the photos show one person (check_identity; None until checked): indices only, in memory
+    identity: "IdentityCheck | None" = field(default=None, repr=False)
 
     @property
     def resolution(self) -> int:
@@ -44,6 +46,11 @@ class PrivateRefs:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def __repr__(self) -> str:
+        # the crops' pixels and the photos' names never go into a repr (a host may log or keep it)
+        return (f"PrivateRefs({len(self)} photos at {self.resolution}px, {len(self.split.reference)} reference, "
+                f"{len(self.split.protect)} protected, {len(self.skipped)} skipped)")
 
 
 def skipped_note(skipped: list[str]) -> str:
@@ -143,3 +150,86 @@ def refs_from_photos(photos: list[Photo], resolution: int, detector, seed: int =
     else:
         split = split_indices(len(names), seed=seed, n_reference=n_reference)
     return PrivateRefs(torch.stack(images), torch.stack(landmarks), split, names, skipped)
+
+
+# ------------------------------------------------------------------------------------------ one person?
+DLIB_SAME_PERSON = 0.6      # dlib's own threshold: descriptors closer than this are the same person
+
+
+@dataclass
+class IdentityCheck:
+    """dlib's view of whether the prepared photos show one person. Indices refer to :class:`PrivateRefs`
+    (``refs.names[i]``); nothing here holds a name, so it may be kept, but it is never written anywhere.
+
+    ``majority``: more than half of the photos match one photo (and so, by dlib's threshold, one another's
+    person); ``outliers``: the photos outside that majority (all of them when there is none)."""
+
+    distances: "torch.Tensor" = field(repr=False)   # [N, N] Euclidean distances of dlib's descriptors
+    outliers: list[int]
+    majority: bool
+    threshold: float = DLIB_SAME_PERSON
+
+    @property
+    def consistent(self) -> bool:
+        return self.majority and not self.outliers
+
+
+def check_identity(refs: PrivateRefs, recognizer=None, threshold: float = DLIB_SAME_PERSON,
+                   chunk: int = 8) -> "IdentityCheck | None":
+    """Compare every pair of prepared faces with dlib's descriptors (the crops and landmarks IDDM trains on) and
+    find the photos that do not match the majority. Stores the result in ``refs.identity`` and returns it.
+
+    A warning, never a refusal: the user decides (a photo may be theirs at another age). ``None`` (and nothing
+    stored) when dlib's recognition model is not installed. See :func:`identity_note` for the user's message."""
+    import torch
+
+    from .errors import ModelError
+
+    if recognizer is None:
+        from .face.dlib_resnet import load_dlib_recognizer
+
+        try:
+            recognizer = load_dlib_recognizer()
+        except ModelError:
+            return None
+    n = len(refs)
+    with torch.no_grad():
+        parts = []
+        for lo in range(0, n, chunk):
+            images = refs.images[lo:lo + chunk].float()
+            parts.append(recognizer(recognizer.align(images, refs.landmarks[lo:lo + chunk].float())).float())
+        descriptors = torch.cat(parts)
+    distances = torch.cdist(descriptors, descriptors)
+    match = distances < threshold
+    match.fill_diagonal_(True)
+    support = match.sum(dim=1)
+    median = distances.median(dim=1).values
+    # the photo matching the most others (ties: the one closest to the rest) and its matches form the majority
+    anchor = min(range(n), key=lambda i: (-int(support[i]), float(median[i]), i))
+    group = match[anchor]
+    majority = 2 * int(group.sum()) > n
+    outliers = [i for i in range(n) if not group[i]] if majority else list(range(n))
+    refs.identity = IdentityCheck(distances, outliers, majority, threshold)
+    return refs.identity
+
+
+def identity_note(refs: PrivateRefs, show_names: bool = True) -> str:
+    """The warning for the user's screen ("" when the photos look like one person, or were not checked).
+
+    ``show_names``: name a photo by its file name; False: by its position in the folder sorted by file name (for
+    hosts that keep what they show, as ComfyUI's /history does). Never for a log, a report or a LoRA."""
+    check = getattr(refs, "identity", None)
+    if check is None or check.consistent:
+        return ""
+    if not check.majority:
+        return (f"warning: these {len(refs)} photos do not look like one person to dlib (no photo matches more than "
+                "half of the others): IDDM protects one person's photos; check that every photo shows you")
+    if show_names:
+        which = ", ".join(refs.names[i] for i in check.outliers)
+    else:
+        order = sorted(list(refs.names) + list(refs.skipped))
+        which = ", ".join(f"#{order.index(refs.names[i]) + 1}" for i in check.outliers)
+        which += f" (of the folder's {len(order)} photos, sorted by file name)"
+    return (f"warning: {len(check.outliers)} photo(s) do not look like the same person as the other "
+            f"{len(refs) - len(check.outliers)} to dlib: {which}. IDDM protects one person's photos: remove "
+            "them unless they show you")

@@ -23,6 +23,10 @@ force_offline()
 
 import torch  # noqa: E402
 
+from .requirements_check import require  # noqa: E402
+
+require("diffusers")   # a diffusers that cannot import with this torch fails here, naming the fix
+
 TINY_RESOLUTION = 64
 TINY_TITLE = "tiny"
 TINY_SDXL_TITLE = "tiny-sdxl"
@@ -195,7 +199,14 @@ def build_tiny_tokenizer():
     from transformers import CLIPTokenizer
 
     vocab, merges = tiny_vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
+    try:
+        tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
+    except TypeError:       # transformers 4 (A1111 1.10 pins 4.30.2) builds it from the two files only
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            write_tiny_tokenizer(folder)
+            tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
     tok.model_max_length = 77
     return tok
 

@@ -9,6 +9,7 @@ from .errors import plain_errors
 from .leak_meter import IdentityLeakMeter
 from .loss_node import IDDMFaceEnsembleLoss
 from .pgd_node import IDDMPGDTwoStage
+from .portraits_node import IDDMPortraits
 from .protect_node import ProtectPhotos
 from .refs_node import LoadPrivateRefs
 from .save_node import SaveImageNoMetadata
@@ -24,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "IDDMIdentityLeakMeter": IdentityLeakMeter,
     "IDDMSaveImageNoMetadata": SaveImageNoMetadata,
     "IDDMProtectPhotos": ProtectPhotos,
+    "IDDMPortraits": IDDMPortraits,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -34,6 +36,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IDDMIdentityLeakMeter": "Identity Leak Meter (IDDM)",
     "IDDMSaveImageNoMetadata": "Save Image (no metadata)",
     "IDDMProtectPhotos": "Protect Photos for Posting",
+    "IDDMPortraits": "IDDM Portraits (any pack model + LoRA)",
 }
 
 # ComfyUI shows an error as "<module>.<class>: message" (see errors.py): every node re-raises library errors

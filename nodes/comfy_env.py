@@ -130,6 +130,25 @@ def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+def lora_choices() -> list[str]:
+    """The LoRA files ComfyUI lists (LoraLoader's choices)."""
+    import folder_paths
+
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def lora_path(name: str) -> Path:
+    """A ``lora_name`` choice -> its file; a clear error when it is not in the loras folders."""
+    import folder_paths
+
+    from ..iddm_core.errors import InputError
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise InputError(f"lora_name: {name!r} not found in {', '.join(folder_paths.get_folder_paths('loras'))}")
+    return Path(path)
+
+
 def input_folder(folder: str) -> Path:
     """A photo folder relative to ComfyUI's input directory, or an absolute path."""
     import folder_paths
@@ -213,7 +232,10 @@ class NodeProgress:
     """The per-step callback for iddm_core jobs: ComfyUI progress bar + Cancel + live chart events.
 
     Raising from the callback is how a job is cancelled between two steps; iddm_core then writes nothing.
-    Messages carry numbers only (phase, step, loss, similarities), never a photo name or path.
+    Messages carry numbers only (phase, step, loss, similarities) and fixed words (the setup step), never a photo
+    name or path. Setup events (phase "setup": checking, loading, class images, trial steps) check Cancel and
+    reach the chart too, but leave the progress bar alone (no training step is done yet); a node sends its first
+    one with :meth:`setup` as soon as it starts, before anything slow.
     """
 
     EVENT = "iddm.progress"
@@ -227,10 +249,16 @@ class NodeProgress:
 
     def __call__(self, event) -> None:
         check_interrupted()
-        if event.total:
+        if event.total and event.phase != "setup":
             self.bar.update_absolute(min(event.done, event.total), event.total)
         self.events += 1
         send_event(self.EVENT, progress_message(self.node_id, event))
+
+    def setup(self, stage: str, message: str = "") -> None:
+        """Report setup step ``stage`` (iddm_core.events.SETUP_STAGES) from the node itself; raises on Cancel."""
+        from ..iddm_core.events import report_setup
+
+        report_setup(self, stage, message)
 
 
 def progress_message(node_id, event) -> dict:
@@ -242,6 +270,7 @@ def progress_message(node_id, event) -> dict:
         "loss": _finite(event.loss),
         "similarity": {str(k): _finite(v) for k, v in (event.similarity or {}).items()},
         "linf": _finite(event.linf), "elapsed": round(float(event.elapsed or 0.0), 3),
+        "message": event.message or None,      # fixed words (the setup step, "reference"/"protected"), no names
     }
 
 

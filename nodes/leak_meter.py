@@ -147,7 +147,8 @@ class IdentityLeakMeter:
                          for rgb, s in zip(_uint8(batch), sims)]
             out = torch.from_numpy(np.stack(annotated)).float().div(255.0)
             chart = torch.from_numpy(np.array(bar_chart(sims, thr, f"{name} similarity"))).float().div(255.0)[None]
-        return (out, summary_text(result, name, thr, source), chart)
+        summary = summary_text(result, name, thr, source)
+        return {"ui": {"text": [summary]}, "result": (out, summary, chart)}     # the text is drawn on the node
 
 
 NODE_CLASS_MAPPINGS = {"IDDMIdentityLeakMeter": IdentityLeakMeter}

@@ -156,6 +156,8 @@ class ProtectPhotos:
                                resolution=int(resolution) or None, prior_preservation=bool(prior_preservation),
                                ratio_max=float(ratio_max), ratio_steps=int(ratio_steps), batch=int(pgd_batch),
                                num_class_images=8).validate()
+        progress = NodeProgress(unique_id, config.total_events())
+        progress.setup("check")             # at once: the chart shows each setup step, Cancel works in all of them
         if config.cap and images.shape[0] < 2:
             from ..iddm_core.errors import InputError
 
@@ -167,8 +169,7 @@ class ProtectPhotos:
             state_dir = protect_state_dir(x)
             if not resume:
                 clear_state(state_dir)                     # an old state of these photos is not kept around
-            progress = NodeProgress(unique_id, config.total_events())
-            with training_model(ckpt_name, info, config.mixed_precision) as bundle:
+            with training_model(ckpt_name, info, config.mixed_precision, callback=progress) as bundle:
                 result = run_protect(bundle, x, config, callback=progress, model_source=resolve_checkpoint(ckpt_name),
                                      checkpoint_dir=state_dir if resume else None, resume=bool(resume),
                                      on_mismatch="restart")

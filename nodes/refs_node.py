@@ -1,7 +1,8 @@
 """LoadPrivateRefs: the user's photo folder -> IDDM_REFS (+ the face crops in memory and a summary).
 
 Nothing of the photos is written anywhere unless the user turns on ``preview_on_node`` (crops to ComfyUI's temp
-folder, like a Preview Image node). Photo names appear only in the summary shown to the user (photos left out).
+folder, like a Preview Image node). No photo name or folder leaves this node: ComfyUI keeps every node's text and
+outputs, and an error's input reprs, in its /history, so a photo left out is named by its position in the folder.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def folder_fingerprint(folder) -> str:
 
 class LoadPrivateRefs:
     DESCRIPTION = ("Loads your photos, finds the face in each (dlib), crops and splits them into a reference set "
-                   "Xc and a protected set X0. Photo names stay in memory: only the summary on this node names the "
-                   "photos left out (no face found); none go into a LoRA, report or log line.")
+                   "Xc and a protected set X0. Photo names stay in memory: the summary names a photo left out (no face "
+                   "found) by its position in the folder, sorted by file name; no name goes into a LoRA, report, "
+                   "log line or ComfyUI's history.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (REFS, "IMAGE", "STRING")
@@ -44,7 +46,8 @@ class LoadPrivateRefs:
     OUTPUT_TOOLTIPS = ("Prepared photos and their split, for PGD Two-Stage and IDDM Train LoRA.",
                        "The face-centred crops (reference set first), in memory. A Preview Image node would "
                        "write them to ComfyUI's temp folder (served over /view).",
-                       "How many photos were used, per set, and the names of the photos left out (no face).")
+                       "How many photos were used, per set, and the positions (sorted by file name) of the photos left "
+                       "out (no face).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -101,9 +104,13 @@ class LoadPrivateRefs:
                             reference_files=parse_file_list(reference_files),
                             protect_files=parse_file_list(protect_files), skip_faceless=bool(skip_faceless))
         refs = handle.at(int(resolution))
+        if refs.identity is None:           # dlib: do the photos show one person? (a warning in the summary)
+            from ..iddm_core.refs import check_identity
+
+            check_identity(refs)
         order = list(refs.split.reference) + list(refs.split.protect)
         preview = refs.images[order].permute(0, 2, 3, 1).contiguous().float().clamp(0, 1)
-        summary = summary_text(refs)
+        summary = summary_text(refs, show_names=False)     # ComfyUI keeps node text and outputs in /history
         ui = {"text": [summary]}
         if preview_on_node:                 # the only path that writes crops to disk (temp), and only when asked
             import secrets

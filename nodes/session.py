@@ -14,21 +14,27 @@ from .comfy_env import free_memory, release_memory, resolve_checkpoint, torch_de
 
 
 @contextmanager
-def training_model(ckpt_name: str, info=None, precision: str = "auto"):
+def training_model(ckpt_name: str, info=None, precision: str = "auto", callback=None):
     """Yield a ModelBundle of ``ckpt_name`` on ComfyUI's torch device, loaded once, released after.
 
     The frozen weights are stored as the precision policy says (bf16/fp16 UNet and text encoders on a GPU); with
     ``info`` (``validate_model``'s answer) a model whose weights cannot fit the memory left once ComfyUI's own
-    models are unloaded is refused before loading (iddm_core.frontend.loaded_for_training, shared with A1111)."""
+    models are unloaded is refused before loading (iddm_core.frontend.loaded_for_training, shared with A1111).
+    ``callback``: the node's NodeProgress; it reports each loading step and raises on Cancel between them."""
+    from ..iddm_core.events import report_setup
     from ..iddm_core.frontend import loaded_for_training
 
     path = resolve_checkpoint(ckpt_name)          # a missing file fails before anything is unloaded
+    report_setup(callback, "free", "freeing ComfyUI's models")
     free_memory()
     try:
-        with loaded_for_training(path, torch_device(), info=info, precision=precision) as bundle:
+        with loaded_for_training(path, torch_device(), info=info, precision=precision, callback=callback) as bundle:
             yield bundle
     finally:
         release_memory()
+        from ..iddm_core.memory import release_host_memory   # glibc keeps freed host memory: give it back
+
+        release_host_memory()
 
 
 def trainable_refs(refs):

@@ -21,7 +21,8 @@ class ComboName(str):
     ComfyUI validates a link by ``received_type != input_type``; a combo input's type is the list of choices,
     which a plain string never equals. This string compares equal to any list (a combo) and to "COMBO"/"STRING",
     and to nothing else, so the trained LoRA's file name can be wired straight into the stock LoraLoader.
-    The frontend sees the plain text "COMBO", which it links to combo inputs.
+    The frontend sees the plain text "COMBO", which it links to combo inputs. On the V3 schema the object itself
+    must stay the output's type (nodes/v3.py ``_combo_name_output``: ``io.Custom`` may re-wrap it).
     """
 
     def __new__(cls, text: str = "COMBO"):
@@ -44,7 +45,8 @@ class RefsHandle:
 
     The training node may need another resolution than the preview (0 = the model's native size); it asks
     :meth:`at` and the photos are re-prepared with the same detector and the same split parameters.
-    ``PrivateRefs.names`` stay inside this object: they are never shown, logged or written.
+    ``PrivateRefs.names`` stay inside this object: they are never shown, logged or written, and its repr names
+    neither the folder nor any file.
     """
 
     folder: str
@@ -54,6 +56,13 @@ class RefsHandle:
     protect_files: Optional[list] = None
     skip_faceless: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        # ComfyUI keeps an execution error's inputs (their repr) in /history and shows them: no folder or file name
+        return (f"RefsHandle(<private photo folder>, seed={self.seed}, n_reference={self.n_reference}, "
+                f"listed_files={bool(self.reference_files or self.protect_files)})")
+
+    __str__ = __repr__
 
     def at(self, resolution: int):
         """PrivateRefs at ``resolution`` (computed once per resolution)."""

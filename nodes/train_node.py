@@ -109,6 +109,10 @@ class IDDMTrainLoRA:
 
         config = iddm_config(pgd, K, ft_steps, rank, lr, resolution, train_seed, prior_preservation, num_class_images,
                              train_text_encoder, surrogates=loss.surrogates, tau=loss.tau)
+        # The chart shows each setup step from the first second on, and Cancel works during all of them (the
+        # callback checks ComfyUI's interrupt flag): model checks, loading, class images, trial steps.
+        progress = NodeProgress(unique_id, total_steps(config))
+        progress.setup("check")
         file_name = lora_file_name(lora_name)
         out_path = loras_dir() / file_name
         check_writable(out_path, bool(overwrite))          # before loading anything
@@ -119,8 +123,8 @@ class IDDMTrainLoRA:
         # before any training: a wrong file fails in seconds, not after the run.
         info = validate_model(resolve_checkpoint(ckpt_name))
         photos = refs.at(config.resolution or info.resolution)
-        progress = NodeProgress(unique_id, total_steps(config))
-        with torch.inference_mode(False), training_model(ckpt_name, info, config.mixed_precision) as bundle:
+        with torch.inference_mode(False), training_model(ckpt_name, info, config.mixed_precision,
+                                                         callback=progress) as bundle:
             prepared = trainable_refs(photos)
             result = run_iddm(bundle, prepared, config, out_path=out_path, lora_name=file_name[: -len(LORA_SUFFIX)],
                               overwrite=bool(overwrite), callback=progress, class_cache_dir=class_cache_dir(),

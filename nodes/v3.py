@@ -17,6 +17,8 @@ import inspect
 import logging
 import os
 
+from .specs import ComboName
+
 # Numbered comfy_api versions this module is written against, newest first. Both expose the same ``io`` names
 # used below (ComfyNode, Schema, Boolean/Int/Float/String/Combo/Image/Custom, Hidden, NodeOutput) and
 # ComfyExtension; v0_0_2 covers ComfyUI releases from before v0_0_3 existed.
@@ -49,9 +51,21 @@ def load_api():
     return None
 
 
+def api_version(api) -> str:
+    """The numbered version of a module :func:`load_api` returned, e.g. "v0_0_3"."""
+    return api.__name__.rsplit(".", 1)[-1]
+
+
+def v1_reason() -> str:
+    """Why :func:`load_api` found no API to register on (for the pack's one log line)."""
+    if os.environ.get(SCHEMA_ENV, "").strip().lower() == "v1":
+        return f"{SCHEMA_ENV}=v1"
+    return f"this ComfyUI has no comfy_api {' or '.join(PINNED_VERSIONS)}"
+
+
 def _io_class(io, kind, cache: dict):
-    """The V3 io type for a V1 socket type: the built-in one for widgets/IMAGE, else ``io.Custom(kind)``.
-    ``kind`` is kept as given (e.g. specs.ComboName keeps its "matches any combo" comparison)."""
+    """The V3 io type for a V1 socket type: the built-in one for widgets/IMAGE, else ``io.Custom(kind)`` (ComfyUI
+    may re-wrap ``kind`` in its own str type, so a ComboName output goes through :func:`_combo_name_output`)."""
     if isinstance(kind, str) and type(kind) is str and kind in _TYPED:
         return getattr(io, _TYPED[kind])
     if kind not in cache:
@@ -90,8 +104,31 @@ def _make_input(io, name: str, entry: tuple, optional: bool, cache: dict):
     return factory(name, **kwargs)
 
 
+def _combo_name_output(io, kind: ComboName, cache: dict):
+    """An output class for a V1 output typed :class:`specs.ComboName` (Train LoRA's ``lora_name``): a combo output
+    whose type is ``kind`` itself.
+
+    ComfyUI checks a link with the received type's own ``!=`` (comfy_execution/validation.py), and LoraLoader's
+    ``lora_name`` expects its list of files, so the type must stay the ComboName object. ``io.Custom(kind)`` does
+    not keep it on ComfyUI 0.3.64: ``comfytype`` re-wraps every io_type in its own str subclass, which is unequal to
+    any list ("received_type(COMBO) mismatch input_type([...])") and the generation branch is dropped. A plain
+    ``io.Combo.Output`` fits only by chance there (typed by its ``options``, compared by list equality with a file
+    list that changes whenever a LoRA is written) and not at all where it is typed "COMBO". ComfyUI (0.3.64 and
+    later) reads a V3 output's type from ``Output.io_type`` (RETURN_TYPES, node info), so ``io.Combo.Output`` with
+    that property returning ``kind`` fits the combo input everywhere and still reaches the frontend as "COMBO"."""
+    key = ("combo output", kind)
+    if key not in cache:
+        combo = getattr(io, "Combo", None)
+        base = getattr(combo, "Output", None) or io.Custom(str(kind)).Output
+        cache[key] = type("ComboNameOutput", (base,), {"__module__": __name__, "io_type": property(lambda self: kind)})
+    return cache[key]
+
+
 def _make_output(io, kind, name, tooltip, is_list: bool, cache: dict):
-    factory = _io_class(io, kind, cache).Output
+    if isinstance(kind, ComboName):
+        factory = _combo_name_output(io, kind, cache)
+    else:
+        factory = _io_class(io, kind, cache).Output
     kwargs = {"display_name": name, "tooltip": tooltip, "is_output_list": is_list}
     accepted, _ = _accepted(factory)
     return factory(**{k: v for k, v in kwargs.items() if k in accepted})

@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The timeout of every subprocess a test starts: it stops a hang, it never judges speed (a busy 2-core machine can
+# make a minute's work take ten). One value for all, far above any run's real length.
+HANG_S = 3600
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

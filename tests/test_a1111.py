@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_S
 from a1111_harness import REPO, WebUIStubs, bound_function, load_extension_script, unload_extension
 
 PRIVATE = "secret_alice"          # a private-looking photo name that must never reach a summary, log or LoRA
@@ -180,7 +181,7 @@ def test_extension_loads_without_its_folder_on_sys_path(tmp_path):
         "print('heavy:', sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'dlib', "
         "'_dlib_pybind11', 'kornia', 'peft'}))\n"
     ) % (str(REPO), str(Path(__file__).parent), str(tmp_path), str(REPO / "scripts" / "iddm_tab.py"), str(REPO))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "iddm_core." in out.stdout
     assert "heavy: []" in out.stdout           # the web UI's start-up stays cheap: nothing heavy until Train

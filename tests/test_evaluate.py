@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import HANG_S, ROOT
 
 from iddm_core import evaluate as ev
 
@@ -268,7 +268,7 @@ def test_render_colours_and_chart():
     assert (chart == np.array(RED)).all(-1).sum() > 100 and (chart == np.array(GREEN)).all(-1).sum() > 100
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=HANG_S):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -339,7 +339,7 @@ def test_leak_meter_node(tmp_path, crops):
             "import importlib; importlib.import_module('comfyui-iddm-lm.nodes.leak_meter')\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'dlib', '_dlib_pybind11', 'kornia'}))\n"
             ) % str(ROOT / "tests")
-    proc = _run(["-c", code], timeout=120)
+    proc = _run(["-c", code], timeout=HANG_S)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-1500:]
 
     stubs = ComfyStubs(tmp_path / "comfyui")
@@ -354,13 +354,15 @@ def test_leak_meter_node(tmp_path, crops):
         refs = types.SimpleNamespace(images=crops["obama"][0], landmarks=crops["obama"][1])
         batch = torch.cat([crops["obama2"][0], crops["biden"][0], torch.zeros(1, 3, 160, 160)]).permute(0, 2, 3, 1)
         with pytest.warns(UserWarning, match="also an attack surrogate"):
-            annotated, summary, chart = cls().measure(batch, refs, "dlib", 0.0, "dlib")
+            returned = cls().measure(batch, refs, "dlib", 0.0, "dlib")
+            annotated, summary, chart = returned["result"]
+            assert returned["ui"] == {"text": [summary]}            # drawn on the node by web/iddm.js
         choices = cls.INPUT_TYPES()["required"]["recognizer"][0]
         assert choices[0] == mod.AUTO_CHOICE
         assert cls.INPUT_TYPES()["optional"]["surrogates"][1]["default"] == "dlib"   # the pack's default surrogate
-        _, auto_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib")   # faceres judges
+        _, auto_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib")["result"]   # faceres judges
         with pytest.warns(UserWarning, match="no held-out recogniser"):
-            _, fallback_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib,faceres")
+            _, fallback_summary, _ = cls().measure(batch, refs, mod.AUTO_CHOICE, 0.0, "dlib,faceres")["result"]
     finally:
         stubs.uninstall()
     assert annotated.shape == batch.shape and chart.shape[0] == 1 and chart.shape[-1] == 3

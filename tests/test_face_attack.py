@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import HANG_S, ROOT
 from iddm_core.errors import Cancelled, InputError
 from iddm_core.face.align import ARCFACE_TEMPLATE_112
 from iddm_core.face.attack import face_attack, sign_pgd_step
@@ -120,7 +120,7 @@ def test_face_attack_cli_fools_dlib_on_real_photos(tmp_path, small_faces_dir):
            "--image", str(small_faces_dir / "obama2.jpg"), "--surrogates", "dlib", "--eta", str(eta),
            "--alpha", "0.008", "--steps", str(steps), "--tau", "0.03", "--max-side", str(max_side),
            "--device", "cpu", "--out", str(out), "--report", str(report)]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr
 
     source = _downscale(load_rgb(small_faces_dir / "obama2.jpg"), max_side)
@@ -153,7 +153,7 @@ def test_face_embed_cli_matches_dlib(small_faces_dir):
 
     image = small_faces_dir / "obama.jpg"
     run = subprocess.run([sys.executable, "-m", "iddm_core", "face-embed", "--model", "dlib", "--device", "cpu",
-                          str(image)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          str(image)], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
     emb = np.array(data["embedding"])
@@ -171,10 +171,10 @@ def test_face_attack_cli_errors_name_the_input(tmp_path, small_faces_dir):
     Image.new("RGB", (200, 200), (120, 130, 140)).save(blank / "wall.png")
     run = subprocess.run([sys.executable, "-m", "iddm_core", "face-attack", "--refs", str(blank), "--image",
                           str(small_faces_dir / "obama2.jpg"), "--out", str(tmp_path / "o.png")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 2 and "wall.png" in run.stderr
     assert not (tmp_path / "o.png").exists()
     run = subprocess.run([sys.executable, "-m", "iddm_core", "face-attack", "--refs", str(blank), "--image",
                           str(small_faces_dir / "obama2.jpg"), "--surrogates", "dlib,nope",
-                          "--out", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          "--out", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 2 and "nope" in run.stderr

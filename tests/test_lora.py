@@ -114,8 +114,10 @@ def test_metadata_and_hashes(tmp_path):
     meta = info["metadata"]
     assert sorted(meta) == sorted(METADATA_KEYS)
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "64"
-    assert float(meta["ss_network_alpha"]) == 16.0 and meta["ss_v2"] == "False"
-    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    # the tiny model is no real SD1 checkpoint: custom labels (a real one's: tests/test_a1111_items.py)
+    assert float(meta["ss_network_alpha"]) == 16.0 and meta["ss_v2"] == "True"
+    assert meta["ss_base_model_version"] == "iddm_custom_sd_v1"
+    assert meta["modelspec.architecture"] == "iddm-custom-stable-diffusion-v1/lora" and info["custom_base"]
     assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.prediction_type"] == "epsilon"
     assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["ss_output_name"] == "big"
     model_hash, legacy = _independent_hashes(path)
@@ -131,8 +133,9 @@ def test_v_model_metadata(tmp_path):
     spec = LoraSpec(rank=2)
     add_lora(bundle, spec)
     meta = inspect_lora(save_kohya_lora(tmp_path / "v.safetensors", bundle, spec, "v"))["metadata"]
-    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.prediction_type"]) == ("sd_v2_v", "True", "v")
-    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.prediction_type"]) == \
+        ("iddm_custom_sd_v2_v", "True", "v")
+    assert meta["modelspec.architecture"] == "iddm-custom-stable-diffusion-v2-768-v/lora"
 
 
 def test_refuses_overwrite_and_bad_name(trained, tmp_path):

@@ -233,7 +233,9 @@ def test_kind_override_beats_detection(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def test_missing_tokenizer_says_where_to_put_it(written):
+def test_missing_tokenizer_says_where_to_put_it(written, monkeypatch):
+    # the pack's own files carry a built-in tokenizer (next tests); a foreign file with none found is told where
+    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)
     with pytest.raises(ModelError) as err:
         load_model(str(written[1]))
     msg = str(err.value)
@@ -405,7 +407,9 @@ def test_comfy_clip_tokenizer_on_tiny_text_encoder_is_a_clear_error_before_loadi
     # In ComfyUI a single file whose text encoder has fewer token rows than comfy/sd1_tokenizer died at the first
     # prompt with "IndexError: index out of range in self". It must fail at load time, saying which tokenizer.
     _fake_comfy(tmp_path, monkeypatch, 49408)
+    assert models_mod.validate_model(str(written[1])).kind == "sd1"     # the pack's own file: built-in tokenizer
     _no_network_built(monkeypatch)
+    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)   # as a foreign file would be
     for check in (load_model, models_mod.validate_model):
         with pytest.raises(ModelError) as err:
             check(str(written[1]))
@@ -470,7 +474,9 @@ def test_validate_model_single_file_reads_only_the_header(written, monkeypatch):
     _nothing_loaded(monkeypatch)
     info = models_mod.validate_model(str(written[1]), tokenizer=str(written[0] / "tokenizer"))
     assert info == models_mod.ModelInfo("sd1", "epsilon", 64, "tiny", 585)
-    with pytest.raises(ModelError, match="vocab.json"):      # no tokenizer: the same message as load_model
+    assert models_mod.validate_model(str(written[1])) == info    # the pack's own file: its tokenizer is built in
+    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)
+    with pytest.raises(ModelError, match="vocab.json"):      # a foreign file, no tokenizer: as load_model says
         models_mod.validate_model(str(written[1]))
 
 

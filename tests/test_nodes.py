@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import HANG_S
+
 from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, comfy_error_type, core_nodes, \
     linked_type_ok, load_pack, node_problems, png_chunk_types, png_files, run_workflow, unload_pack
 
@@ -20,6 +22,8 @@ WORKFLOWS = REPO / "example_workflows"
 TRAIN_UI, GEN_UI = WORKFLOWS / "iddm_1_train_lora.json", WORKFLOWS / "iddm_2_generate.json"
 TRAIN_API, GEN_API = WORKFLOWS / "api" / "iddm_1_train_lora_api.json", WORKFLOWS / "api" / "iddm_2_generate_api.json"
 PROTECT_UI, PROTECT_API = WORKFLOWS / "iddm_3_protect_photos.json", WORKFLOWS / "api" / "iddm_3_protect_photos_api.json"
+PORTRAITS_UI = WORKFLOWS / "iddm_4_portraits_any_pack_model.json"
+PORTRAITS_API = WORKFLOWS / "api" / "iddm_4_portraits_any_pack_model_api.json"
 HEAVY = ("diffusers", "transformers", "dlib", "_dlib_pybind11", "kornia")
 
 
@@ -104,7 +108,7 @@ def test_import_does_not_load_heavy_modules():
         "assert len(pack.NODE_CLASS_MAPPINGS) >= 4 and pack.WEB_DIRECTORY == './web'\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))\n"
     ) % (str(Path(__file__).parent), HEAVY)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -157,8 +161,9 @@ def test_lora_output_links_to_lora_loader_combo(env):
 
 
 # --------------------------------------------------------------------------------------------- workflows
-@pytest.mark.parametrize("ui_path, api_path", [(TRAIN_UI, TRAIN_API), (GEN_UI, GEN_API), (PROTECT_UI, PROTECT_API)],
-                         ids=["train", "generate", "protect"])
+@pytest.mark.parametrize("ui_path, api_path", [(TRAIN_UI, TRAIN_API), (GEN_UI, GEN_API), (PROTECT_UI, PROTECT_API),
+                                                (PORTRAITS_UI, PORTRAITS_API)],
+                         ids=["train", "generate", "protect", "portraits"])
 def test_ui_workflow_matches_node_definitions(env, ui_path, api_path):
     _, pack = env
     ui = json.loads(ui_path.read_text())
@@ -203,7 +208,10 @@ def test_examples_split_training_from_generation(env):
         text = path.read_text()
         for private in ("iddm_photos", "IDDMLoadPrivateRefs", "reference_files", "protect_files", "folder", "/home"):
             assert private not in text, (path.name, private)
-    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == [TRAIN_UI.name, GEN_UI.name, PROTECT_UI.name]
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == [TRAIN_UI.name, GEN_UI.name, PROTECT_UI.name,
+                                                                PORTRAITS_UI.name]
+    portraits = PORTRAITS_API.read_text()                   # samples by LoRA file name; nothing of the photos
+    assert "IDDMLoadPrivateRefs" not in portraits and "iddm_photos" not in portraits
     assert all("nodes" in json.loads(p.read_text()) for p in WORKFLOWS.glob("*.json"))
 
 
@@ -447,18 +455,18 @@ def test_pgd_node_states_the_rho_in_effect(env):
 
 def test_leak_meter_states_its_threshold(env):
     """Threshold 0 means "the judge's own": the tooltip lists each recogniser's value and the summary states the
-    value in effect (3 decimals: dlib's 0.907 used to print as 0.91)."""
+    value in effect (3 decimals: dlib's 0.911 must not print as 0.91)."""
     _, pack = env
     mod = sys.modules[f"{PACK}.nodes.leak_meter"]
     tip = pack.NODE_CLASS_MAPPINGS["IDDMIdentityLeakMeter"].INPUT_TYPES()["required"]["threshold"][1]["tooltip"]
-    assert "dlib 0.907" in tip and "faceres 0.55" in tip and "mobileface 0.24" in tip and "others 0.4" in tip
-    assert mod.resolve_threshold(0.0, "dlib")[0] == 0.907 and mod.resolve_threshold(0.0, "irse50")[0] == 0.4
+    assert "dlib 0.911" in tip and "faceres 0.615" in tip and "mobileface 0.379" in tip and "others 0.4" in tip
+    assert mod.resolve_threshold(0.0, "dlib")[0] == 0.911 and mod.resolve_threshold(0.0, "irse50")[0] == 0.4
     assert mod.resolve_threshold(0.8, "dlib") == (0.8, "set on the node")
     result = {"n_images": 3, "faces_found": [True, True, False], "fsr": 2 / 3,
-              "recognizers": {"dlib": {"ism": 0.92, "similarity": [0.93, 0.91, None]}}}
+              "recognizers": {"dlib": {"ism": 0.92, "similarity": [0.93, 0.912, None]}}}
     auto = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.0, "dlib"))
-    assert "match threshold [dlib]: cosine >= 0.907 (dlib's own; threshold 0 = auto)" in auto
-    assert "recognised as the user by dlib (cosine >= 0.907): 2/2" in auto
+    assert "match threshold [dlib]: cosine >= 0.911 (dlib's own; threshold 0 = auto)" in auto
+    assert "recognised as the user by dlib (cosine >= 0.911): 2/2" in auto
     strict = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.92, "dlib"))
     assert "cosine >= 0.92 (set on the node)" in strict and "(cosine >= 0.92): 1/2" in strict
 
@@ -483,10 +491,13 @@ def test_faceless_photo_is_named_or_skipped(env):
     with pytest.raises(_errors().InputError, match="zz_noface.png"):
         _node(pack, "IDDMLoadPrivateRefs").load("with_faceless", 128, 0, 0, skip_faceless=False)
     returned = _node(pack, "IDDMLoadPrivateRefs").load(str(folder), 128, 0, 0, skip_faceless=True)
-    _, faces, summary = returned["result"]
-    # the dropped photo is named to the user, in the summary output and on the node
-    assert faces.shape[0] == 4 and "1 photo(s) without a detectable face were skipped: zz_noface.png" in summary
-    assert returned["ui"]["text"] == [summary] and PRIVATE not in summary
+    handle, faces, summary = returned["result"]
+    # the dropped photo is shown to the user by its position (ComfyUI keeps node text and outputs in /history)
+    assert faces.shape[0] == 4 and "1 photo(s) without a detectable face were skipped: #5 of the folder's 5" in summary
+    assert returned["ui"]["text"] == [summary] and PRIVATE not in summary and "zz_noface" not in summary
+    # an execution error's inputs (their repr) are kept in /history too: neither folder nor file names in it
+    for shown in (repr(handle), str(handle), repr(handle.at(128))):
+        assert "with_faceless" not in shown and "zz_noface" not in shown and str(stubs.input) not in shown
     only = stubs.input / "only_faceless"
     only.mkdir(exist_ok=True)
     shutil.copy(folder / "zz_noface.png", only / "zz_noface.png")

@@ -75,7 +75,8 @@ def test_resume_of_another_run_is_refused_before_any_work(saved_state, refs, ens
         run_iddm(bundle, run_refs, config, ensemble=ensemble, checkpoint_dir=saved_state, resume=True,
                  class_images=classes, callback=events.append)
     assert isinstance(info.value, InputError) and len(info.value.reasons) == 1      # only what differs is named
-    assert events == [] and not has_lora(bundle)             # no step, not even the LoRA injection
+    # no step, not even the LoRA injection: only the "checking for a resume state" setup event
+    assert [e.stage for e in events] == ["resume"] and not has_lora(bundle)
     assert ckpt.has_state(saved_state)                       # the user's interrupted run is not destroyed
     for name in refs.names:                                  # the message names no photo
         assert name not in str(info.value)

@@ -173,7 +173,9 @@ def test_comfy_bundled_tokenizer_serves_both_encoders(written, tmp_path, monkeyp
     assert torch.equal(_ids(b.tokenizer_2), _ids(source.tokenizer_2))
 
 
-def test_missing_tokenizer_for_sdxl_single_file(written):
+def test_missing_tokenizer_for_sdxl_single_file(written, monkeypatch):
+    # the pack's own files have their tokenizer built in; a foreign SDXL file with none found is told where
+    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)
     with pytest.raises(ModelError, match="tiny-sdxl.safetensors.*vocab.json"):
         load_model(str(written[1]))
 
@@ -482,8 +484,8 @@ def test_cli_train_finetune_inspect_evaluate_on_an_sdxl_single_file(tmp_path, sm
 
     monkeypatch.setenv("IDDM_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["tiny-model", "--kind", "sdxl", str(tmp_path / "m")]) == 0
-    single, tok = tmp_path / "m" / "tiny-sdxl.safetensors", tmp_path / "m" / "tiny-sdxl" / "tokenizer"
-    model = ["--model", str(single), "--tokenizer", str(tok)]
+    single = tmp_path / "m" / "tiny-sdxl.safetensors"
+    model = ["--model", str(single)]            # no --tokenizer: the pack's own files carry theirs built in
     iddm_out, ft_out = tmp_path / "iddm.safetensors", tmp_path / "ft.safetensors"
     assert main(["train", "--refs", str(small_faces_dir), "--out", str(iddm_out), *model, "--K", "1", "--T", "2",
                  "--ft-steps", "1", "--no-prior"]) == 0

@@ -2,7 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import HANG_S, ROOT
 
 
 def test_cli_help_lists_commands():
@@ -85,7 +85,7 @@ def _run_from(cwd, args, extra_path=True):
     env = dict(os.environ)
     if extra_path:   # where `pip install -e .` has not been run: the repo on the path, but not the working dir
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_declared_entry_point_works_from_another_directory(tmp_path):

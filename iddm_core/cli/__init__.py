@@ -30,7 +30,11 @@ def build_parser(prog: str = "iddm") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "iddm") -> int:
     """The ``iddm`` console command (``prog``: the name usage lines show)."""
-    parser = build_parser(prog)
+    try:
+        parser = build_parser(prog)        # a command module may import the library (e.g. a version check fails)
+    except IDDMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

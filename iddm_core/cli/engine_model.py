@@ -9,12 +9,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tiny-model", help="write the tiny test model (diffusers folder + original-layout .safetensors)",
         description="Write DIR/tiny (diffusers folder, with tokenizer) and DIR/tiny.safetensors (original SD "
-                    "key layout, no tokenizer: load it with --tokenizer DIR/tiny/tokenizer).")
+                    "key layout; its tiny tokenizer is built in, so it loads and trains with no --tokenizer, in "
+                    "ComfyUI too).")
     p.add_argument("dir", help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0, as load_model('tiny'))")
     p.add_argument("--kind", choices=["sd1", "sdxl"], default="sd1",
                    help="sd1 (default): DIR/tiny + DIR/tiny.safetensors; sdxl: the tiny SDXL-shaped model as "
-                        "DIR/tiny-sdxl + DIR/tiny-sdxl.safetensors (loads, not trainable yet)")
+                        "DIR/tiny-sdxl + DIR/tiny-sdxl.safetensors (loads and trains like the SD1 one)")
     p.set_defaults(func=_run)
 
 
@@ -23,5 +24,5 @@ def _run(args) -> int:
 
     folder, single = write_tiny_model(args.dir, seed=args.seed, kind=args.kind)
     print(f"diffusers folder: {folder}")
-    print(f"single file:      {single} (tokenizer: {folder / 'tokenizer'})")
+    print(f"single file:      {single} (its tiny tokenizer is built in: no --tokenizer needed)")
     return 0

@@ -100,7 +100,7 @@ def cmd_finetune(args) -> int:
     losses = trainer.train(images, args.steps, callback=progress)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
     save_kohya_lora(out, bundle, spec, output_name=out.stem, comment=args.comment, overwrite=args.overwrite,
-                    dtype=dtype)
+                    dtype=dtype, resolution=config.resolution or bundle.resolution)
     print(f"saved {out} ({len(images)} photos, {args.steps} steps, final loss {losses[-1]:.4f})")
     return 0
 

@@ -81,29 +81,8 @@ def check_generation_args(args) -> None:
         raise InputError("--eval-recognizers: name at least one recogniser, e.g. faceres, or 'auto'")
 
 
-def apply_lora_file(bundle, path) -> None:
-    """Load a kohya LoRA file into ``bundle``'s UNet/text encoder(s) in place, with diffusers' kohya reader (the
-    same conversion front ends use), by wrapping the bundle's modules in a StableDiffusion(XL)Pipeline."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from ..errors import InputError, ModelError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--lora: file not found: {path}")
-    scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config)
-    if bundle.text_encoder_2 is not None:      # SDXL: lora_te1_ / lora_te2_ and the SGM UNet names
-        pipe = StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder,
-                                         text_encoder_2=bundle.text_encoder_2, tokenizer=bundle.tokenizer,
-                                         tokenizer_2=bundle.tokenizer_2, unet=bundle.unet, scheduler=scheduler)
-    else:
-        pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-                                       unet=bundle.unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    except Exception as exc:   # diffusers raises ValueError/KeyError/RuntimeError for foreign layouts
-        raise ModelError(f"cannot apply LoRA {path}: {exc.__class__.__name__}: {exc}") from exc
+# kept importable here for scripts written against the old place
+from ..portraits import apply_lora_file  # noqa: E402,F401
 
 
 def generate_for_prompts(bundle, prompts, n: int, seed: int, steps: int, guidance: float = 7.5,

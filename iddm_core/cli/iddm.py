@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
     from ..fit import check_model_fits
     from ..models import load_model, validate_model
     from ..precision import precision_for, weight_dtypes
-    from ..refs import load_private_refs
+    from ..refs import check_identity, identity_note, load_private_refs
     from ._common import ConsoleProgress, pick_device, print_skipped
 
     config = config_from_args(args)                       # parameter errors before anything is loaded
@@ -148,6 +148,8 @@ def cmd_train(args) -> int:
                              reference_files=_split_list(args.reference_files),
                              protect_files=_split_list(args.protect_files))
     print_skipped(refs.skipped, args.refs)
+    if check_identity(refs) is not None and identity_note(refs):     # names for the user's terminal only
+        print(identity_note(refs), file=sys.stderr)
     device = pick_device(args.device)
     check_model_fits(info, device, config.mixed_precision)         # weights vs free memory, before loading
     bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device,

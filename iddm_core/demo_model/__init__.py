@@ -19,6 +19,9 @@ from pathlib import Path
 DEMO_TITLE = "demo"
 DEMO_RESOLUTION = 128
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
+# demo model v2 (issue 26): trained on a GPU on the congress portraits too; ships here once trained
+DEMO_V2_TITLE = "demo-v2"
+ASSET_DIR_V2 = ASSET_DIR.parent / "demo_model_v2"
 WEIGHTS_NAME = "demo.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
@@ -27,7 +30,7 @@ def weights_path(folder: Path | None = None) -> Path:
     return (folder or ASSET_DIR) / WEIGHTS_NAME
 
 
-def load_demo_bundle(folder: Path | None = None):
+def load_demo_bundle(folder: Path | None = None, title: str = DEMO_TITLE):
     """The shipped demo model as a float32 CPU :class:`~iddm_core.models.ModelBundle` (title ``demo``): the
     single-file loader copies the fp16 weights into float32 modules in eval mode."""
     from ..errors import ModelError
@@ -38,5 +41,16 @@ def load_demo_bundle(folder: Path | None = None):
     if not path.is_file():
         raise ModelError(f"demo model weights missing: {path} (rebuild with `python -m iddm_core.demo_model train`)")
     bundle = load_single_file(path, kind="sd1", tokenizer=folder / TOKENIZER_DIR)
-    bundle.title = DEMO_TITLE
+    bundle.title = title
     return bundle
+
+
+def load_demo_v2_bundle(folder: Path | None = None):
+    """Demo model v2 (``iddm_core/assets/demo_model_v2/``, title ``demo-v2``), as :func:`load_demo_bundle`."""
+    from ..errors import ModelError
+
+    folder = Path(folder or ASSET_DIR_V2)
+    if not weights_path(folder).is_file():
+        raise ModelError(f"demo model v2 weights missing: {weights_path(folder)} (train them with "
+                         f"tools/gpu_train_demo_v2.sh, see docs/DESIGN.md)")
+    return load_demo_bundle(folder, title=DEMO_V2_TITLE)

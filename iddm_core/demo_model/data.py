@@ -10,7 +10,11 @@ photos and textures, at several scales, so its code is a general image code and 
 """
 from __future__ import annotations
 
+import os
+import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -172,19 +176,204 @@ class PatchSampler:
     randomly permuted (most sources are grey or brownish, and without it the VAE learns their colour cast)."""
 
     def __init__(self, patch: int, seed: int = 0, face_crops: int = 64, face_size: int = 128, detector=None,
-                 channel_swap: float = 0.0):
+                 channel_swap: float = 0.0, faces: np.ndarray | None = None, face_share: float | None = None):
+        """``faces`` (uint8 [N, H, W, 3]): face crops to use instead of ``face_crops`` augmented public-domain
+        ones (demo model v2: ``Corpus.face_pool``); ``face_share``: draw a face for that share of the patches
+        (default: every image, face or not, equally likely)."""
         self.patch = patch
         self.channel_swap = channel_swap
         self.rng = np.random.default_rng(seed)
         images = []
         for name, *_ in SOURCES:
             images.extend(scale_pyramid(load_source(name), 128, 512))
-        faces, _ = face_pool(face_crops, face_size, seed=seed + 1, detector=detector)
-        images.extend(list(faces))
-        self.images = [im for im in images if min(im.shape[:2]) >= patch]
+        if faces is None:
+            faces, _ = face_pool(face_crops, face_size, seed=seed + 1, detector=detector)
+        self.face_share = face_share
+        if face_share is None:
+            images.extend(list(faces))
+            self.images = [im for im in images if min(im.shape[:2]) >= patch]
+        else:
+            self.images = [im for im in images if min(im.shape[:2]) >= patch]
+            self.faces = [im for im in faces if min(im.shape[:2]) >= patch]
 
     def __call__(self, batch: int):
         import torch
 
-        out = np.stack([random_crop(self.images, self.patch, self.rng, self.channel_swap) for _ in range(batch)])
+        if self.face_share is None:
+            out = np.stack([random_crop(self.images, self.patch, self.rng, self.channel_swap) for _ in range(batch)])
+        else:
+            out = np.stack([random_crop(self.faces if self.rng.random() < self.face_share else self.images,
+                                        self.patch, self.rng, self.channel_swap) for _ in range(batch)])
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# ------------------------------------------------------------------------------ demo model v2: a face corpus
+# A folder-per-identity corpus (the congress portraits of ../shared/faces/congress: DIR/<id>/*.jpg) is turned
+# once, with dlib, into face-centred crops (``prepare_crops``); training then reads only the crops folder, so it
+# runs where dlib is missing (the GPU machine). Each stored crop is CROP_MARGIN x the pipeline's face crop (2.2 x
+# the face box around the landmarks' centre, as ``face_sources``), so augmentation (scale, shift, rotation) has
+# real pixels around the frame; outside the photo the edge pixels repeat, as in ``edge_crop``.
+TEST_IDENTITIES_FILE = Path(__file__).with_name("test_identities.txt")
+CROPS_MANIFEST = "manifest.json"
+CROPS_FORMAT = "iddm-demo-crops/1"
+CROP_MARGIN = 1.25
+CROP_SIZE = 160                   # stored px: the pipeline's 128 px frame is its central 128 px
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def read_identity_list(path=None) -> list[str]:
+    """The identities listed in ``path`` (default: the shipped test identities), one per line, ``#`` comments."""
+    from ..errors import InputError
+
+    path = Path(path or TEST_IDENTITIES_FILE)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"--test-identities: cannot read {path}: {exc.__class__.__name__}") from exc
+    ids = [ln.split("#", 1)[0].strip() for ln in lines]
+    ids = [i for i in ids if i]
+    bad = [i for i in ids if not _ID_RE.match(i)]
+    if bad:
+        raise InputError(f"--test-identities: {path} has malformed identity {bad[0]!r}")
+    if len(set(ids)) != len(ids):
+        raise InputError(f"--test-identities: {path} lists an identity twice")
+    return ids
+
+
+def prepare_crops(faces_dir, out_dir, test_ids=(), detector=None, size: int = CROP_SIZE,
+                  margin: float = CROP_MARGIN, quality: int = 93, overwrite: bool = False, progress=None) -> dict:
+    """Write ``out_dir/<id>/<n>.jpg`` (``size`` px, JPEG) for every photo of ``faces_dir/<id>/`` in which dlib finds
+    a face (the largest), skipping ``test_ids`` entirely, plus ``manifest.json``: the crops, the framing, the
+    counts, and the detected boxes of the public-domain training faces (so training needs no detector)."""
+    import json
+
+    from PIL import Image
+
+    from ..atomic import atomic_write, write_text_atomic
+    from ..errors import InputError
+    from ..images import load_rgb
+    from ..refs import DEFAULT_CROP_FACTOR
+
+    faces_dir, out_dir = Path(faces_dir), Path(out_dir)
+    if not faces_dir.is_dir():
+        raise InputError(f"--faces: {faces_dir} is not a folder")
+    folders = sorted(p for p in faces_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(f"--faces: {faces_dir} has no identity folders (expected DIR/<id>/*.jpg)")
+    bad = [p.name for p in folders if not _ID_RE.match(p.name)]
+    if bad:
+        raise InputError(f"--faces: identity folder name {bad[0]!r} has characters other than A-Z a-z 0-9 _ . -")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"--out: {out_dir} is not empty (pass --overwrite to replace its crops)")
+    if not 64 <= size <= 512:
+        raise InputError(f"--size must be 64..512, got {size}")
+    test_ids = set(test_ids)
+    if detector is None:
+        from ..face.detect import get_detector
+
+        detector = get_detector("dlib")
+    log = progress or (lambda msg: None)
+    entries, skipped, no_face, start = [], 0, [], time.time()
+    for k, folder in enumerate(folders, start=1):
+        if k % 100 == 0:
+            log(f"prepare: {k}/{len(folders)} identity folders, {len(entries)} crops ({time.time() - start:.0f}s)")
+        if folder.name in test_ids:
+            skipped += 1
+            continue
+        photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _PHOTO_SUFFIXES)
+        n = 0
+        for photo in photos:
+            rgb = load_rgb(photo)
+            faces = detector.detect(rgb)
+            if not faces:
+                no_face.append(f"{folder.name}/{photo.name}")
+                continue
+            face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+            x0, y0, x1, y1 = face.box
+            side = DEFAULT_CROP_FACTOR * max(x1 - x0, y1 - y0) * margin
+            cx, cy = face.landmarks.mean(axis=0)
+            big = int(round(side))
+            crop = edge_crop(rgb, int(round(cx - big / 2)), int(round(cy - big / 2)), big)
+            img = Image.fromarray(crop).resize((size, size), Image.LANCZOS)
+            rel = f"{folder.name}/{n}.jpg"
+            (out_dir / folder.name).mkdir(parents=True, exist_ok=True)
+            atomic_write(out_dir / rel, lambda tmp: img.save(tmp, format="JPEG", quality=quality), overwrite=True)
+            entries.append({"identity": folder.name, "file": rel, "source": photo.name,
+                            "face_px": round(float(max(x1 - x0, y1 - y0)), 1), "score": round(float(face.score), 3)})
+            n += 1
+    if not entries:
+        raise InputError(f"--faces: no face found in any photo of {faces_dir}")
+    public = {}
+    for src_name, src in zip(FACES, face_sources(detector)):
+        public[src_name] = {"center": [round(float(c), 3) for c in src.center], "side": round(float(src.side), 3)}
+    manifest = {"format": CROPS_FORMAT, "size": size, "margin": margin, "crop_factor": DEFAULT_CROP_FACTOR,
+                "identities": len({e["identity"] for e in entries}), "crops": entries,
+                "test_identities_skipped": skipped, "no_face": no_face, "public_faces": public,
+                "seconds": round(time.time() - start, 1)}
+    write_text_atomic(out_dir / CROPS_MANIFEST, json.dumps(manifest, indent=1), overwrite=True)
+    log(f"prepare: {len(entries)} crops of {manifest['identities']} identities, {skipped} test identities skipped, "
+        f"{len(no_face)} photos without a face ({manifest['seconds']:.0f}s)")
+    return manifest
+
+
+@dataclass
+class Corpus:
+    """The crops folder of ``prepare_crops``, loaded: each crop as a :class:`FaceSource` (word ``person``) and
+    the public-domain training faces (words man / woman) framed by the boxes in the manifest."""
+    crops: list            # FaceSource per crop
+    identities: list       # identity per crop
+    public: list           # FaceSource of the public-domain faces (FACES)
+
+    @classmethod
+    def load(cls, crops_dir, test_ids=None) -> "Corpus":
+        import json
+
+        from ..errors import InputError
+        from ..images import load_rgb
+
+        crops_dir = Path(crops_dir)
+        path = crops_dir / CROPS_MANIFEST
+        if not path.is_file():
+            raise InputError(f"--data: {crops_dir} has no {CROPS_MANIFEST} (make it with "
+                             f"`python -m iddm_core.demo_model prepare`)")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest.get("format") != CROPS_FORMAT:
+            raise InputError(f"--data: {path} is not a crops manifest of format {CROPS_FORMAT}")
+        held = set(read_identity_list() if test_ids is None else test_ids)
+        leaked = sorted({e["identity"] for e in manifest["crops"]} & held)
+        if leaked:
+            raise InputError(f"--data: {crops_dir} holds crops of {len(leaked)} test identities (e.g. {leaked[0]}); "
+                             f"prepare it again with the test identities skipped")
+        size, margin = int(manifest["size"]), float(manifest["margin"])
+        crops, ids = [], []
+        for e in manifest["crops"]:
+            rgb = load_rgb(crops_dir / e["file"])
+            if rgb.shape[:2] != (size, size):
+                raise InputError(f"--data: {e['file']} is {rgb.shape[1]} x {rgb.shape[0]}, not {size} px")
+            crops.append(FaceSource(rgb, (size / 2, size / 2), size / margin, "person"))
+            ids.append(e["identity"])
+        public = [FaceSource(load_source(name), tuple(box["center"]), float(box["side"]), FACES[name])
+                  for name, box in manifest["public_faces"].items()]
+        return cls(crops, ids, public)
+
+    def face_pool(self, n: int, size: int, seed: int = 0, public_share: float = 0.05,
+                  threads: int | None = None) -> tuple[np.ndarray, list[str]]:
+        """``n`` augmented face crops [n, size, size, 3] uint8 and their words: a share ``public_share`` of the
+        public-domain faces, the rest every corpus crop in turn (shuffled), each with its own random stream, so
+        the pool is the same for any number of ``threads``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = np.random.default_rng(seed).permutation(len(self.crops))
+
+        def one(i):
+            rng = np.random.default_rng([seed, i])
+            if self.public and rng.random() < public_share:
+                src = self.public[int(rng.integers(len(self.public)))]
+            else:
+                src = self.crops[order[i % len(order)]]
+            return augment_face(src, size, rng), src.word
+
+        with ThreadPoolExecutor(threads or min(16, os.cpu_count() or 1)) as pool:
+            out = list(pool.map(one, range(n)))
+        return np.stack([im for im, _ in out]), [w for _, w in out]

@@ -72,10 +72,22 @@ def read_source(source=None) -> dict[str, bytes]:
     raise InputError(f"--from {source}: no such file or folder")
 
 
-def install(dest: Path = ASSET_DIR, source=None) -> list[Path]:
-    """Check and write faceres into ``dest``; returns the files written. Errors name what is wrong."""
+def installed_intact(folder: Path = ASSET_DIR) -> bool:
+    """Whether ``folder`` already holds exactly the files of version 3.0.4 (SHA-256 checked)."""
+    folder = Path(folder)
+    try:
+        return all(hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest for name, digest in FILES.items())
+    except OSError:
+        return False
+
+
+def install(dest: Path = ASSET_DIR, source=None, force: bool = False) -> list[Path]:
+    """Check and write faceres into ``dest``; returns the files written ([] when ``dest`` already holds the right
+    files and ``force`` is off: nothing is downloaded again). Errors name what is wrong."""
     from ..atomic import atomic_write
 
+    if not force and installed_intact(dest):
+        return []
     files = read_source(source)
     for name, digest in FILES.items():
         if name not in files:

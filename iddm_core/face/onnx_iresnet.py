@@ -426,6 +426,9 @@ class OnnxGraph(nn.Module):
 
 def load_onnx_model(path: str | os.PathLike):
     """The ONNX ModelProto of ``path``, or a ModelError that names the file."""
+    from ..requirements_check import require
+
+    require("onnx")   # not installed (A1111 1.10 pins protobuf 3.20.0, which onnx 1.13+ refuses): says what to do
     import onnx
 
     path = os.fspath(path)

@@ -11,14 +11,19 @@ A Train click, in order:
    lock, moves the web UI's model off the GPU, loads the training copy, runs IDDM, drops the copy and brings the
    web UI's model back, in ``finally`` blocks, so that happens whether the run finished, failed or was
    interrupted. The progress callback puts each event on a queue, updates ``shared.state``'s job fields and
-   raises ``Cancelled`` when ``shared.state.interrupted`` is set (the tab's Interrupt button, or the web UI's
-   own): iddm_core then writes nothing.
+   raises ``Cancelled`` after the tab's own Interrupt button (not the web UI's global one, which is meant for its
+   generation): iddm_core then writes nothing. Setup reports too, from before the offload on (loading the model
+   part by part, class images per sampler step, the trial steps), and Interrupt is checked at each of those steps
+   and while waiting for the queue.
 3. **The generator** relays the queue: a status line per step, the chart about once a second, the summary and the
    ``<lora:NAME:1>`` tag at the end. If the browser goes away the worker still finishes (and writes its LoRA).
 
-Privacy: uploaded photos are read into memory straight from the copies gradio made; those copies are deleted
-after the click, whatever happened (nothing of the photos is written by the tab). Photo names appear only in
-texts for the user's own screen (faces left out, errors); never in a log line, the summary or the LoRA.
+Privacy: uploaded photos are read into memory straight from the copies gradio made; those copies (gradio 3.41
+writes two per photo) are deleted once a click has read them: after Preview, whatever happened, and after a Train
+that got past its checks, whatever happened then; the upload box is emptied and the status says so. A Train
+stopped by a settings check keeps them (box and copies) for the next click. Nothing of the photos is written by
+the tab. Photo names appear only in texts for the user's own screen (faces left out, a photo that does not look
+like the others, errors); never in a log line, the summary or the LoRA.
 """
 from __future__ import annotations
 
@@ -89,11 +94,12 @@ class ActiveRun:
         self.running = False
 
     def interrupt(self) -> str:
+        """The tab's Interrupt button. Only this flag stops a run (checked at every setup step and training step):
+        the web UI's own Interrupt (``shared.state.interrupted``) is meant for its generation, e.g. one queued
+        behind the training, so it is neither set here nor read by the run."""
         if not self.lock.locked():
             return "no training run is going on"
         self.cancel.set()
-        if self.running:
-            webui.WebUIState().interrupt()
         return "interrupting: the run stops after the current step and writes nothing"
 
 
@@ -120,14 +126,50 @@ def upload_files(uploads) -> list[tuple[Path, str]]:
     return out
 
 
-def delete_uploads(uploads) -> None:
+UPLOADS_DELETED = ("the temporary copies of the uploaded photos were deleted and the upload box emptied: upload "
+                   "them again for another run (or give a photo folder)")
+UPLOADS_KEPT = "the uploaded photos are kept: correct it and press Train again"
+
+
+def upload_copies(uploads) -> list[Path]:
+    """Every file gradio wrote for the uploads: the file handed to the tab and, with gradio 3.41, the copy its
+    /upload route wrote first (``orig_name`` of the temp-file object: ``<temp>/<random>/<name>``, beside the
+    hashed copy ``<temp>/<sha>/<name>`` in ``name``). ``orig_name`` counts only when it is such a sibling path:
+    for data sent inline it is the browser's bare file name, which must not be touched."""
+    items = uploads if isinstance(uploads, (list, tuple)) else [uploads] if uploads else []
+    copies = []
+    for (path, _), item in zip(upload_files(uploads), [i for i in items if i]):
+        copies.append(path)
+        orig = getattr(item, "orig_name", None) if not isinstance(item, (str, os.PathLike, dict)) else None
+        if orig and os.path.isabs(orig) and Path(orig) != path and Path(orig).parent.parent == path.parent.parent:
+            copies.append(Path(orig))
+    return copies
+
+
+def delete_uploads(uploads) -> int:
     """Delete gradio's copies of the uploaded photos (the user's own files were never on this machine's disk
-    under these paths: these are the copies gradio wrote when they were uploaded)."""
-    for path, _ in upload_files(uploads):
+    under these paths: these are the copies gradio wrote when they were uploaded), and the per-upload folders
+    gradio made for them once empty. Returns how many files were deleted."""
+    deleted = 0
+    for path in upload_copies(uploads):
         try:
             path.unlink()
+            deleted += 1
         except OSError:
             pass
+        try:
+            path.parent.rmdir()             # only succeeds when empty: gradio makes one folder per upload
+        except OSError:
+            pass
+    items = uploads if isinstance(uploads, (list, tuple)) else [uploads] if uploads else []
+    for item in items:                      # gradio 3.41 hands over open (empty) temp-file objects
+        close = getattr(item, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:               # noqa: BLE001 - closing is tidiness only
+                pass
+    return deleted
 
 
 def load_photos(folder: str, uploads) -> tuple[list, str]:
@@ -163,11 +205,19 @@ def prepare_refs(request: TrainRequest, resolution: int):
     from iddm_core.frontend import parse_file_list
     from iddm_core.refs import refs_from_photos
 
+    from iddm_core.frontend import check_number
+    from iddm_core.refs import check_identity
+
+    seed = check_number("split_seed", request.split_seed, (0, 0xFFFFFFFF, True, "seed of the reference split"))
+    n_reference = check_number("n_reference", request.n_reference,
+                               (0, 100000, True, "reference photos; 0 = half of them"))
     photos, source = load_photos(request.photos_folder, request.uploads)
-    return refs_from_photos(photos, int(resolution), get_detector("dlib"), seed=int(request.split_seed),
-                            n_reference=int(request.n_reference) or None,
+    refs = refs_from_photos(photos, int(resolution), get_detector("dlib"), seed=seed,
+                            n_reference=n_reference or None,
                             reference_files=parse_file_list(request.reference_files),
                             skip_faceless=bool(request.skip_faceless), source=source)
+    check_identity(refs)               # one person? a warning in the photos text (refs_summary), never a refusal
+    return refs
 
 
 # -------------------------------------------------------------------------------------------------- plan
@@ -239,6 +289,10 @@ def plan_run(request: TrainRequest) -> Plan:
     if not request.resume:
         clear_state(state_dir)
     notes = [frontend.pgd_settings_text(pgd, request.preset, request.rho, request.gradient)]
+    from iddm_core.refs import identity_note
+
+    if identity_note(refs):                # the photos text says it too; the status line is what users read first
+        notes.append(identity_note(refs))
     return Plan(config, file_name, out_path, model_path, tokenizer, info, refs, state_dir, bool(request.overwrite),
                 bool(request.resume), notes)
 
@@ -256,7 +310,9 @@ def error_text(exc: BaseException) -> str:
 
 
 def status_line(event) -> str:
-    """One line per progress event: numbers only."""
+    """One line per progress event: numbers only (and a setup event's fixed words)."""
+    if event.phase == "setup":
+        return f"{PHASES['setup']}: {event.message or event.stage} · {event.elapsed:.0f}s"
     parts = [f"step {event.done}/{event.total}", PHASES.get(event.phase, event.phase)]
     if event.k is not None:
         parts.append(f"iteration {event.k}")
@@ -279,15 +335,18 @@ class Worker(threading.Thread):
         self.plan, self.uploads = plan, uploads
         self.messages: queue.Queue = queue.Queue()
         self.state = webui.WebUIState()
+        self.started, self.total = time.perf_counter(), 0
 
     def run(self) -> None:
         from iddm_core.errors import Cancelled
 
         try:
-            with webui.gpu_job(lambda: self.messages.put(("wait", "waiting for the web UI's current job to finish"))):
+            with webui.gpu_job(lambda: self.messages.put(("wait", "waiting for the web UI's current job to finish")),
+                               poll=self._check_interrupt):       # Interrupt works while waiting too
                 from iddm_core.iddm import total_steps
 
-                self.state.begin(total_steps(self.plan.config))
+                self.total = total_steps(self.plan.config)
+                self.state.begin(self.total)
                 ACTIVE.running = True
                 try:
                     if ACTIVE.cancel.is_set():
@@ -303,28 +362,45 @@ class Worker(threading.Thread):
             self.messages.put(("error", error_text(exc)))
         finally:
             delete_uploads(self.uploads)
+            from iddm_core.memory import release_host_memory
+
+            release_host_memory()          # finished, failed or cancelled: give the freed host memory back
             ACTIVE.cancel.clear()
             ACTIVE.lock.release()
             self.messages.put(("end", None))
 
+    def _check_interrupt(self) -> None:
+        from iddm_core.errors import Cancelled
+
+        if ACTIVE.cancel.is_set():             # the tab's own Interrupt only (see ActiveRun.interrupt)
+            raise Cancelled("interrupted")
+
+    def _progress(self, event) -> None:
+        """run_iddm's callback, and every setup step's before it (offload, loading, class images, trial steps):
+        relays the event, updates the web UI's job fields, raises Cancelled after the tab's Interrupt."""
+        if event.phase == "setup":            # setup counts from the worker's start (loading comes before the run)
+            import dataclasses
+
+            event = dataclasses.replace(event, elapsed=time.perf_counter() - self.started)
+        self.messages.put(("event", event))
+        self.state.step(event.done, event.total or self.total, status_line(event))
+        self._check_interrupt()
+
     def _train(self):
         from iddm_core import frontend
         from iddm_core.checkpoint import cache_root
-        from iddm_core.errors import Cancelled
+        from iddm_core.events import report_setup
         from iddm_core.iddm import run_iddm
 
         plan = self.plan
+        progress = self._progress
+        report_setup(progress, "free", "moving the web UI's model off the GPU")   # shown before the offload starts
         offload = webui.offload_webui_model()
         self.messages.put(("note", offload.description))
         try:
-            def progress(event):
-                self.messages.put(("event", event))
-                self.state.step(event.done, event.total, status_line(event))
-                if self.state.interrupted() or ACTIVE.cancel.is_set():
-                    raise Cancelled("interrupted")
-
             with frontend.loaded_for_training(plan.model_path, webui.torch_device(), plan.info,
-                                              plan.config.mixed_precision, plan.tokenizer) as bundle:
+                                              plan.config.mixed_precision, plan.tokenizer,
+                                              callback=progress) as bundle:
                 return run_iddm(bundle, plan.refs, plan.config, out_path=plan.out_path,
                                 lora_name=frontend.lora_stem(plan.file_name), overwrite=plan.overwrite,
                                 callback=progress, class_cache_dir=str(cache_root() / "class_images"),
@@ -354,28 +430,37 @@ def train(request: TrainRequest) -> Iterator[dict]:
     if not ACTIVE.lock.acquire(blocking=False):
         yield {"status": "a training run is already going on in this web UI: wait for it, or press Interrupt"}
         return
-    worker = None
+    worker, consumed = None, False
     try:
         ACTIVE.cancel.clear()
         yield {"status": "checking the settings, the model and the photos", "summary": "", "tag": "", "chart": ""}
         try:
             plan = plan_run(request)
-        except Exception as exc:
-            yield {"status": f"error: {error_text(exc)}\nnothing was started; the web UI's model was not touched",
-                   "uploads": None}
+        except Exception as exc:            # the uploads stay (box and copies): the next click uses them
+            kept = f"; {UPLOADS_KEPT}" if upload_files(request.uploads) else ""
+            yield {"status": f"error: {error_text(exc)}\nnothing was started; the web UI's model was not touched"
+                             + kept}
             return
+        consumed = True                     # the photos are in memory: their copies go, whatever happens next
         yield {"status": "photos ready: " + " / ".join(plan.notes), "faces": pictures.faces_html(plan.refs),
                "photos": _refs_text(plan.refs)}
         if ACTIVE.cancel.is_set():
-            yield {"status": "interrupted before the run started: nothing was done", "uploads": None}
+            yield {"status": "interrupted before the run started: nothing was done" + _uploads_said(request.uploads),
+                   "uploads": None}
             return
         worker = Worker(plan, request.uploads)
         worker.start()                     # from here on the worker releases the run lock and deletes uploads
         yield from _relay(worker, plan)
     finally:
         if worker is None:
-            delete_uploads(request.uploads)
+            if consumed:
+                delete_uploads(request.uploads)
             ACTIVE.lock.release()
+
+
+def _uploads_said(uploads) -> str:
+    """The line telling the user that the uploads were used up (empty when there were none)."""
+    return f"\n{UPLOADS_DELETED}" if upload_files(uploads) else ""
 
 
 def _refs_text(refs) -> str:
@@ -407,34 +492,49 @@ def _relay(worker: Worker, plan: Plan) -> Iterator[dict]:
             yield {"status": payload}
         elif kind == "done":
             stem = frontend.lora_stem(plan.file_name)
-            yield {"status": f"finished: {plan.out_path}\n" + "; ".join(notes),
+            yield {"status": f"finished: {plan.out_path}\n" + "; ".join(notes) + _uploads_said(worker.uploads),
                    "chart": pictures.chart_html(history),
                    "summary": frontend.result_summary(plan.file_name, payload.report, where=lora_place())
                    + f"\nin a prompt: <lora:{stem}:1> (with 'a photo of sks person')",
                    "tag": f"<lora:{stem}:1>", "uploads": None}
         elif kind == "cancelled":
-            where = f" at step {last.done} of {last.total}" if last is not None else ""
+            where = f" at step {last.done} of {last.total}" if last is not None and last.done else ""
+            if last is not None and last.phase == "setup":
+                where = f" during setup ({last.message or last.stage})"
             kept = (" The resume state of the last finished iteration is kept (privately): press Train again with "
                     "the same settings to continue.") if plan.resume and has_state(plan.state_dir) else ""
-            yield {"status": f"interrupted{where}: no LoRA was written.{kept}\n" + "; ".join(notes),
+            yield {"status": f"interrupted{where}: no LoRA was written.{kept}\n" + "; ".join(notes)
+                   + _uploads_said(worker.uploads),
                    "chart": pictures.chart_html(history), "uploads": None}
         elif kind == "error":
-            yield {"status": f"error: {payload}\nno LoRA was written; " + "; ".join(notes),
+            yield {"status": f"error: {payload}\nno LoRA was written; " + "; ".join(notes)
+                   + _uploads_said(worker.uploads),
                    "chart": pictures.chart_html(history), "uploads": None}
         elif kind == "end":
             return
 
 
 def preview(request: TrainRequest) -> dict:
-    """The Preview faces button: the face crops and the split, in memory (uploads are kept for Train)."""
+    """The Preview faces button: the face crops and the split, in memory. gradio's copies of the uploaded photos
+    are deleted afterwards, whatever happened (as after Train), and the upload box emptied (a box showing files
+    whose copies are gone would fail at the next click), which the text says."""
+    from iddm_core.frontend import check_number
+
     try:
-        resolution = int(request.resolution)
+        resolution = check_number("resolution", request.resolution)
         if not resolution:
             resolution = check_model(request)[2].resolution
         refs = prepare_refs(request, resolution)
+        out = {"faces": pictures.faces_html(refs), "photos": _refs_text(refs)}
     except Exception as exc:
-        return {"faces": "", "photos": f"error: {error_text(exc)}"}
-    return {"faces": pictures.faces_html(refs), "photos": _refs_text(refs)}
+        out = {"faces": "", "photos": f"error: {error_text(exc)}"}
+    finally:
+        if upload_files(request.uploads):
+            delete_uploads(request.uploads)
+    if upload_files(request.uploads):
+        out["photos"] += _uploads_said(request.uploads)
+        out["uploads"] = None
+    return out
 
 
 def recognisers_text() -> str:

@@ -67,14 +67,13 @@ def build(gr) -> dict:
                 c["preset"] = gr.Dropdown(label="Preset", choices=PRESET_CHOICES, value="privacy",
                                           info="sets rho: privacy 0.1, balanced 0.3, fidelity 0.5, fast 0.3 + "
                                                "fast gradient; custom uses rho below")
-                c["T"] = gr.Slider(label="T (PGD steps per iteration)", minimum=1, maximum=100, value=8, step=1)
-                c["rho"] = gr.Slider(label="rho (Stage I share, custom only)", minimum=0.01, maximum=0.99,
-                                     value=0.1, step=0.01)
+                # Number fields, not sliders: a slider's number box clamps what is typed into its range without
+                # a word; these pass it on and iddm_core.frontend.check_number names the parameter and its range
+                c["T"] = gr.Number(label="T (PGD steps per iteration, 1-1000)", value=8, precision=0)
+                c["rho"] = gr.Number(label="rho (Stage I share 0.01-0.99, custom only)", value=0.1)
             with gr.Row():
-                c["eta"] = gr.Slider(label="eta (L-inf budget, 0.08 = 20/255)", minimum=0.001, maximum=0.25,
-                                     value=0.08, step=0.001)
-                c["alpha"] = gr.Slider(label="alpha (PGD step, at most eta)", minimum=0.0001, maximum=0.05,
-                                       value=0.008, step=0.0001)
+                c["eta"] = gr.Number(label="eta (L-inf budget 0.001-1; 0.08 = 20/255)", value=0.08)
+                c["alpha"] = gr.Number(label="alpha (PGD step, at most eta)", value=0.008)
             with gr.Row():
                 c["surrogates"] = gr.CheckboxGroup(label="Face recognisers to attack", choices=list(KNOWN),
                                                    value=["dlib"], elem_id="iddm_surrogates")
@@ -145,7 +144,8 @@ def build(gr) -> dict:
         return gr.update(choices=choices, value=current if current in choices else webui.CURRENT_CHOICE)
 
     train_button.click(fn=train, inputs=train_inputs, outputs=list(outputs.values()), show_progress="minimal")
-    preview_button.click(fn=preview, inputs=preview_inputs, outputs=[faces, photos], show_progress="minimal")
+    preview_button.click(fn=preview, inputs=preview_inputs, outputs=[faces, photos, c["uploads"]],
+                         show_progress="minimal")
     interrupt_button.click(fn=interrupt, inputs=[], outputs=[status], queue=False)
     refresh_models.click(fn=refresh_checkpoints, inputs=[c["checkpoint"]], outputs=[c["checkpoint"]])
     refresh_recognisers.click(fn=run.recognisers_text, inputs=[], outputs=[recognisers])

@@ -281,9 +281,12 @@ def offload_webui_model() -> Offload:
 
 
 @contextlib.contextmanager
-def gpu_job(on_wait: Optional[Callable[[], None]] = None):
+def gpu_job(on_wait: Optional[Callable[[], None]] = None, poll: Optional[Callable[[], None]] = None,
+            poll_s: float = 0.25):
     """Hold the web UI's queue lock (so no generation runs beside training: one GPU job at a time, as its own
-    buttons do), where the web UI has one; ``on_wait()`` is called first if another job holds it."""
+    buttons do), where the web UI has one; ``on_wait()`` is called first if another job holds it. With ``poll``
+    the wait is a loop that calls ``poll()`` every ``poll_s`` seconds, which may raise to stop waiting (the tab's
+    Interrupt); the lock is then not taken. (A1111's FIFOLock has no acquire timeout, hence the loop.)"""
     try:
         from modules.call_queue import queue_lock
     except (ImportError, AttributeError):
@@ -294,7 +297,14 @@ def gpu_job(on_wait: Optional[Callable[[], None]] = None):
     if not queue_lock.acquire(blocking=False):
         if on_wait is not None:
             on_wait()
-        queue_lock.acquire()
+        if poll is None:
+            queue_lock.acquire()
+        else:
+            import time
+
+            while not queue_lock.acquire(blocking=False):
+                poll()
+                time.sleep(poll_s)
     try:
         yield
     finally:
