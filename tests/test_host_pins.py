@@ -58,7 +58,7 @@ def _run(cmd, cwd=None, env=None) -> subprocess.CompletedProcess:
 
 def pypi_reachable() -> bool:
     try:
-        with urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=20) as response:
+        with urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=120) as response:
             return response.status == 200
     except OSError:
         return False

@@ -4,8 +4,9 @@ where Cancel stops the run, with nothing written (no LoRA, no class-image cache,
 
 The slow parts are stand-ins that sleep in SLICE-second slices (a full-size model's loading or class images,
 at any size): the assertions count the slices that still ran after Cancel was requested and check the order of
-events, so a slow machine cannot fail them; the only wall-clock bound (first event within FIRST_EVENT_S of the
-node's start) has nothing but argument checks in front of it.
+events, so a slow machine cannot fail them. "Within seconds" is shown by order, not by a clock: the first event
+comes before the model is checked or any slow slice runs (only argument checks are in front of it); the delay is
+printed (`pytest -s`), never asserted, since a busy machine may stretch even argument checks.
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ import types
 import pytest
 import torch
 
+from conftest import HANG_S
 from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, load_pack, run_workflow, state_files, \
     unload_pack
 
 SLICE = 0.5                 # seconds per slice of a slow stand-in
 SLOW_SLICES = 60            # a 30 s stand-in loader / class-image generator
 CANCEL_AT = 3               # the user presses Cancel during this slice
-FIRST_EVENT_S = 5.0         # first event after the node's start (only argument checks come before it)
 PACK = "comfyui-iddm"
 TRAIN = "4"
 PRIVATE = "secret_carol"
@@ -253,7 +254,7 @@ def _assert_prompt_start_and_cancel(run, node) -> None:
     # the first event comes before the model is checked or loaded, whatever its size ...
     assert first["phase"] == "setup" and first["stage"] == "check"
     assert first_i < tl.first("validate") and first_i < tl.first("slice")
-    assert tl.items[first_i][1] - tl.items[start][1] < FIRST_EVENT_S
+    print(f"first progress event {tl.items[first_i][1] - tl.items[start][1]:.3f} s after the node started")
     # ... setup events keep coming, and each checks Cancel: at most one slice ran after it was pressed
     cancel = tl.first("cancel")
     assert cancel is not None and tl.count_after("slice", cancel) <= 1
@@ -332,7 +333,7 @@ const out = [statusText({phase: "setup", stage: "load", message: "loading the mo
              statusText({phase: "pgd", k: 1, t: 2, stage: "id", done: 3, total: 9, loss: 0.5})];
 console.log(JSON.stringify(out));
 """
-    out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr
     texts = json.loads(out.stdout)
     assert texts[0] == "setting up: loading the model: UNet" and texts[1] == "setting up: trial"

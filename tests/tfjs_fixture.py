@@ -39,7 +39,7 @@ def _tool(name: str) -> str:
     return path
 
 
-def _npm(args: list[str], cwd: Path, timeout: float = 900) -> None:
+def _npm(args: list[str], cwd: Path, timeout: float = 1800) -> None:
     npm = _tool("npm")
     _tool("node")
     proc = subprocess.run([npm, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -112,7 +112,7 @@ def run_tfjs(model_json: Path, inputs: dict[str, np.ndarray], outputs: list[str]
         (tmp / "request.json").write_text(json.dumps(request))
         env = dict(os.environ, TFJS_NODE_MODULES=str(modules))
         proc = subprocess.run([node, str(RUNNER), str(tmp / "request.json")], capture_output=True, text=True,
-                              env=env, timeout=600)
+                              env=env, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"TensorFlow.js runner failed:\n{proc.stderr[-3000:]}")
         result = json.loads((tmp / "result.json").read_text())
