@@ -213,16 +213,15 @@ def refs_summary(refs, show_names: bool = True) -> str:
     file name: for hosts that keep what a node shows (ComfyUI stores every node's text and outputs in /history)."""
     n_ref, n_prot = len(refs.split.reference), len(refs.split.protect)
     lines = [f"{len(refs)} photos with a face at {refs.resolution}px: {n_ref} reference (Xc), {n_prot} protected (X0)"]
+    from .refs import folder_positions, identity_note
+
     if refs.skipped:
         if show_names:
             which = ", ".join(refs.skipped)
         else:
-            order = sorted(list(refs.names) + list(refs.skipped))
-            which = ", ".join(f"#{order.index(name) + 1}" for name in refs.skipped)
-            which += f" of the folder's {len(order)} photos, sorted by file name"
+            positions, total = folder_positions(refs, refs.skipped)
+            which = f"{positions} of the folder's {total} photos, sorted by file name"
         lines.append(f"{len(refs.skipped)} photo(s) without a detectable face were skipped: {which}")
-    from .refs import identity_note
-
     note = identity_note(refs, show_names)       # refs.identity: set by refs.check_identity, when it was run
     if note:
         lines.append(note)

@@ -503,7 +503,7 @@ def _carries_tiny_vocabulary(state: dict, metadata: Mapping[str, str], kind: str
     return _token_rows(state, prefix) == _tiny_tokenizer_size()
 
 
-def _tiny_tokenizer(kind: str, pad: str | None = None):
+def _tiny_tokenizer(pad: str | None = None):
     from .tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
@@ -525,10 +525,10 @@ def _single_file_setup(path: Path, state: dict, metadata: dict, kind: str | None
     if "ztsnr" in state:   # ComfyUI's and Forge's marker of a zero-terminal-SNR schedule (with ``v_pred``)
         configs = {**configs, "scheduler": {**configs["scheduler"], **ZERO_TERMINAL_SNR}}
     own = tokenizer is None and _carries_tiny_vocabulary(state, metadata, kind)
-    tok = _tiny_tokenizer(kind, pad="!" if kind in ("sd2", "sd2v") else None) if own else \
+    tok = _tiny_tokenizer(pad="!" if kind in ("sd2", "sd2v") else None) if own else \
         resolve_tokenizer(kind, tokenizer, None, str(path))
     if kind in SDXL_KINDS:
-        tok = (tok, _tiny_tokenizer(kind, pad="!") if own else resolve_tokenizer_2(tokenizer, None, str(path)))
+        tok = (tok, _tiny_tokenizer(pad="!") if own else resolve_tokenizer_2(tokenizer, None, str(path)))
         for t, n, part in ((tok[0], 0, "text_encoder"), (tok[1], 1, "text_encoder_2")):
             rows = _token_rows(state, f"conditioner.embedders.{n}.") or \
                 int(configs[part].get("vocab_size", CLIP_VOCAB_SIZE))

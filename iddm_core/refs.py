@@ -213,6 +213,13 @@ def check_identity(refs: PrivateRefs, recognizer=None, threshold: float = DLIB_S
     return refs.identity
 
 
+def folder_positions(refs: PrivateRefs, names: list[str]) -> tuple[str, int]:
+    """("#2, #5", 7): the positions of photos ``names`` (used or skipped) in ``refs``' folder sorted by file name,
+    and how many photos it holds. How a host that keeps what it shows (ComfyUI's /history) names a photo."""
+    order = sorted(list(refs.names) + list(refs.skipped))
+    return ", ".join(f"#{order.index(name) + 1}" for name in names), len(order)
+
+
 def identity_note(refs: PrivateRefs, show_names: bool = True) -> str:
     """The warning for the user's screen ("" when the photos look like one person, or were not checked).
 
@@ -224,12 +231,12 @@ def identity_note(refs: PrivateRefs, show_names: bool = True) -> str:
     if not check.majority:
         return (f"warning: these {len(refs)} photos do not look like one person to dlib (no photo matches more than "
                 "half of the others): IDDM protects one person's photos; check that every photo shows you")
+    names = [refs.names[i] for i in check.outliers]
     if show_names:
-        which = ", ".join(refs.names[i] for i in check.outliers)
+        which = ", ".join(names)
     else:
-        order = sorted(list(refs.names) + list(refs.skipped))
-        which = ", ".join(f"#{order.index(refs.names[i]) + 1}" for i in check.outliers)
-        which += f" (of the folder's {len(order)} photos, sorted by file name)"
+        positions, total = folder_positions(refs, names)
+        which = f"{positions} (of the folder's {total} photos, sorted by file name)"
     return (f"warning: {len(check.outliers)} photo(s) do not look like the same person as the other "
             f"{len(refs) - len(check.outliers)} to dlib: {which}. IDDM protects one person's photos: remove "
             "them unless they show you")

@@ -56,8 +56,7 @@ class IDDMPortraits:
         progress.setup("check")                                          # the first event, before anything slow
         check_sampling(int(count), int(steps), float(guidance))          # before anything is unloaded or loaded
         lora = None if lora_name in (NO_LORA, "", None) else lora_path(str(lora_name))
-        progress.setup("load")
-        with torch.inference_mode(False), training_model(ckpt_name, precision="auto") as bundle:
+        with torch.inference_mode(False), training_model(ckpt_name, precision="auto", callback=progress) as bundle:
             images = portraits(bundle, str(prompt), int(count), seed=int(sample_seed), steps=int(steps),
                                guidance=float(guidance), lora=lora, callback=progress)
         return (images.permute(0, 2, 3, 1).contiguous().float(),)
