@@ -232,6 +232,24 @@ class ComfyStubs:
         self.uninstall()
 
 
+def tiny_comfy(root: Path, faces: Path, private: str) -> "ComfyStubs":
+    """Installed ComfyUI stubs under ``root`` with the tiny model as ``checkpoints/tiny.safetensors`` (its tokenizer
+    also as ComfyUI's ``sd1_tokenizer``) and four private-looking photos in ``input/photos``."""
+    import shutil
+
+    from iddm_core.tiny import write_tiny_model, write_tiny_tokenizer
+
+    stubs = ComfyStubs(root)
+    _, single = write_tiny_model(stubs.root / "scratch")
+    shutil.move(str(single), stubs.models / "checkpoints" / "tiny.safetensors")
+    write_tiny_tokenizer(stubs.comfy_dir / "sd1_tokenizer")
+    from conftest import write_private_photos
+
+    write_private_photos(stubs.input / "photos", faces, private)
+    stubs.install()
+    return stubs
+
+
 def unload_pack(module_name: str = "comfyui-iddm") -> None:
     """Forget the pack and its submodules, so the next import (or another test file's) starts fresh."""
     for key in [k for k in sys.modules if k == module_name or k.startswith(module_name + ".")]:

@@ -57,3 +57,15 @@ def tfjs_runtime() -> Path:
     from tfjs_fixture import ensure_runtime
 
     return ensure_runtime()
+
+
+def write_private_photos(folder: Path, source: Path, private: str) -> None:
+    """Two public-domain photos of one person (``source``/obama.jpg, obama2.jpg) plus their mirror images, saved
+    under private-looking names ``<private>_<i>[_m].jpg`` that must never appear in any output."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(("obama.jpg", "obama2.jpg")):
+        im = Image.open(source / name).convert("RGB")
+        im.save(folder / f"{private}_{i}.jpg")
+        im.transpose(Image.FLIP_LEFT_RIGHT).save(folder / f"{private}_{i}_m.jpg")

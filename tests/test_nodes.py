@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import HANG_S
+from conftest import HANG_S, write_private_photos
 
 from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, comfy_error_type, core_nodes, \
     linked_type_ok, load_pack, node_problems, png_chunk_types, png_files, run_workflow, unload_pack
@@ -27,17 +27,6 @@ PORTRAITS_API = WORKFLOWS / "api" / "iddm_4_portraits_any_pack_model_api.json"
 HEAVY = ("diffusers", "transformers", "dlib", "_dlib_pybind11", "kornia")
 
 
-def _write_photos(folder: Path, source: Path) -> None:
-    """Two public-domain photos of one person plus their mirror images, under private-looking names."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(("obama.jpg", "obama2.jpg")):
-        im = Image.open(source / name).convert("RGB")
-        im.save(folder / f"{PRIVATE}_{i}.jpg")
-        im.transpose(Image.FLIP_LEFT_RIGHT).save(folder / f"{PRIVATE}_{i}_m.jpg")
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, small_faces_dir):
     """Stub ComfyUI with the tiny model as a single-file checkpoint (+ ComfyUI's tokenizer folder) and as a
@@ -50,7 +39,7 @@ def env(tmp_path_factory, small_faces_dir):
     shutil.move(str(single), stubs.models / "checkpoints" / "tiny.safetensors")
     shutil.move(str(folder), stubs.models / "diffusers" / "tiny")
     write_tiny_tokenizer(stubs.comfy_dir / "sd1_tokenizer")
-    _write_photos(stubs.input / "iddm_photos", small_faces_dir)
+    write_private_photos(stubs.input / "iddm_photos", small_faces_dir, PRIVATE)
     stubs.install()
     pack = load_pack(PACK)
     yield stubs, pack

@@ -21,9 +21,9 @@ import types
 import pytest
 import torch
 
-from conftest import HANG_S
-from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, load_pack, run_workflow, state_files, \
-    unload_pack
+from conftest import HANG_S, write_private_photos
+from comfy_harness import REPO, InterruptProcessingException, load_pack, run_workflow, state_files, \
+    tiny_comfy, unload_pack
 
 SLICE = 0.5                 # seconds per slice of a slow stand-in
 SLOW_SLICES = 60            # a 30 s stand-in loader / class-image generator
@@ -147,21 +147,7 @@ def test_class_images_cached_only_when_complete(tmp_path):
 # ---------------------------------------------------------------------------------------------- ComfyUI
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, small_faces_dir):
-    from PIL import Image
-
-    from iddm_core.tiny import write_tiny_model, write_tiny_tokenizer
-
-    stubs = ComfyStubs(tmp_path_factory.mktemp("comfyui"))
-    _, single = write_tiny_model(stubs.root / "scratch")
-    shutil.move(str(single), stubs.models / "checkpoints" / "tiny.safetensors")
-    write_tiny_tokenizer(stubs.comfy_dir / "sd1_tokenizer")
-    photos = stubs.input / "photos"
-    photos.mkdir()
-    for i, name in enumerate(("obama.jpg", "obama2.jpg")):
-        im = Image.open(small_faces_dir / name).convert("RGB")
-        im.save(photos / f"{PRIVATE}_{i}.jpg")
-        im.transpose(Image.FLIP_LEFT_RIGHT).save(photos / f"{PRIVATE}_{i}_m.jpg")
-    stubs.install()
+    stubs = tiny_comfy(tmp_path_factory.mktemp("comfyui"), small_faces_dir, PRIVATE)
     pack = load_pack(PACK)
     yield stubs, pack
     stubs.uninstall()
@@ -351,8 +337,6 @@ def a1111(tmp_path_factory, small_faces_dir):
                                          "requirements-a1111-test.txt")
     import os
 
-    from PIL import Image
-
     from a1111_harness import WebUIStubs, load_extension_script, unload_extension
     from iddm_core.models import save_single_file
     from iddm_core.tiny import build_tiny_bundle, write_tiny_tokenizer
@@ -362,11 +346,7 @@ def a1111(tmp_path_factory, small_faces_dir):
     save_single_file(build_tiny_bundle(), stubs.checkpoints / "tiny.safetensors")
     stubs.write_hf_tokenizer(write_tiny_tokenizer)
     photos = root / "photos"
-    photos.mkdir()
-    for i, name in enumerate(("obama.jpg", "obama2.jpg")):
-        im = Image.open(small_faces_dir / name).convert("RGB")
-        im.save(photos / f"{PRIVATE}_{i}.jpg")
-        im.transpose(Image.FLIP_LEFT_RIGHT).save(photos / f"{PRIVATE}_{i}_m.jpg")
+    write_private_photos(photos, small_faces_dir, PRIVATE)
     saved_cache = os.environ.get("IDDM_CACHE_DIR")
     os.environ["IDDM_CACHE_DIR"] = str(root / "iddm_cache")
     stubs.install()

@@ -193,15 +193,10 @@ def test_report_has_the_schedule(refs, ensemble):
 # ------------------------------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def photos(tmp_path, small_faces_dir):
-    from PIL import Image
+    from conftest import write_private_photos
 
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i, name in enumerate(("obama.jpg", "obama2.jpg")):
-        im = Image.open(small_faces_dir / name).convert("RGB")
-        im.save(folder / f"private_{i}.jpg")
-        im.transpose(Image.FLIP_LEFT_RIGHT).save(folder / f"private_{i}_m.jpg")
-    return folder
+    write_private_photos(tmp_path / "photos", small_faces_dir, "private")
+    return tmp_path / "photos"
 
 
 def _cli(*argv):

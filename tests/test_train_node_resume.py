@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_harness import REPO, ComfyStubs, InterruptProcessingException, load_pack, run_workflow, state_files, \
-    unload_pack
+from comfy_harness import REPO, InterruptProcessingException, load_pack, run_workflow, state_files, \
+    tiny_comfy, unload_pack
 
 PACK = "comfyui-iddm"
 PRIVATE = "secret_bob"
@@ -24,21 +24,7 @@ OLD_REQUIRED_WIDGETS = ["K", "ft_steps", "rank", "lr", "resolution", "train_seed
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, small_faces_dir):
-    from PIL import Image
-
-    from iddm_core.tiny import write_tiny_model, write_tiny_tokenizer
-
-    stubs = ComfyStubs(tmp_path_factory.mktemp("comfyui"))
-    folder, single = write_tiny_model(stubs.root / "scratch")
-    shutil.move(str(single), stubs.models / "checkpoints" / "tiny.safetensors")
-    write_tiny_tokenizer(stubs.comfy_dir / "sd1_tokenizer")
-    photos = stubs.input / "photos"
-    photos.mkdir()
-    for i, name in enumerate(("obama.jpg", "obama2.jpg")):
-        im = Image.open(small_faces_dir / name).convert("RGB")
-        im.save(photos / f"{PRIVATE}_{i}.jpg")
-        im.transpose(Image.FLIP_LEFT_RIGHT).save(photos / f"{PRIVATE}_{i}_m.jpg")
-    stubs.install()
+    stubs = tiny_comfy(tmp_path_factory.mktemp("comfyui"), small_faces_dir, PRIVATE)
     pack = load_pack(PACK)
     yield stubs, pack
     stubs.uninstall()
