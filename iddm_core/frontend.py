@@ -2,7 +2,7 @@
 
 Plain functions over plain values (numbers, strings, the library's own config objects), so that each front end
 only translates its widgets into arguments and never re-implements a rule: the LoRA file name check, the PGD
-settings a preset fixes, the recogniser choice, the run's :class:`~iddm_core.iddm.IDDMConfig`, and the texts shown
+settings a preset fixes, the recogniser choice, the run's :class:`~iddm_core.protection.iddm.IDDMConfig`, and the texts shown
 to the user (photo counts, the finished run's summary). Nothing here imports a host application or a UI toolkit,
 and nothing here writes a file.
 
@@ -98,11 +98,11 @@ def check_number(name: str, value, limits: tuple | None = None):
 # ------------------------------------------------------------------------------------------------ configs
 def pgd_config(preset: str, T: int, rho: float, eta: float, alpha: float, gradient: str = "full",
                pgd_batch: int = 1):
-    """:class:`~iddm_core.pgd.PGDConfig` from a front end's fields: a preset other than "custom" fixes what it names
+    """:class:`~iddm_core.protection.pgd.PGDConfig` from a front end's fields: a preset other than "custom" fixes what it names
     (rho; "fast" also the gradient), the fields give the rest; every number is checked against
     :data:`NUMBER_LIMITS` (:func:`check_number`), so errors name the parameter and nothing is clamped."""
-    from .iddm import preset_values
-    from .pgd import PGDConfig
+    from .protection.iddm import preset_values
+    from .protection.pgd import PGDConfig
 
     if preset != "custom":              # the preset fixes rho (and "fast" the gradient): the rho field is unused
         values = {"gradient": str(gradient), **preset_values(preset)}
@@ -157,11 +157,11 @@ def recogniser_status(specs: Sequence) -> str:
 
 def iddm_config(pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation, num_class_images,
                 train_text_encoder=False, *, surrogates, tau):
-    """The run's :class:`~iddm_core.iddm.IDDMConfig` from plain values, validated (errors name the parameter).
+    """The run's :class:`~iddm_core.protection.iddm.IDDMConfig` from plain values, validated (errors name the parameter).
 
-    ``pgd``: a :class:`~iddm_core.pgd.PGDConfig` (see :func:`pgd_config`; copied, never shared with the caller);
+    ``pgd``: a :class:`~iddm_core.protection.pgd.PGDConfig` (see :func:`pgd_config`; copied, never shared with the caller);
     ``surrogates``: registry tokens (see :func:`selected_surrogates`); ``resolution`` 0 = the model's native size."""
-    from .iddm import IDDMConfig
+    from .protection.iddm import IDDMConfig
 
     # class images are only made with prior preservation: without it the field is not used (nor checked)
     n_class = check_number("num_class_images", num_class_images) if prior_preservation else \
@@ -177,7 +177,7 @@ def iddm_config(pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation
 # ------------------------------------------------------------------------------------------------- model
 @contextmanager
 def loaded_for_training(path: str, device, info=None, precision: str = "auto", tokenizer=None, callback=None):
-    """Yield a :class:`~iddm_core.models.ModelBundle` of ``path`` on ``device`` for one run, and drop its weights
+    """Yield a :class:`~iddm_core.diffusion.models.ModelBundle` of ``path`` on ``device`` for one run, and drop its weights
     after it, whether the run finished, failed or was cancelled.
 
     Call it after the host application has freed its own models. The frozen weights are stored as the precision
@@ -187,9 +187,9 @@ def loaded_for_training(path: str, device, info=None, precision: str = "auto", t
     ``callback(Event)``: the run's progress callback; it gets ``"setup"`` events while the model loads (between its
     parts) and may raise there to cancel, as during training."""
     from .events import report_setup
-    from .fit import check_model_fits
-    from .models import load_model
-    from .precision import precision_for, weight_dtypes
+    from .diffusion.fit import check_model_fits
+    from .diffusion.models import load_model
+    from .diffusion.precision import precision_for, weight_dtypes
 
     report_setup(callback, "load", "loading the model: checking the memory")
     if info is not None:
@@ -213,7 +213,7 @@ def refs_summary(refs, show_names: bool = True) -> str:
     file name: for hosts that keep what a node shows (ComfyUI stores every node's text and outputs in /history)."""
     n_ref, n_prot = len(refs.split.reference), len(refs.split.protect)
     lines = [f"{len(refs)} photos with a face at {refs.resolution}px: {n_ref} reference (Xc), {n_prot} protected (X0)"]
-    from .refs import folder_positions, identity_note
+    from .protection.refs import folder_positions, identity_note
 
     if refs.skipped:
         if show_names:

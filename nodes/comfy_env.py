@@ -96,9 +96,9 @@ def _diffusers_folders() -> list[str]:
 
 
 def resolve_checkpoint(name: str) -> str:
-    """A ``ckpt_name`` choice -> the path for iddm_core.models.load_model.
+    """A ``ckpt_name`` choice -> the path for iddm_core.diffusion.models.load_model.
 
-    Single files carry no tokenizer (neither do the SD checkpoints users download); iddm_core.models finds the
+    Single files carry no tokenizer (neither do the SD checkpoints users download); iddm_core.diffusion.models finds the
     CLIP tokenizer files that ComfyUI ships with its own code (comfy/sd1_tokenizer). Diffusers folders bring
     their own tokenizer.
     """

@@ -53,8 +53,8 @@ def _clean_refs(refs):
 
 def resolve_threshold(threshold: float, name: str) -> tuple[float, str]:
     """The match threshold in effect and where it comes from: the widget's value, or with 0 (auto) the judge's
-    own (iddm_core.evaluate.MATCH_THRESHOLDS)."""
-    from ..iddm_core.evaluate import match_threshold
+    own (iddm_core.evaluation.evaluate.MATCH_THRESHOLDS)."""
+    from ..iddm_core.evaluation.evaluate import match_threshold
 
     if float(threshold) > 0:
         return float(threshold), "set on the node"
@@ -63,7 +63,7 @@ def resolve_threshold(threshold: float, name: str) -> tuple[float, str]:
 
 def threshold_help() -> str:
     """Each known recogniser's own threshold, for the widget's tooltip."""
-    from ..iddm_core.evaluate import DEFAULT_MATCH_THRESHOLD, MATCH_THRESHOLDS
+    from ..iddm_core.evaluation.evaluate import DEFAULT_MATCH_THRESHOLD, MATCH_THRESHOLDS
 
     own = ", ".join(f"{name} {value:g}" for name, value in MATCH_THRESHOLDS.items())
     return f"{own}, others {DEFAULT_MATCH_THRESHOLD:g}"
@@ -127,8 +127,8 @@ class IdentityLeakMeter:
         import numpy as np
         import torch
 
-        from ..iddm_core.evaluate import _uint8, evaluate
-        from ..iddm_core.leak_render import annotate, bar_chart, label_text, verdict_color
+        from ..iddm_core.evaluation.evaluate import _uint8, evaluate
+        from ..iddm_core.evaluation.leak_render import annotate, bar_chart, label_text, verdict_color
         from .comfy_env import torch_device
 
         with torch.inference_mode():

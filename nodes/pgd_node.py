@@ -33,10 +33,10 @@ def run_preview(handle, loss, config, ckpt_name: str, resolution: int, seed: int
     """X' of the protected photos after one PGDTwoStage against the base model, and the similarity drop."""
     import torch
 
-    from ..iddm_core.finetune import FinetuneConfig, encode_prompts
-    from ..iddm_core.grad_checkpoint import use_checkpointing
-    from ..iddm_core.pgd import pgd_two_stage
-    from ..iddm_core.precision import precision_for
+    from ..iddm_core.training.finetune import FinetuneConfig, encode_prompts
+    from ..iddm_core.diffusion.grad_checkpoint import use_checkpointing
+    from ..iddm_core.protection.pgd import pgd_two_stage
+    from ..iddm_core.diffusion.precision import precision_for
     from .comfy_env import NodeProgress
     from .session import trainable_refs, training_model
 

@@ -48,7 +48,7 @@ class IDDMPortraits:
     def sample(self, ckpt_name, lora_name, prompt, count, sample_seed, steps, guidance, unique_id=None):
         import torch
 
-        from ..iddm_core.portraits import check_sampling, portraits
+        from ..iddm_core.evaluation.portraits import check_sampling, portraits
         from .comfy_env import NodeProgress, lora_path
         from .session import training_model
 

@@ -2,7 +2,7 @@
 
 IMAGE batch in, IMAGE batch out (centre square crop at the model's resolution, on the 8-bit grid, within eta of the
 input after saving). Save the result with "Save Image (no metadata)" (save_node.py): ComfyUI's own Save Image
-would embed the workflow. The heavy work is iddm_core/protect.py; module level imports only the standard library.
+would embed the workflow. The heavy work is iddm_core/protection/protect.py; module level imports only the standard library.
 
 Resume (``resume``, on by default), as the training node does: the state of the last finished round is kept in a
 private folder (:func:`comfy_env.state_root`, named by a hash of the input photos' pixels) and deleted when the run
@@ -40,7 +40,7 @@ def protect_state_dir(x):
 
     import torch
 
-    from ..iddm_core.checkpoint import state_dir_keyed
+    from ..iddm_core.training.checkpoint import state_dir_keyed
     from .comfy_env import state_root
 
     pixels = x.mul(255).round().to(torch.uint8).cpu().numpy()
@@ -145,9 +145,9 @@ class ProtectPhotos:
                 unique_id=None):
         import torch
 
-        from ..iddm_core.checkpoint import clear_state
-        from ..iddm_core.models import validate_model
-        from ..iddm_core.protect import ProtectConfig, run_protect
+        from ..iddm_core.training.checkpoint import clear_state
+        from ..iddm_core.diffusion.models import validate_model
+        from ..iddm_core.protection.protect import ProtectConfig, run_protect
         from .comfy_env import NodeProgress, resolve_checkpoint
         from .session import training_model
 

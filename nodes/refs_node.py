@@ -105,7 +105,7 @@ class LoadPrivateRefs:
                             protect_files=parse_file_list(protect_files), skip_faceless=bool(skip_faceless))
         refs = handle.at(int(resolution))
         if refs.identity is None:           # dlib: do the photos show one person? (a warning in the summary)
-            from ..iddm_core.refs import check_identity
+            from ..iddm_core.protection.refs import check_identity
 
             check_identity(refs)
         order = list(refs.split.reference) + list(refs.split.protect)

@@ -73,7 +73,7 @@ class RefsHandle:
     def _load(self, resolution: int):
         """The library names the folder, every faceless photo (an error when ``skip_faceless`` is off) and the
         "need at least 3 photos" case itself."""
-        from ..iddm_core.refs import load_private_refs
+        from ..iddm_core.protection.refs import load_private_refs
 
         return load_private_refs(self.folder, resolution, seed=self.seed, n_reference=self.n_reference,
                                  reference_files=self.reference_files, protect_files=self.protect_files,
@@ -93,7 +93,7 @@ class LossSpec:
 
     def build(self, device):
         """The FaceEnsembleLoss on ``device`` (recognisers loaded now, frozen)."""
-        from ..iddm_core.iddm import build_ensemble
+        from ..iddm_core.protection.iddm import build_ensemble
 
         return build_ensemble(self.surrogates, self.tau, device)
 

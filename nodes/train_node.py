@@ -21,7 +21,7 @@ from .specs import CATEGORY, LOSS, PGD, REFS, ComboName
 
 def train_state_dir(out_path) -> Path:
     """The resume-state folder of the run writing ``out_path`` (one per LoRA file)."""
-    from ..iddm_core.checkpoint import state_dir_for
+    from ..iddm_core.training.checkpoint import state_dir_for
 
     from .comfy_env import state_root
 
@@ -101,9 +101,9 @@ class IDDMTrainLoRA:
         import torch
 
         from ..iddm_core.atomic import check_writable
-        from ..iddm_core.checkpoint import clear_state
-        from ..iddm_core.iddm import run_iddm, total_steps
-        from ..iddm_core.models import validate_model
+        from ..iddm_core.training.checkpoint import clear_state
+        from ..iddm_core.protection.iddm import run_iddm, total_steps
+        from ..iddm_core.diffusion.models import validate_model
         from .comfy_env import NodeProgress, class_cache_dir, loras_dir, resolve_checkpoint
         from .session import trainable_refs, training_model
 

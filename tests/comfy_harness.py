@@ -237,7 +237,7 @@ def tiny_comfy(root: Path, faces: Path, private: str) -> "ComfyStubs":
     also as ComfyUI's ``sd1_tokenizer``) and four private-looking photos in ``input/photos``."""
     import shutil
 
-    from iddm_core.tiny import write_tiny_model, write_tiny_tokenizer
+    from iddm_core.diffusion.tiny import write_tiny_model, write_tiny_tokenizer
 
     stubs = ComfyStubs(root)
     _, single = write_tiny_model(stubs.root / "scratch")

@@ -7,14 +7,14 @@ import torch
 
 @pytest.fixture(scope="module")
 def demo():
-    from iddm_core.models import load_model
+    from iddm_core.diffusion.models import load_model
 
     return load_model("demo")
 
 
 @pytest.fixture(scope="module")
 def demo_crops():
-    from iddm_core.demo_model.measure import demo_crops
+    from iddm_core.demo.model.measure import demo_crops
 
     return demo_crops(128)
 
@@ -22,7 +22,7 @@ def demo_crops():
 def test_shipped_weights_are_small_fp16_sd1_and_load_by_name(demo):
     from safetensors import safe_open
 
-    from iddm_core.demo_model import ASSET_DIR, weights_path
+    from iddm_core.demo.model import ASSET_DIR, weights_path
 
     total = sum(p.stat().st_size for p in ASSET_DIR.rglob("*") if p.is_file())
     assert total <= 16 * 2 ** 20, f"shipped demo model is {total / 2 ** 20:.1f} MiB"
@@ -39,7 +39,7 @@ def test_shipped_weights_are_small_fp16_sd1_and_load_by_name(demo):
 
 
 def test_demo_identity_is_held_out_of_training_data():
-    from iddm_core.demo_model import data
+    from iddm_core.demo.model import data
 
     names = [name for name, *_ in data.SOURCES]
     assert not set(names) & set(data.HELD_OUT) and not set(data.FACES) & set(data.HELD_OUT)
@@ -53,8 +53,8 @@ def test_vae_round_trip_keeps_the_held_out_face(demo, demo_crops):
     """Measured on the shipped model: PSNR 30.3 / 31.2 dB, dlib distance 0.23 / 0.34 (the 4-latent-channel model
     before it: 25.4 / 26.5 dB, 0.39 / 0.41). Guards against a regression; issue 10's PSNR target (>= 26 dB) is
     met, its dlib target (<= 0.2) is NOT."""
-    from iddm_core.demo_model.measure import native_distance, uint8_images, vae_round_trip
-    from iddm_core.evaluate import psnr
+    from iddm_core.demo.model.measure import native_distance, uint8_images, vae_round_trip
+    from iddm_core.evaluation.evaluate import psnr
 
     images, _ = demo_crops
     recon = vae_round_trip(demo, images)
@@ -69,7 +69,7 @@ def test_unet_denoises_a_face_it_never_saw(demo, demo_crops):
     model's target v, well below about 1, the score of predicting zero), not pulled towards the training faces: a
     UNet trained on the faces alone scored 1.31 at t = 50 and 1.00 at t = 100 here (epsilon MSE; at these
     timesteps v is nearly epsilon), and DreamBooth on it diverged."""
-    from iddm_core.demo_model.measure import denoising_error
+    from iddm_core.demo.model.measure import denoising_error
 
     images, _ = demo_crops
     errors = {t: denoising_error(demo, images, t, seed=0, prompt="a photo of sks person") for t in (50, 100)}
@@ -80,9 +80,9 @@ def test_unet_denoises_a_face_it_never_saw(demo, demo_crops):
 def test_samples_from_pure_noise_are_faces(demo):
     """Issue 10: dlib finds a face in most samples. 4 samples of the class prompt (DDIM 25 steps, guidance 5),
     judged by the detector ``evaluate`` uses for samples this small (dlib's CNN)."""
-    from iddm_core.evaluate import sample_detector_name, scan_faces
+    from iddm_core.evaluation.evaluate import sample_detector_name, scan_faces
     from iddm_core.face.detect import get_detector
-    from iddm_core.finetune import generate_images
+    from iddm_core.training.finetune import generate_images
 
     assert sample_detector_name(demo.resolution) == "dlib-cnn"
     with torch.no_grad():
@@ -94,8 +94,8 @@ def test_samples_from_pure_noise_are_faces(demo):
 
 def test_full_dreambooth_fits_the_photos_and_freezes_the_unet_after(demo_crops):
     """measure's full-UNet DreamBooth (item 5) lowers the denoising error of the photos it trains on."""
-    from iddm_core.demo_model import load_demo_bundle
-    from iddm_core.demo_model.measure import denoising_error, full_dreambooth
+    from iddm_core.demo.model import load_demo_bundle
+    from iddm_core.demo.model.measure import denoising_error, full_dreambooth
 
     bundle = load_demo_bundle()
     images, _ = demo_crops
@@ -108,8 +108,8 @@ def test_full_dreambooth_fits_the_photos_and_freezes_the_unet_after(demo_crops):
 
 
 def test_min_snr_weights_of_the_epsilon_and_v_losses():
-    from iddm_core.demo_model.architecture import build_scheduler
-    from iddm_core.demo_model.train import snr_weights
+    from iddm_core.demo.model.architecture import build_scheduler
+    from iddm_core.demo.model.train import snr_weights
 
     ac = build_scheduler(v_zero_snr=True).alphas_cumprod
     t = torch.tensor([0, 500, 998])
@@ -125,8 +125,8 @@ def test_stage_two_through_the_diffusion_model_lowers_similarity(demo, demo_crop
     dlib. The similarity of x0_hat (same noise before/after) and of X' itself must both fall."""
     from iddm_core.face.ensemble import FaceEnsembleLoss
     from iddm_core.face.registry import load_recognizer, parse_surrogates
-    from iddm_core.finetune import encode_prompts
-    from iddm_core.pgd import Noise, PGDConfig, pgd_two_stage, predict_clean_image
+    from iddm_core.training.finetune import encode_prompts
+    from iddm_core.protection.pgd import Noise, PGDConfig, pgd_two_stage, predict_clean_image
 
     images, landmarks = demo_crops
     ref, x0, lm0 = images[:1], images[1:], landmarks[1:]
@@ -153,15 +153,15 @@ def test_stage_two_through_the_diffusion_model_lowers_similarity(demo, demo_crop
 def test_training_stages_reduce_their_loss_and_export_loads(tmp_path):
     """A few steps of each stage on the real data pipeline (not the shipped quality): losses fall, and the
     exported fp16 file loads back as the same SD1 bundle."""
-    from iddm_core.demo_model import load_demo_bundle
-    from iddm_core.demo_model.architecture import assemble, build_text_encoder, build_unet
-    from iddm_core.demo_model.data import PatchSampler
-    from iddm_core.demo_model.train import VAETrainConfig, export, train_vae, vae_loss
+    from iddm_core.demo.model import load_demo_bundle
+    from iddm_core.demo.model.architecture import assemble, build_text_encoder, build_unet
+    from iddm_core.demo.model.data import PatchSampler
+    from iddm_core.demo.model.train import VAETrainConfig, export, train_vae, vae_loss
 
     torch.manual_seed(0)
     sampler = PatchSampler(16, seed=0, face_crops=2)
     probe = sampler(8)
-    from iddm_core.demo_model.architecture import build_vae
+    from iddm_core.demo.model.architecture import build_vae
 
     with torch.no_grad():
         before = float(vae_loss(build_vae(0), probe, 0.0, torch.Generator().manual_seed(0))[1])
@@ -180,7 +180,7 @@ def test_training_stages_reduce_their_loss_and_export_loads(tmp_path):
 
 
 def test_augmented_face_crops_keep_a_detectable_face():
-    from iddm_core.demo_model.data import face_pool
+    from iddm_core.demo.model.data import face_pool
     from iddm_core.face.detect import get_detector
 
     images, words = face_pool(6, 128, seed=3)
@@ -194,8 +194,8 @@ def test_demo_story_compares_no_defense_and_iddm(tmp_path):
     both sample sets scored, and a contact sheet of four rows."""
     from PIL import Image
 
-    from iddm_core.demo import DEMO_SAMPLES, format_result, run_demo
-    from iddm_core.lora import check_kohya, read_kohya_lora
+    from iddm_core.demo.story import DEMO_SAMPLES, format_result, run_demo
+    from iddm_core.training.lora import check_kohya, read_kohya_lora
 
     r = run_demo(tmp_path)
     for name in ("iddm_lora.safetensors", "no_defense_lora.safetensors"):

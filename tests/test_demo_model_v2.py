@@ -25,7 +25,7 @@ def two_photo_identities():
 
 
 def test_test_identities_file_is_40_distinct_ids():
-    from iddm_core.demo_model.data import FACES, HELD_OUT, TEST_IDENTITIES_FILE, read_identity_list
+    from iddm_core.demo.model.data import FACES, HELD_OUT, TEST_IDENTITIES_FILE, read_identity_list
 
     ids = read_identity_list()
     assert len(ids) == 40 and len(set(ids)) == 40
@@ -37,7 +37,7 @@ def test_test_identities_file_is_40_distinct_ids():
 @needs_corpus
 def test_test_identities_follow_the_documented_rule():
     """The first 40 two-photo identities by sha256 of the id, in that order."""
-    from iddm_core.demo_model.data import read_identity_list
+    from iddm_core.demo.model.data import read_identity_list
 
     two = two_photo_identities()
     assert len(two) == 137
@@ -46,7 +46,7 @@ def test_test_identities_follow_the_documented_rule():
 
 
 def test_identity_list_rejects_malformed_files(tmp_path):
-    from iddm_core.demo_model.data import read_identity_list
+    from iddm_core.demo.model.data import read_identity_list
     from iddm_core.errors import InputError
 
     bad = tmp_path / "ids.txt"
@@ -65,8 +65,8 @@ def crops(tmp_path_factory):
     """`prepare` on 3 congress identities, one of them a test identity (a two-photo one)."""
     if not (CONGRESS / "index.csv").is_file():
         pytest.skip(f"congress corpus not found at {CONGRESS}")
-    from iddm_core.demo_model.__main__ import main
-    from iddm_core.demo_model.data import read_identity_list
+    from iddm_core.demo.model.__main__ import main
+    from iddm_core.demo.model.data import read_identity_list
 
     test_id = read_identity_list()[0]
     train_ids = sorted(two_photo_identities() - set(read_identity_list()))[:1] + ["A000014"]
@@ -79,7 +79,7 @@ def crops(tmp_path_factory):
 
 
 def test_prepare_writes_face_centred_crops_and_skips_test_identities(crops):
-    from iddm_core.demo_model.data import CROP_MARGIN, CROP_SIZE
+    from iddm_core.demo.model.data import CROP_MARGIN, CROP_SIZE
     from iddm_core.face.detect import get_detector
     from iddm_core.images import load_rgb
 
@@ -106,7 +106,7 @@ def test_prepare_writes_face_centred_crops_and_skips_test_identities(crops):
 
 
 def test_prepare_refuses_bad_input_before_work(tmp_path, crops):
-    from iddm_core.demo_model.__main__ import main
+    from iddm_core.demo.model.__main__ import main
     from iddm_core.errors import InputError
 
     with pytest.raises(InputError, match="--faces"):
@@ -116,7 +116,7 @@ def test_prepare_refuses_bad_input_before_work(tmp_path, crops):
 
 
 def test_training_data_refuses_crops_of_test_identities(crops, tmp_path):
-    from iddm_core.demo_model.data import Corpus
+    from iddm_core.demo.model.data import Corpus
     from iddm_core.errors import InputError
 
     out, train_ids, _ = crops
@@ -135,7 +135,7 @@ def test_training_data_refuses_crops_of_test_identities(crops, tmp_path):
 def test_train_with_data_runs_a_few_steps_without_dlib(crops, tmp_path, monkeypatch):
     """Stages vae / unet / refine / export on the crops, on the CPU, with dlib unimportable (as on the GPU
     machine): every part lands in --work, the export in --out with a README naming the corpus."""
-    from iddm_core.demo_model.__main__ import main
+    from iddm_core.demo.model.__main__ import main
     from iddm_core.errors import InputError
 
     out, _, _ = crops
@@ -155,7 +155,7 @@ def test_train_with_data_runs_a_few_steps_without_dlib(crops, tmp_path, monkeypa
 
 
 def test_phase_clock_stops_on_time_and_decays_the_rate():
-    from iddm_core.demo_model.train import Budget, PhaseClock, warmup_cosine
+    from iddm_core.demo.model.train import Budget, PhaseClock, warmup_cosine
 
     # without a time limit the schedule is exactly the CPU recipe's warmup_cosine
     p1, p2 = [torch.nn.Parameter(torch.zeros(1))], [torch.nn.Parameter(torch.zeros(1))]
@@ -179,9 +179,9 @@ def test_shipped_v2_loads_by_name_and_its_vae_reconstructs_an_unseen_face():
     (v-prediction, zero terminal SNR, 16 latent channels, 128 px) and its VAE, trained on 1,075 congress faces,
     reconstructs the held-out demo photos (measured 30.74 / 31.43 dB; v1's VAE 30.3 / 31.2). Its UNet is not
     trained enough for samples from noise to be faces yet (measure: FSR 0/8), which is why v1 still drives the demo."""
-    from iddm_core.demo_model.measure import demo_crops, vae_round_trip
-    from iddm_core.evaluate import psnr
-    from iddm_core.models import load_model, validate_model
+    from iddm_core.demo.model.measure import demo_crops, vae_round_trip
+    from iddm_core.evaluation.evaluate import psnr
+    from iddm_core.diffusion.models import load_model, validate_model
 
     info = validate_model("demo-v2")
     assert (info.title, info.prediction_type, info.resolution) == ("demo-v2", "v_prediction", 128)

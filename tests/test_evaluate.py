@@ -42,7 +42,7 @@ def photos(small_faces_dir):
 def crops(photos, detector):
     """Face-centred 160 px crops of the four sample photos + their landmarks, keyed by person."""
     from iddm_core.images import Photo
-    from iddm_core.refs import prepare_photos
+    from iddm_core.protection.refs import prepare_photos
 
     names = ["obama", "obama2", "biden", "astronaut"]
     images, landmarks, _, skipped = prepare_photos([Photo(n, None, photos[n]) for n in names], 160, detector)
@@ -258,7 +258,7 @@ def test_held_out_warning(crops, detector, dlib_rec):
 # ------------------------------------------------------------------------------------------ rendering and CLIs
 
 def test_render_colours_and_chart():
-    from iddm_core.leak_render import GREEN, GREY, RED, annotate, bar_chart, verdict_color
+    from iddm_core.evaluation.leak_render import GREEN, GREY, RED, annotate, bar_chart, verdict_color
 
     assert verdict_color(0.95, 0.9) == RED and verdict_color(0.5, 0.9) == GREEN and verdict_color(None, 0.9) == GREY
     img = annotate(np.zeros((64, 64, 3), np.uint8), "sim 0.950", RED)
@@ -424,7 +424,7 @@ def test_evaluate_judges_with_the_packaged_held_out_recogniser(crops, detector):
 
 
 def test_lora_comment_names_the_surrogates_without_paths():
-    from iddm_core.iddm import IDDMConfig, lora_comment, surrogates_from_comment
+    from iddm_core.protection.iddm import IDDMConfig, lora_comment, surrogates_from_comment
 
     comment = lora_comment(IDDMConfig(surrogates=("dlib", "faceres:/home/me/models/faceres.json")))
     assert surrogates_from_comment(comment) == ["dlib", "faceres"] and "/home/me" not in comment

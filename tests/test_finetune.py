@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from iddm_core.errors import Cancelled, InputError
-from iddm_core.finetune import DreamBoothTrainer, FinetuneConfig, generate_images
-from iddm_core.lora import LoraSpec, get_lora_state
-from iddm_core.tiny import build_tiny_bundle
+from iddm_core.training.finetune import DreamBoothTrainer, FinetuneConfig, generate_images
+from iddm_core.training.lora import LoraSpec, get_lora_state
+from iddm_core.diffusion.tiny import build_tiny_bundle
 
 IMAGES = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
 CLASS = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
@@ -104,7 +104,7 @@ def test_class_images_generated_once_and_cached(tmp_path, monkeypatch):
     cached = list(tmp_path.iterdir())
     assert len(cached) == 1 and "person" not in cached[0].name
 
-    import iddm_core.finetune as ft
+    import iddm_core.training.finetune as ft
 
     monkeypatch.setattr(ft, "generate_images", lambda *a, **k: pytest.fail("regenerated despite the cache"))
     second = DreamBoothTrainer(build_tiny_bundle(0), LoraSpec(rank=2), cfg, class_cache_dir=tmp_path)

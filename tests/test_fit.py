@@ -81,7 +81,7 @@ def test_weight_bytes_follow_the_storage_dtypes():
 
 @linux
 def test_weights_that_cannot_fit_are_refused_before_loading_and_half_storage_halves_the_need(monkeypatch):
-    from iddm_core.precision import Precision, weight_dtypes
+    from iddm_core.diffusion.precision import Precision, weight_dtypes
 
     monkeypatch.setattr(fit, "available_bytes", lambda device: 8 * fit.GIB)
     sdxl = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_841}
@@ -96,8 +96,8 @@ def test_weights_that_cannot_fit_are_refused_before_loading_and_half_storage_hal
 
 def test_validate_model_counts_parameters_without_loading(tmp_path):
     """Counted on the meta device for a diffusers folder, a single file and "tiny"; equal to the loaded model's."""
-    from iddm_core.models import load_model, validate_model
-    from iddm_core.tiny import write_tiny_model
+    from iddm_core.diffusion.models import load_model, validate_model
+    from iddm_core.diffusion.tiny import write_tiny_model
 
     folder, single = write_tiny_model(tmp_path, kind="sdxl")
     bundle = load_model(str(folder))

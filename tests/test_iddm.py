@@ -6,24 +6,24 @@ import pytest
 import torch
 
 from iddm_core.errors import Cancelled, InputError
-from iddm_core.iddm import IDDMConfig, run_iddm
-from iddm_core.pgd import PGDConfig
+from iddm_core.protection.iddm import IDDMConfig, run_iddm
+from iddm_core.protection.pgd import PGDConfig
 
 RES = 64
 
 
 @pytest.fixture(scope="module")
 def refs():
-    from iddm_core.demo import demo_photos
+    from iddm_core.demo.story import demo_photos
     from iddm_core.face.detect import get_detector
-    from iddm_core.refs import refs_from_photos
+    from iddm_core.protection.refs import refs_from_photos
 
     return refs_from_photos(demo_photos(), RES, get_detector("dlib"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def ensemble():
-    from iddm_core.iddm import build_ensemble
+    from iddm_core.protection.iddm import build_ensemble
 
     return build_ensemble(["dlib"], 0.03, torch.device("cpu"))
 
@@ -36,13 +36,13 @@ def small_config(**kw):
 
 
 def fresh_model():
-    from iddm_core.models import load_model
+    from iddm_core.diffusion.models import load_model
 
     return load_model("tiny")
 
 
 def lora_tensors(path):
-    from iddm_core.lora import read_kohya_lora
+    from iddm_core.training.lora import read_kohya_lora
 
     return read_kohya_lora(path)[0]
 
@@ -78,7 +78,7 @@ def test_run_projection_schedule_report_and_lora(tmp_path, refs, ensemble):
     steps = [e for e in events if e.phase in ("finetune", "pgd")]
     assert len(steps) == 2 * (2 * 2 + 3) and [e.done for e in steps] == list(range(1, len(steps) + 1))
     # the LoRA is a valid kohya file, and nothing private leaked into the outputs
-    from iddm_core.lora import inspect_lora
+    from iddm_core.training.lora import inspect_lora
 
     assert inspect_lora(out)["compatible"]
     blob = out.read_bytes() + report_path.read_bytes()

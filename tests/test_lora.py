@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from iddm_core.errors import InputError
-from iddm_core.finetune import DreamBoothTrainer, FinetuneConfig
-from iddm_core.lora import (METADATA_KEYS, LoraSpec, add_lora, get_lora_state, inspect_lora, kohya_state_dict,
+from iddm_core.training.finetune import DreamBoothTrainer, FinetuneConfig
+from iddm_core.training.lora import (METADATA_KEYS, LoraSpec, add_lora, get_lora_state, inspect_lora, kohya_state_dict,
                             lora_disabled, save_kohya_lora, set_lora_state)
-from iddm_core.tiny import build_tiny_bundle
+from iddm_core.diffusion.tiny import build_tiny_bundle
 
 KOHYA_RE = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 SPEC = dict(rank=4, alpha=2.0, include_proj=True, include_ff=True, train_text_encoder=True)
@@ -181,7 +181,7 @@ def test_state_round_trip_and_disable(trained):
         base = outputs(bundle.unet, bundle.text_encoder, inputs)[0]
     fresh = build_tiny_bundle(0)
     assert torch.allclose(base, outputs(fresh.unet, fresh.text_encoder, inputs)[0], atol=1e-6)
-    from iddm_core.lora import lora_parameters
+    from iddm_core.training.lora import lora_parameters
 
     assert all(p.requires_grad for p in lora_parameters(bundle))  # trainable again after the context
     assert sum(p.requires_grad for p in bundle.unet.parameters()) == 2 * 10 * 12  # 10 blocks x 12 targets
@@ -207,7 +207,7 @@ def _full_size_export_names(kind, spec):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from iddm_core.models import ModelBundle, shipped_configs
+    from iddm_core.diffusion.models import ModelBundle, shipped_configs
 
     cfg = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in shipped_configs(kind).items()}
     with torch.device("meta"):

@@ -8,12 +8,12 @@ is intended (a new default, a fix), say so in the commit and store the new hash.
 import torch
 from safetensors import safe_open
 
-from iddm_core.demo import demo_photos
+from iddm_core.demo.story import demo_photos
 from iddm_core.face.detect import get_detector
-from iddm_core.iddm import IDDMConfig, build_ensemble, run_iddm
-from iddm_core.models import load_model
-from iddm_core.pgd import PGDConfig
-from iddm_core.refs import refs_from_photos
+from iddm_core.protection.iddm import IDDMConfig, build_ensemble, run_iddm
+from iddm_core.diffusion.models import load_model
+from iddm_core.protection.pgd import PGDConfig
+from iddm_core.protection.refs import refs_from_photos
 
 # Stored at 78c0c9b (before the regrouping of issue 25), printed by this test on a mismatch.
 EXPECTED = "930caa60f5d28094b96554cb7d659538d3cd5a96bb682a91c8d2867b2927c4e1"

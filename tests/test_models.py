@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from iddm_core.errors import ModelError
-from iddm_core.models import (ModelBundle, detect_kind, load_model, read_checkpoint, resolve_tokenizer,
+from iddm_core.diffusion.models import (ModelBundle, detect_kind, load_model, read_checkpoint, resolve_tokenizer,
                               save_single_file)
 from iddm_core import models as models_mod
-from iddm_core.tiny import build_tiny_bundle, write_tiny_model, write_tiny_tokenizer
+from iddm_core.diffusion.tiny import build_tiny_bundle, write_tiny_model, write_tiny_tokenizer
 
 REAL_COMFY_DIR = models_mod.comfy_tokenizer_dir
 PROMPTS = ["a photo of sks person", "a photo of person"]
@@ -151,7 +151,7 @@ def test_sd1_v_prediction_and_zero_terminal_snr_markers_round_trip(tmp_path):
     ``v_pred`` and ``ztsnr`` markers and loads back as such; the ``ztsnr`` marker alone switches the schedule."""
     from diffusers import DDPMScheduler
 
-    from iddm_core.models import ZERO_TERMINAL_SNR, validate_model
+    from iddm_core.diffusion.models import ZERO_TERMINAL_SNR, validate_model
 
     tok = str(write_tiny_tokenizer(tmp_path / "tok"))
     bundle = build_tiny_bundle(3)
@@ -273,7 +273,7 @@ def test_comfy_tokenizer_max_length_8192_is_capped_to_clip_context(written, tmp_
     monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", REAL_COMFY_DIR)
     b = load_model(str(written[1]))
     assert b.tokenizer.model_max_length == 77
-    from iddm_core.finetune import encode_prompts
+    from iddm_core.training.finetune import encode_prompts
     assert encode_prompts(b, ["a photo of sks person"]).shape[1] == 77
 
 
@@ -376,7 +376,7 @@ def _write_padded_tokenizer(folder, size):
     a stand-in for ComfyUI's 49408-token comfy/sd1_tokenizer)."""
     import json
 
-    from iddm_core.tiny import tiny_vocab_and_merges
+    from iddm_core.diffusion.tiny import tiny_vocab_and_merges
 
     write_tiny_tokenizer(folder)
     vocab, _ = tiny_vocab_and_merges()
@@ -402,7 +402,7 @@ def _no_network_built(monkeypatch):
 
 
 def test_comfy_clip_tokenizer_on_tiny_text_encoder_is_a_clear_error_before_loading(written, tmp_path, monkeypatch):
-    from iddm_core.demo_model import ASSET_DIR
+    from iddm_core.demo.model import ASSET_DIR
 
     # In ComfyUI a single file whose text encoder has fewer token rows than comfy/sd1_tokenizer died at the first
     # prompt with "IndexError: index out of range in self". It must fail at load time, saying which tokenizer.
@@ -431,7 +431,7 @@ def test_tokenizer_larger_than_text_encoder_is_refused_when_given_explicitly(wri
 def test_small_tokenizer_on_clip_sized_text_encoder_names_the_clip_tokenizer(tmp_path, monkeypatch):
     from transformers import CLIPTextModel
 
-    from iddm_core.tiny import _text_config
+    from iddm_core.diffusion.tiny import _text_config
 
     bundle = build_tiny_bundle(0)
     bundle.text_encoder = CLIPTextModel(_text_config(49408)).eval()    # real CLIP vocabulary size, eos 49407

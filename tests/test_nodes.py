@@ -31,7 +31,7 @@ HEAVY = ("diffusers", "transformers", "dlib", "_dlib_pybind11", "kornia")
 def env(tmp_path_factory, small_faces_dir):
     """Stub ComfyUI with the tiny model as a single-file checkpoint (+ ComfyUI's tokenizer folder) and as a
     diffusers folder, and four photos in input/iddm_photos; the pack loaded as ComfyUI loads it."""
-    from iddm_core.tiny import write_tiny_model, write_tiny_tokenizer
+    from iddm_core.diffusion.tiny import write_tiny_model, write_tiny_tokenizer
 
     stubs = ComfyStubs(tmp_path_factory.mktemp("comfyui"))
     scratch = stubs.root / "scratch"
@@ -249,7 +249,7 @@ def test_training_then_generation_workflows_on_tiny_model(clean):
     would embed prompt + workflow). The LoRA works, the training saves no image, and no saved PNG carries any text
     chunk, photo folder, photo name or path."""
     stubs, pack = clean
-    from iddm_core.lora import inspect_lora
+    from iddm_core.training.lora import inspect_lora
 
     core = core_nodes(stubs)
     folder = stubs.input / "iddm_photos"
@@ -576,8 +576,8 @@ def test_sdxl_checkpoint_is_listed_and_trains_at_its_native_resolution(clean):
     is offered by the train node and trained through it; resolution 0 = the model's native size; the LoRA is a
     kohya SDXL LoRA."""
     stubs, pack = clean
-    from iddm_core.lora import inspect_lora
-    from iddm_core.tiny import TINY_RESOLUTION, write_tiny_model
+    from iddm_core.training.lora import inspect_lora
+    from iddm_core.diffusion.tiny import TINY_RESOLUTION, write_tiny_model
 
     _, single = write_tiny_model(stubs.root / "scratch_xl", kind="sdxl")
     target = stubs.models / "checkpoints" / "tiny-sdxl.safetensors"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iddm_core.errors import InputError
-from iddm_core.pgd import PGDConfig, one_step_clean, pgd_two_stage
+from iddm_core.protection.pgd import PGDConfig, one_step_clean, pgd_two_stage
 
 
 @pytest.mark.parametrize("T,rho", [(8, 0.1), (8, 0.3), (8, 0.5), (10, 0.25), (3, 0.9)])
@@ -48,7 +48,7 @@ class _Sum(torch.nn.Module):
 
 
 def test_pgd_on_tiny_model_projection_and_stages():
-    from iddm_core.models import load_model
+    from iddm_core.diffusion.models import load_model
 
     bundle = load_model("tiny")
     tok = bundle.tokenizer(["a photo of sks person"], padding="max_length", truncation=True,
@@ -73,7 +73,7 @@ def test_stage_two_lowers_dlib_similarity_on_real_photos(small_faces_dir):
     from iddm_core.face.dlib_resnet import load_dlib_recognizer
     from iddm_core.face.ensemble import FaceEnsembleLoss
     from iddm_core.images import load_rgb
-    from iddm_core.refs import prepare_photos
+    from iddm_core.protection.refs import prepare_photos
     from iddm_core.images import Photo
 
     det = get_detector("dlib")
@@ -88,7 +88,7 @@ def test_stage_two_lowers_dlib_similarity_on_real_photos(small_faces_dir):
     cfg = PGDConfig(T=6, rho=0.1, eta=0.08, alpha=0.008)
     steps = []
 
-    from iddm_core.models import load_model
+    from iddm_core.diffusion.models import load_model
 
     bundle = load_model("tiny")     # its diffusion model is bypassed: x0_hat := x'
 
@@ -106,8 +106,8 @@ def test_stage_two_lowers_dlib_similarity_on_real_photos(small_faces_dir):
 # ---- real-size machinery: micro-batches, checkpointing, precision, non-finite steps, faster gradients ----------
 
 def _tiny_setup(n=3, res=64, seed=0):
-    from iddm_core.finetune import encode_prompts
-    from iddm_core.models import load_model
+    from iddm_core.training.finetune import encode_prompts
+    from iddm_core.diffusion.models import load_model
 
     bundle = load_model("tiny")
     with torch.no_grad():
@@ -140,8 +140,8 @@ def test_micro_batches_give_the_one_batch_result(gradient, one_thread):
 def test_checkpointed_gradients_equal_plain_ones_in_eval_mode():
     """Our checkpointing works with the UNet in eval mode (where some diffusers versions switch theirs off): the
     wrapped blocks really recompute in the backward pass, and the gradient is unchanged."""
-    from iddm_core.grad_checkpoint import activation_checkpointing, checkpoint_targets
-    from iddm_core.pgd import Noise, predict_clean_image
+    from iddm_core.diffusion.grad_checkpoint import activation_checkpointing, checkpoint_targets
+    from iddm_core.protection.pgd import Noise, predict_clean_image
 
     bundle, embeds, x0 = _tiny_setup(n=2)
     bundle.unet.eval()
@@ -189,7 +189,7 @@ def test_non_finite_gradient_never_reaches_x_prime():
     def nan_under_autocast(bundle, x, embeds, noise, precision, sds):
         return x * float("nan") if torch.is_autocast_enabled("cpu") else x
 
-    from iddm_core.precision import choose_precision
+    from iddm_core.diffusion.precision import choose_precision
 
     steps = []
     x = pgd_two_stage(bundle, _Sum(), x0, lm, embeds, cfg, torch.Generator().manual_seed(0), on_step=steps.append,
@@ -201,7 +201,7 @@ def test_non_finite_gradient_never_reaches_x_prime():
 def test_bf16_autocast_and_half_precision_weights_run_pgd():
     """CPU autocast in bf16 (the low-precision path CI can run) and a bundle whose weights are bf16 (no autocast:
     the inputs must be cast to the UNet's dtype)."""
-    from iddm_core.precision import choose_precision
+    from iddm_core.diffusion.precision import choose_precision
 
     bundle, embeds, x0 = _tiny_setup(n=2)
     lm = torch.zeros(2, 5, 2)
@@ -228,7 +228,7 @@ def test_sds_skips_the_unet_backward():
 
 
 def test_face_windows_cover_the_crops_inside_the_image():
-    from iddm_core.pgd import face_windows
+    from iddm_core.protection.pgd import face_windows
 
     support = torch.zeros(2, 128, 96, dtype=torch.bool)
     support[0, 10:40, 20:50] = True          # 30 x 30 near the top
@@ -244,11 +244,11 @@ def test_face_windows_cover_the_crops_inside_the_image():
 
 
 def test_face_mode_moves_only_the_window_in_stage_two(small_faces_dir):
-    from iddm_core.demo import demo_photos
+    from iddm_core.demo.story import demo_photos
     from iddm_core.face.detect import get_detector
-    from iddm_core.iddm import build_ensemble
-    from iddm_core.pgd import crop_support, face_windows, window_multiple
-    from iddm_core.refs import refs_from_photos
+    from iddm_core.protection.iddm import build_ensemble
+    from iddm_core.protection.pgd import crop_support, face_windows, window_multiple
+    from iddm_core.protection.refs import refs_from_photos
 
     bundle, embeds, _ = _tiny_setup()
     refs = refs_from_photos(demo_photos(), 256, get_detector("dlib"), seed=0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from iddm_core.errors import InputError
-from iddm_core.precision import LossScale, Precision, choose_precision
+from iddm_core.diffusion.precision import LossScale, Precision, choose_precision
 
 
 @pytest.mark.parametrize("capability,name,scaled,vae_fp32", [
@@ -51,7 +51,7 @@ def test_fp16_loss_scaling_rescues_an_underflowing_gradient():
     fp16 backward gives sign(0) = 0 and the PGD step would do nothing. Scaled by 2^12 it survives; scaled by 2^16
     the fp16 gradient of the loss itself overflows (65536 > 65504), which is reported as not finite (PGD then
     redoes the step in fp32 and the scale halves)."""
-    from iddm_core.pgd import _gradient
+    from iddm_core.protection.pgd import _gradient
 
     policy = Precision("cpu", torch.float16, vae_fp32=True)
     x = torch.rand(1, 3, 8, 8)
@@ -71,13 +71,13 @@ def test_fp16_loss_scaling_rescues_an_underflowing_gradient():
 def test_out_of_memory_becomes_advice_before_any_training(tmp_path, monkeypatch):
     """A trial Stage II step that runs out of memory stops the run before the first fine-tune step, with advice,
     and writes nothing."""
-    import iddm_core.iddm as iddm_mod
-    from iddm_core.demo import demo_photos
+    import iddm_core.protection.iddm as iddm_mod
+    from iddm_core.demo.story import demo_photos
     from iddm_core.face.detect import get_detector
-    from iddm_core.iddm import IDDMConfig, run_iddm
-    from iddm_core.models import load_model
-    from iddm_core.pgd import PGDConfig
-    from iddm_core.refs import refs_from_photos
+    from iddm_core.protection.iddm import IDDMConfig, run_iddm
+    from iddm_core.diffusion.models import load_model
+    from iddm_core.protection.pgd import PGDConfig
+    from iddm_core.protection.refs import refs_from_photos
 
     refs = refs_from_photos(demo_photos(), 64, get_detector("dlib"), seed=0)
 

@@ -90,7 +90,7 @@ def test_load_model_reports_between_parts_and_stops_there(tmp_path, monkeypatch)
     there means no further part is built."""
     from iddm_core import models
     from iddm_core.errors import Cancelled
-    from iddm_core.tiny import write_tiny_model
+    from iddm_core.diffusion.tiny import write_tiny_model
 
     _, single = write_tiny_model(tmp_path / "tiny")
     built, real = [], models._build_loaded
@@ -119,9 +119,9 @@ def test_load_model_reports_between_parts_and_stops_there(tmp_path, monkeypatch)
 def test_class_images_cached_only_when_complete(tmp_path):
     """Cancel during class-image sampling: nothing cached. Uncancelled: one cache file, written at the end."""
     from iddm_core.errors import Cancelled
-    from iddm_core.finetune import DreamBoothTrainer, FinetuneConfig
-    from iddm_core.lora import LoraSpec
-    from iddm_core.models import load_model
+    from iddm_core.training.finetune import DreamBoothTrainer, FinetuneConfig
+    from iddm_core.training.lora import LoraSpec
+    from iddm_core.diffusion.models import load_model
 
     cfg = FinetuneConfig(resolution=32, num_class_images=2, class_sampler_steps=3)
     cache = tmp_path / "classes"
@@ -188,8 +188,8 @@ def _first_call(timeline, fn):
 
 def _pack_modules(pack) -> dict:
     root = pack.__name__
-    names = {"comfy_env": "nodes.comfy_env", "train_node": "nodes.train_node", "models": "iddm_core.models",
-             "finetune": "iddm_core.finetune", "protect": "iddm_core.protect", "events": "iddm_core.events"}
+    names = {"comfy_env": "nodes.comfy_env", "train_node": "nodes.train_node", "models": "iddm_core.diffusion.models",
+             "finetune": "iddm_core.training.finetune", "protect": "iddm_core.protection.protect", "events": "iddm_core.events"}
     import importlib
 
     return {key: importlib.import_module(f"{root}.{name}") for key, name in names.items()}
@@ -338,8 +338,8 @@ def a1111(tmp_path_factory, small_faces_dir):
     import os
 
     from a1111_harness import WebUIStubs, load_extension_script, unload_extension
-    from iddm_core.models import save_single_file
-    from iddm_core.tiny import build_tiny_bundle, write_tiny_tokenizer
+    from iddm_core.diffusion.models import save_single_file
+    from iddm_core.diffusion.tiny import build_tiny_bundle, write_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("a1111_setup")
     stubs = WebUIStubs(root)

@@ -17,7 +17,7 @@ NAME = "IDDMProtectPhotos"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Stub ComfyUI with the tiny model as a single-file checkpoint (+ ComfyUI's tokenizer folder)."""
-    from iddm_core.tiny import write_tiny_model, write_tiny_tokenizer
+    from iddm_core.diffusion.tiny import write_tiny_model, write_tiny_tokenizer
 
     stubs = ComfyStubs(tmp_path_factory.mktemp("comfyui"))
     _, single = write_tiny_model(stubs.root / "scratch")

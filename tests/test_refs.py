@@ -8,7 +8,7 @@ from PIL import Image
 
 from iddm_core.errors import InputError
 from iddm_core.face.base import Face
-from iddm_core.refs import load_private_refs
+from iddm_core.protection.refs import load_private_refs
 
 
 class BrightFaceDetector:
@@ -55,7 +55,7 @@ def test_too_few_faces_names_folder_and_dropped_photos(tmp_path, faces, found):
 
 def test_skipped_names_are_kept_in_memory_only(tmp_path):
     folder = _folder(tmp_path, ["a.png", "b.png", "c.png"], ["holiday_beach.png"])
-    from iddm_core.refs import skipped_note
+    from iddm_core.protection.refs import skipped_note
 
     refs = load_private_refs(folder, 64, detector=BrightFaceDetector())
     assert len(refs) == 3 and refs.skipped == ["holiday_beach.png"]

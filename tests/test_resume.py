@@ -9,8 +9,8 @@ import torch
 
 from iddm_core import checkpoint as ckpt
 from iddm_core.errors import InputError
-from iddm_core.iddm import IDDMConfig, run_iddm
-from iddm_core.pgd import PGDConfig
+from iddm_core.protection.iddm import IDDMConfig, run_iddm
+from iddm_core.protection.pgd import PGDConfig
 
 from test_iddm import RES, ensemble, refs  # noqa: F401  (the same demo photos and dlib ensemble fixtures)
 from test_iddm import fresh_model as tiny
@@ -44,7 +44,7 @@ def _other_photos(refs):
 
 
 def _other_split(refs):
-    from iddm_core.split import Split
+    from iddm_core.protection.split import Split
 
     return dataclasses.replace(refs, split=Split(reference=refs.split.protect, protect=refs.split.reference))
 
@@ -64,7 +64,7 @@ def _other_model():
     ("settings", r"settings differ \(lr, seed\)"),
 ])
 def test_resume_of_another_run_is_refused_before_any_work(saved_state, refs, ensemble, change, expected):
-    from iddm_core.lora import has_lora
+    from iddm_core.training.lora import has_lora
 
     bundle = _other_model() if change == "model" else tiny()
     run_refs = {"photos": _other_photos, "split": _other_split}.get(change, lambda r: r)(refs)
@@ -140,8 +140,8 @@ def test_state_is_private_outside_the_output_folder_and_gone_after_success(tmp_p
 # --------------------------------------------------------------------------------- text-encoder conditioning
 @pytest.mark.parametrize("train_te", [False, True])
 def test_pgd_conditions_on_the_trained_text_encoder(monkeypatch, refs, ensemble, train_te):
-    import iddm_core.iddm as iddm_mod
-    from iddm_core.finetune import FinetuneConfig, encode_prompts
+    import iddm_core.protection.iddm as iddm_mod
+    from iddm_core.training.finetune import FinetuneConfig, encode_prompts
 
     bundle = tiny()
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_pgd_conditions_on_the_trained_text_encoder(monkeypatch, refs, ensemble,
 
 # ------------------------------------------------------------------------------------------- schedule messages
 def test_schedule_counts_and_no_stage_one_note():
-    from iddm_core.iddm import schedule_text
+    from iddm_core.protection.iddm import schedule_text
 
     paper = PGDConfig(T=8, rho=0.1)
     assert paper.schedule() == {"stage1_steps": 0, "stage2_steps": 8, "note": "no Stage I step (rho*T < 1)"}
@@ -213,8 +213,8 @@ def _train_args(photos, out, *extra):
 def test_cli_says_the_schedule_resumes_only_the_same_run_and_cleans_up(tmp_path, photos, monkeypatch, capsys):
     from iddm_core.cli import build_parser
     from iddm_core.cli.iddm import config_from_args
-    from iddm_core.models import load_model
-    from iddm_core.refs import load_private_refs
+    from iddm_core.diffusion.models import load_model
+    from iddm_core.protection.refs import load_private_refs
 
     monkeypatch.setenv("IDDM_CACHE_DIR", str(tmp_path / "cache"))
     out, report = tmp_path / "out" / "me.safetensors", tmp_path / "report.json"

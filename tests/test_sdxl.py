@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from iddm_core import models as models_mod
 from iddm_core import sd_keys
 from iddm_core.errors import ModelError
-from iddm_core.models import detect_kind, load_model, read_checkpoint, validate_model
-from iddm_core.tiny import (SDXL_TEXT_CONFIG_2, SDXL_TIME_EMBED_DIM, TINY_SDXL_TITLE, build_tiny_bundle,
+from iddm_core.diffusion.models import detect_kind, load_model, read_checkpoint, validate_model
+from iddm_core.diffusion.tiny import (SDXL_TEXT_CONFIG_2, SDXL_TIME_EMBED_DIM, TINY_SDXL_TITLE, build_tiny_bundle,
                             write_tiny_model)
 
 PROMPTS = ["a photo of sks person", "a photo of person"]
@@ -160,7 +160,7 @@ def test_incomplete_sdxl_is_refused_naming_what_is_missing(written, tmp_path):
 
 
 def test_comfy_bundled_tokenizer_serves_both_encoders(written, tmp_path, monkeypatch):
-    from iddm_core.tiny import write_tiny_tokenizer
+    from iddm_core.diffusion.tiny import write_tiny_tokenizer
 
     comfy_tok = write_tiny_tokenizer(tmp_path / "comfy" / "sd1_tokenizer")
     (tmp_path / "comfy" / "__init__.py").write_text("")
@@ -215,7 +215,7 @@ RES = 64
 
 
 def _ft_config(**kw):
-    from iddm_core.finetune import FinetuneConfig
+    from iddm_core.training.finetune import FinetuneConfig
 
     base = dict(num_class_images=1, class_sampler_steps=2, resolution=RES, seed=0, lr=1e-2)
     base.update(kw)
@@ -252,7 +252,7 @@ def _check_sdxl_calls(calls, bundle, resolution):
 
 
 def test_sdxl_conditioning_parts_and_target_size_matters():
-    from iddm_core.finetune import SDXLConditioning, encode_prompts, sdxl_conditioning, unet_conditioning
+    from iddm_core.training.finetune import SDXLConditioning, encode_prompts, sdxl_conditioning, unet_conditioning
 
     b = build_tiny_bundle(0, "sdxl")
     with torch.no_grad():
@@ -276,8 +276,8 @@ def _penult_2(b):
 
 
 def test_sdxl_dreambooth_bursts_train_the_unet_lora_with_sdxl_conditioning():
-    from iddm_core.finetune import DreamBoothTrainer
-    from iddm_core.lora import LoraSpec, get_lora_state
+    from iddm_core.training.finetune import DreamBoothTrainer
+    from iddm_core.training.lora import LoraSpec, get_lora_state
 
     bundle = build_tiny_bundle(0, "sdxl")
     spy = _UnetSpy(bundle.unet)
@@ -315,8 +315,8 @@ def test_sdxl_dreambooth_bursts_train_the_unet_lora_with_sdxl_conditioning():
 def test_sdxl_text_encoder_lora_trains_both_encoders():
     """train_text_encoder on SDXL: the conditioning is recomputed with gradient through both encoders' LoRAs,
     and PGD's instance conditioning follows the trained encoders."""
-    from iddm_core.finetune import DreamBoothTrainer
-    from iddm_core.lora import LoraSpec, get_lora_state
+    from iddm_core.training.finetune import DreamBoothTrainer
+    from iddm_core.training.lora import LoraSpec, get_lora_state
 
     bundle = build_tiny_bundle(0, "sdxl")
     trainer = DreamBoothTrainer(bundle, LoraSpec(rank=2, train_text_encoder=True), _ft_config(prior_preservation=False))
@@ -334,7 +334,7 @@ def test_sdxl_text_encoder_lora_trains_both_encoders():
 
 
 def test_sdxl_generate_images_size():
-    from iddm_core.finetune import generate_images
+    from iddm_core.training.finetune import generate_images
 
     bundle = build_tiny_bundle(0, "sdxl")
     spy = _UnetSpy(bundle.unet)
@@ -360,8 +360,8 @@ class _Mean(torch.nn.Module):
 
 
 def test_pgd_two_stage_on_sdxl():
-    from iddm_core.finetune import encode_prompts
-    from iddm_core.pgd import PGDConfig, pgd_two_stage
+    from iddm_core.training.finetune import encode_prompts
+    from iddm_core.protection.pgd import PGDConfig, pgd_two_stage
 
     bundle = build_tiny_bundle(0, "sdxl")
     with torch.no_grad():
@@ -385,11 +385,11 @@ def test_pgd_two_stage_on_sdxl():
 
 
 def test_run_iddm_on_sdxl_with_and_without_writing_a_lora(tmp_path):
-    from iddm_core.demo import demo_photos
+    from iddm_core.demo.story import demo_photos
     from iddm_core.face.detect import get_detector
-    from iddm_core.iddm import IDDMConfig, run_iddm
-    from iddm_core.pgd import PGDConfig
-    from iddm_core.refs import refs_from_photos
+    from iddm_core.protection.iddm import IDDMConfig, run_iddm
+    from iddm_core.protection.pgd import PGDConfig
+    from iddm_core.protection.refs import refs_from_photos
 
     refs = refs_from_photos(demo_photos(), RES, get_detector("dlib"), seed=0)
     cfg = IDDMConfig(K=1, pgd=PGDConfig(T=2, rho=0.5, eta=0.05, alpha=0.02), ft_steps=1, resolution=RES,
@@ -398,7 +398,7 @@ def test_run_iddm_on_sdxl_with_and_without_writing_a_lora(tmp_path):
     result = run_iddm(bundle, refs, cfg, out_path=None, ensemble=_Mean())
     assert result.lora_path is None and not any(tmp_path.iterdir())
     # and with an output file: the run's LoRA is a valid kohya SDXL LoRA
-    from iddm_core.lora import check_kohya, read_kohya_lora
+    from iddm_core.training.lora import check_kohya, read_kohya_lora
 
     written = run_iddm(build_tiny_bundle(0, "sdxl"), refs, cfg, out_path=tmp_path / "me.safetensors",
                        ensemble=_Mean())
@@ -439,10 +439,10 @@ def test_half_precision_base_weights_train_attack_and_export_with_fp32_lora(tmp_
     LoRA stays fp32 and learns; the VAE stays fp32."""
     from safetensors import safe_open
 
-    from iddm_core.finetune import DreamBoothTrainer, encode_prompts
-    from iddm_core.lora import LoraSpec, get_lora_state, lora_parameters, save_kohya_lora
-    from iddm_core.pgd import PGDConfig, pgd_two_stage
-    from iddm_core.precision import precision_for, weight_dtypes
+    from iddm_core.training.finetune import DreamBoothTrainer, encode_prompts
+    from iddm_core.training.lora import LoraSpec, get_lora_state, lora_parameters, save_kohya_lora
+    from iddm_core.protection.pgd import PGDConfig, pgd_two_stage
+    from iddm_core.diffusion.precision import precision_for, weight_dtypes
 
     policy = precision_for("cpu", "bf16")
     bundle = load_model("tiny", kind="sdxl", weight_dtypes=weight_dtypes(policy))
@@ -505,7 +505,7 @@ def test_cli_train_finetune_inspect_evaluate_on_an_sdxl_single_file(tmp_path, sm
 
 def test_resume_fingerprint_reads_the_second_tokenizer():
     """A different tokenizer_2 (how the OpenCLIP tower reads the prompts) is a different base model for resume."""
-    from iddm_core.checkpoint import model_hash
+    from iddm_core.training.checkpoint import model_hash
 
     a, b = build_tiny_bundle(0, "sdxl"), build_tiny_bundle(0, "sdxl")
     assert model_hash(a) == model_hash(b)

@@ -8,9 +8,9 @@ import torch
 
 from iddm_core import models as models_mod
 from iddm_core import sd_keys
-from iddm_core.lora import (ADAPTER, LoraSpec, _lora_layers, add_lora, check_kohya, inspect_lora, kohya_state_dict,
+from iddm_core.training.lora import (ADAPTER, LoraSpec, _lora_layers, add_lora, check_kohya, inspect_lora, kohya_state_dict,
                             read_kohya_lora, save_kohya_lora, sdxl_unet_module_path)
-from iddm_core.tiny import build_tiny_bundle
+from iddm_core.diffusion.tiny import build_tiny_bundle
 
 SPEC = dict(rank=4, alpha=2.0, include_proj=True, include_ff=True, train_text_encoder=True)
 PROMPT = ["a photo of sks person"]
@@ -128,7 +128,7 @@ def test_sdxl_file_names_metadata_and_inspection(adapted, tmp_path):
     n_te2 = sum(m.startswith("lora_te2_") for m in modules)
     assert info["modules"] == {"unet": len(modules) - n_te1 - n_te2, "te": n_te1 + n_te2, "te1": n_te1, "te2": n_te2}
     # hashes as for SD1: over the tensors written with only the ss_* metadata
-    from iddm_core.lora import kohya_hashes
+    from iddm_core.training.lora import kohya_hashes
     tensors, _ = read_kohya_lora(path)
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == kohya_hashes(tensors, meta)
     # the checker holds names to the declared base: SD1 names in an SDXL file (and the reverse) are flagged

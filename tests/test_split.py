@@ -1,7 +1,7 @@
 import pytest
 
 from iddm_core.errors import InputError
-from iddm_core.split import split_by_names, split_indices
+from iddm_core.protection.split import split_by_names, split_indices
 
 
 def test_split_is_disjoint_deterministic_and_covers_all():

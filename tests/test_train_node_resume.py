@@ -61,7 +61,7 @@ def _workflow(lora_name, **train) -> dict:
 
 
 def _lora(stubs, name):
-    from iddm_core.lora import read_kohya_lora
+    from iddm_core.training.lora import read_kohya_lora
 
     return read_kohya_lora(stubs.models / "loras" / name)[0]
 
@@ -130,7 +130,7 @@ def test_resume_off_keeps_no_state(clean):
 
 def test_text_encoder_option_trains_te_lora(clean):
     stubs, pack = clean
-    from iddm_core.lora import inspect_lora
+    from iddm_core.training.lora import inspect_lora
 
     summary = run_workflow(pack, _workflow("with_te", train_text_encoder=True, K=1))[TRAIN][1]
     info = inspect_lora(stubs.models / "loras" / "with_te.safetensors")

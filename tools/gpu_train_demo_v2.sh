@@ -4,7 +4,7 @@
 #   bash tools/gpu_train_demo_v2.sh
 #
 # Needs, carried with the working tree (both are git-excluded, not ignored: see .git/info/exclude):
-#   .gpu_data/crops/  the face crops of `python -m iddm_core.demo_model prepare --faces ../shared/faces/congress
+#   .gpu_data/crops/  the face crops of `python -m iddm_core.demo.model prepare --faces ../shared/faces/congress
 #                     --out .gpu_data/crops` (made here, where dlib is; training itself never imports dlib)
 #   .whl/             diffusers' pure-python wheel (the device has none); .whl/extra/ (requests and its deps) and
 #                     .whl/hub/ (huggingface_hub 1.x) are installed only if the device lacks them / has too old a one
@@ -24,7 +24,10 @@
 # Settings (environment): TOTAL_MIN (7.0: minutes from start to the end of export), RESERVE_S (50: seconds kept
 # for export and packing), DEVICE (cuda), PYTHON (python3), DATA (.gpu_data/crops), OUT ($OUT, else ./gpu_out),
 # WORK (/tmp/demo_v2_work), SITE (/tmp/site: where wheels install), TRAIN_ARGS (extra arguments of every train
-# call; the CPU dry run passes smaller batches and pools).
+# call; the CPU dry run passes smaller batches and pools), CONTINUE (1: keep the carried vae / UNet and run only
+# `train --stage refine --refine-continue` with the whole budget: the last refine phase (v-prediction) continued
+# from the newest carried UNet part; needs the carried work parts), REFINE_LR (with CONTINUE: its learning rate,
+# default the recipe's).
 set -u
 set -o pipefail
 
@@ -38,6 +41,8 @@ OUT=${OUT:-$PWD/gpu_out}
 WORK=${WORK:-/tmp/demo_v2_work}
 SITE=${SITE:-/tmp/site}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+CONTINUE=${CONTINUE:-0}
+REFINE_LR=${REFINE_LR:-}
 mkdir -p "$OUT/demo_v2" "$OUT/work" "$WORK" "$SITE"
 LOG="$OUT/train.log"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -66,7 +71,7 @@ import sys, torch, diffusers, transformers, peft, safetensors
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel
-import iddm_core.demo_model.train, iddm_core.demo_model.data, iddm_core.finetune
+import iddm_core.demo.model.train, iddm_core.demo.model.data, iddm_core.training.finetune
 assert "dlib" not in sys.modules, "training imported dlib"
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
@@ -80,6 +85,16 @@ fi
 if ls .gpu_data/work/work.tar.* >/dev/null 2>&1; then
     say "unpacking the carried work parts into $WORK"
     cat .gpu_data/work/work.tar.* | tar -x -C "$WORK" || say "WARNING: could not unpack .gpu_data/work"
+    # carried parts may be stored fp16 (to fit the 64 MiB the device call carries): train on fp32 weights
+    "$PY" - "$WORK" <<'EOF' 2>&1 | tee -a "$LOG"
+import glob, sys, torch
+from safetensors.torch import load_file, save_file
+for f in glob.glob(sys.argv[1] + "/*/diffusion_pytorch_model.safetensors"):
+    sd = load_file(f)
+    if any(v.dtype == torch.float16 for v in sd.values()):
+        save_file({k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}, f)
+        print(f"upcast to fp32: {f}")
+EOF
 fi
 
 pack() {   # vae + the newest UNet part + data.json, in parts of <= 15 MiB, replacing the previous parts
@@ -100,17 +115,18 @@ pack() {   # vae + the newest UNet part + data.json, in parts of <= 15 MiB, repl
     fi
 }
 
-stage() {   # name, share of the time left (before the reserve)
+stage() {   # name, share of the time left (before the reserve), extra train arguments
     local name=$1 share=$2
+    shift 2
     local left budget limit rc t0
     left=$(calc "$TOTAL_MIN * 60 - $(elapsed) - $RESERVE_S")
     budget=$(calc "max(15, ($left) * $share)")
     limit=$("$PY" -c "print(int($budget + 120))")
     say "stage $name: budget ${budget}s (hard limit ${limit}s)"
     t0=$(elapsed)
-    timeout --kill-after=15 "$limit" "$PY" -m iddm_core.demo_model train --stage "$name" --recipe gpu \
+    timeout --kill-after=15 "$limit" "$PY" -m iddm_core.demo.model train --stage "$name" --recipe gpu \
         --device "$DEVICE" --data "$DATA" --work "$WORK" --budget-min "$("$PY" -c "print(round($budget / 60, 3))")" --resume \
-        $TRAIN_ARGS 2>&1 | tee -a "$LOG"
+        "$@" $TRAIN_ARGS 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     say "stage $name: exit $rc after $(calc "$(elapsed) - $t0")s"
     pack
@@ -118,9 +134,17 @@ stage() {   # name, share of the time left (before the reserve)
 }
 
 status=0
-if stage vae 0.3 && stage unet 0.5 && stage refine 1.0; then
+run_stages() {
+    if [ "$CONTINUE" = 1 ]; then
+        if [ ! -d "$WORK/vae" ]; then say "FAILED: CONTINUE=1 needs the carried work parts (no $WORK/vae)"; return 1; fi
+        stage refine 1.0 --refine-continue ${REFINE_LR:+--refine-lr "$REFINE_LR"}
+    else
+        stage vae 0.3 && stage unet 0.5 && stage refine 1.0
+    fi
+}
+if run_stages; then
     say "export to $OUT/demo_v2"
-    if "$PY" -m iddm_core.demo_model train --stage export --work "$WORK" --out "$OUT/demo_v2" 2>&1 | tee -a "$LOG"; then
+    if "$PY" -m iddm_core.demo.model train --stage export --work "$WORK" --out "$OUT/demo_v2" 2>&1 | tee -a "$LOG"; then
         if [ -d "$OUT/demo_v2/tokenizer" ]; then
             tar -C "$OUT/demo_v2" -cf "$OUT/demo_v2/tokenizer.tar" tokenizer && rm -rf "$OUT/demo_v2/tokenizer"
         fi

@@ -37,7 +37,7 @@ def peak_rss_mib() -> float:
 
 
 def _random_configs(kind: str) -> dict:
-    from ..models import shipped_configs
+    from ..diffusion.models import shipped_configs
 
     return {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in shipped_configs(kind).items()}
 
@@ -47,8 +47,8 @@ def build_random_sd15():
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..models import ModelBundle
-    from ..tiny import build_tiny_tokenizer
+    from ..diffusion.models import ModelBundle
+    from ..diffusion.tiny import build_tiny_tokenizer
 
     cfg = _random_configs("sd1")
     return ModelBundle(unet=UNet2DConditionModel.from_config(cfg["unet"]), vae=AutoencoderKL.from_config(cfg["vae"]),
@@ -64,8 +64,8 @@ def build_random_sdxl():
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..models import ModelBundle
-    from ..tiny import build_tiny_tokenizer
+    from ..diffusion.models import ModelBundle
+    from ..diffusion.tiny import build_tiny_tokenizer
 
     cfg = _random_configs("sdxl")
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
@@ -87,8 +87,8 @@ def time_steps(bundle, resolution: int, steps: int, rank: int, precision: str = 
     """One warm-up step, then ``steps`` timed steps of plain DreamBooth-LoRA (prior preservation on, batch 1+1)."""
     import torch
 
-    from ..finetune import DreamBoothTrainer, FinetuneConfig
-    from ..lora import LoraSpec
+    from ..training.finetune import DreamBoothTrainer, FinetuneConfig
+    from ..training.lora import LoraSpec
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, resolution, resolution, generator=gen)
@@ -125,7 +125,7 @@ def run(args) -> int:
     import torch
 
     from ..cli._common import pick_device
-    from ..tiny import build_tiny_bundle
+    from ..diffusion.tiny import build_tiny_bundle
 
     device = pick_device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps")
@@ -153,7 +153,7 @@ def guarded(name: str, res: int, measure) -> str:
     exception instead of the kernel killing the benchmark), on CUDA the allocator's own error."""
     import torch
 
-    from ..fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
+    from ..diffusion.fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
 
     have = available_bytes("cpu")
     try:

@@ -113,8 +113,8 @@ def parse_anti_db(text: str) -> list[str]:
 def protect_photos(args, refs, config, cap: bool, device):
     """Anti-DB: the photos perturbed by ASPL (+ CAP) against a fresh copy of the base model (its surrogate LoRA is
     dropped with it); returns the protected images at the training resolution."""
-    from ..models import load_model
-    from ..protect import ProtectConfig, run_protect
+    from ..diffusion.models import load_model
+    from ..protection.protect import ProtectConfig, run_protect
 
     surrogate = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device)
     pc = ProtectConfig(method="aspl", cap=cap, rounds=args.protect_rounds, pgd_steps=args.protect_pgd_steps,
@@ -128,8 +128,8 @@ def protect_photos(args, refs, config, cap: bool, device):
 
 def train_baseline(bundle, refs, args, config) -> None:
     """No defense: DreamBooth-LoRA on all clean photos, with IDDM's total fine-tuning step budget."""
-    from ..finetune import DreamBoothTrainer, FinetuneConfig
-    from ..lora import LoraSpec
+    from ..training.finetune import DreamBoothTrainer, FinetuneConfig
+    from ..training.lora import LoraSpec
 
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha)
     ft = FinetuneConfig(lr=config.lr, seed=config.seed, resolution=refs.resolution,
@@ -139,8 +139,8 @@ def train_baseline(bundle, refs, args, config) -> None:
 
 
 def iddm_config(args, rho: float):
-    from ..iddm import IDDMConfig
-    from ..pgd import PGDConfig
+    from ..protection.iddm import IDDMConfig
+    from ..protection.pgd import PGDConfig
 
     return IDDMConfig(K=args.K, pgd=PGDConfig(T=args.T, rho=rho), ft_steps=args.ft_steps,
                       resolution=args.train_resolution, num_class_images=args.num_class_images,
@@ -160,10 +160,10 @@ def run_method(name: str, args, clean, detector, rho: float | None, refs_cache: 
 
     from ..cli._common import pick_device
     from ..cli.evaluate import evaluate_bundle
-    from ..evaluate import fidelity_report
-    from ..iddm import run_iddm
-    from ..models import load_model
-    from ..refs import load_private_refs
+    from ..evaluation.evaluate import fidelity_report
+    from ..protection.iddm import run_iddm
+    from ..diffusion.models import load_model
+    from ..protection.refs import load_private_refs
 
     device = pick_device(args.device)
     bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device)

@@ -52,9 +52,9 @@ def register(sub) -> None:
 def bench_images(resolution: int, n: int, offset: int = 0):
     """N protected images with landmarks: the demo's public-domain photos 1..3 (repeated if N > 3), photo 0 as the
     reference."""
-    from ..demo import demo_photos
+    from ..demo.story import demo_photos
     from ..face.detect import get_detector
-    from ..refs import prepare_photos
+    from ..protection.refs import prepare_photos
 
     images, landmarks, _, _ = prepare_photos(demo_photos(), resolution, get_detector("dlib"))
     idx = [1 + ((i + offset) % (len(images) - 1)) for i in range(n)]
@@ -62,7 +62,7 @@ def bench_images(resolution: int, n: int, offset: int = 0):
 
 
 def make_bundle(model: str, device):
-    from ..models import load_model
+    from ..diffusion.models import load_model
     from .finetune import RANDOM_MODELS
 
     for name, build in RANDOM_MODELS.values():
@@ -75,12 +75,12 @@ def measure_one(cfg: dict) -> dict:
     import torch
 
     from ..cli._common import pick_device
-    from ..finetune import encode_prompts
-    from ..fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
-    from ..iddm import build_ensemble
-    from ..lora import LoraSpec, add_lora
-    from ..pgd import PGDConfig, pgd_two_stage
-    from ..precision import precision_for
+    from ..training.finetune import encode_prompts
+    from ..diffusion.fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
+    from ..protection.iddm import build_ensemble
+    from ..training.lora import LoraSpec, add_lora
+    from ..protection.pgd import PGDConfig, pgd_two_stage
+    from ..diffusion.precision import precision_for
     from .finetune import peak_rss_mib
 
     device = pick_device(cfg["device"])
@@ -214,9 +214,9 @@ def run_quality(args) -> int:
     import torch
 
     from ..cli._common import pick_device
-    from ..finetune import encode_prompts, vae_posterior
-    from ..iddm import build_ensemble
-    from ..pgd import (PGDConfig, crop_support, cut_windows, decode_latents, face_windows, pgd_two_stage,
+    from ..training.finetune import encode_prompts, vae_posterior
+    from ..protection.iddm import build_ensemble
+    from ..protection.pgd import (PGDConfig, crop_support, cut_windows, decode_latents, face_windows, pgd_two_stage,
                        window_multiple)
 
     device = pick_device(args.device)

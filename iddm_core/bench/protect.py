@@ -38,8 +38,8 @@ def measure_one(cfg: dict) -> dict:
     import torch
 
     from ..cli._common import pick_device
-    from ..fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
-    from ..protect import ProtectConfig, run_protect
+    from ..diffusion.fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
+    from ..protection.protect import ProtectConfig, run_protect
     from .finetune import peak_rss_mib
     from .pgd import make_bundle
 

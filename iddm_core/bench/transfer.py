@@ -135,13 +135,13 @@ def cmd_transfer(args) -> int:
     from ..atomic import check_writable, write_text_atomic
     from ..cli._common import pick_device
     from ..errors import InputError
-    from ..evaluate import embed, gallery_layout, prototype
+    from ..evaluation.evaluate import embed, gallery_layout, prototype
     from ..face.attack import check_budget, face_attack
     from ..face.detect import get_detector
     from ..face.ensemble import FaceEnsembleLoss
     from ..face.registry import default_search_dirs, discover, load_recognizer, parse_surrogates
     from ..images import Photo, load_rgb
-    from ..refs import prepare_photos
+    from ..protection.refs import prepare_photos
 
     check_budget(args.eta, args.alpha, args.steps)
     if args.out_json:

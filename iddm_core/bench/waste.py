@@ -37,13 +37,13 @@ def measure(make_bundle, resolution: int, args, device) -> dict:
 
     import torch
 
-    from ..demo import demo_photos
+    from ..demo.story import demo_photos
     from ..face.detect import get_detector
-    from ..finetune import DreamBoothTrainer, FinetuneConfig
-    from ..iddm import IDDMConfig, build_ensemble, run_iddm
-    from ..lora import LoraSpec
-    from ..pgd import PGDConfig, pgd_two_stage
-    from ..refs import refs_from_photos
+    from ..training.finetune import DreamBoothTrainer, FinetuneConfig
+    from ..protection.iddm import IDDMConfig, build_ensemble, run_iddm
+    from ..training.lora import LoraSpec
+    from ..protection.pgd import PGDConfig, pgd_two_stage
+    from ..protection.refs import refs_from_photos
 
     refs = refs_from_photos(demo_photos(), resolution, get_detector("dlib"))
     ensemble = build_ensemble(["dlib"], 0.03, device)
@@ -51,7 +51,7 @@ def measure(make_bundle, resolution: int, args, device) -> dict:
     config = IDDMConfig(K=args.K, pgd=PGDConfig(T=args.T, rho=0.3), ft_steps=args.ft_steps, resolution=resolution)
 
     # 0. warm-up, so neither measurement pays first-call costs (imports, PEFT injection, first recogniser pass)
-    from ..tiny import build_tiny_bundle
+    from ..diffusion.tiny import build_tiny_bundle
 
     ensemble.set_references(*(t.to(device) for t in refs.reference()))
     DreamBoothTrainer(build_tiny_bundle(0).to(device), LoraSpec(rank=config.rank),
@@ -101,7 +101,7 @@ def run(args) -> int:
     import torch
 
     from ..cli._common import pick_device
-    from ..tiny import build_tiny_bundle
+    from ..diffusion.tiny import build_tiny_bundle
     from .finetune import build_random_sd15
 
     device = pick_device(args.device)

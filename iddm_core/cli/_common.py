@@ -60,7 +60,7 @@ def print_skipped(skipped, folder, stream=None) -> None:
     in them. Names go to the user's own screen only: never to a log file or an output."""
     if not skipped:
         return
-    from ..refs import skipped_note
+    from ..protection.refs import skipped_note
 
     stream = stream or sys.stderr
     stream.write(f"warning: {folder}: {skipped_note(list(skipped))}\n")

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from ..tiny import write_tiny_model
+    from ..diffusion.tiny import write_tiny_model
 
     folder, single = write_tiny_model(args.dir, seed=args.seed, kind=args.kind)
     print(f"diffusers folder: {folder}")

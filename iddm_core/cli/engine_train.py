@@ -77,11 +77,11 @@ def cmd_finetune(args) -> int:
 
     import torch
 
-    from ..finetune import DreamBoothTrainer, FinetuneConfig
-    from ..lora import LoraSpec, save_kohya_lora
-    from ..fit import check_model_fits
-    from ..models import load_model, validate_model
-    from ..precision import precision_for, weight_dtypes
+    from ..training.finetune import DreamBoothTrainer, FinetuneConfig
+    from ..training.lora import LoraSpec, save_kohya_lora
+    from ..diffusion.fit import check_model_fits
+    from ..diffusion.models import load_model, validate_model
+    from ..diffusion.precision import precision_for, weight_dtypes
 
     spec = LoraSpec(rank=args.rank, alpha=args.alpha, include_proj=args.include_proj, include_ff=args.include_ff,
                     train_text_encoder=args.train_text_encoder)
@@ -116,7 +116,7 @@ def format_report(info: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from ..lora import inspect_lora
+    from ..training.lora import inspect_lora
 
     info = inspect_lora(args.file)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_report(info))

@@ -3,7 +3,7 @@
     python -m iddm_core evaluate --model tiny --lora my.safetensors --refs photos/ --out-json r.json --sheet s.png
 
 N images per prompt are sampled with the same fixed seed for every prompt (so two LoRAs evaluated with the same
-seed see the same initial noise), scored by :func:`iddm_core.evaluate.evaluate`, and written as a JSON report
+seed see the same initial noise), scored by :func:`iddm_core.evaluation.evaluate.evaluate`, and written as a JSON report
 and a contact sheet (rows = prompts), both atomically and only at the end.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def check_generation_args(args) -> None:
 
 
 # kept importable here for scripts written against the old place
-from ..portraits import apply_lora_file  # noqa: E402,F401
+from ..evaluation.portraits import apply_lora_file  # noqa: E402,F401
 
 
 def generate_for_prompts(bundle, prompts, n: int, seed: int, steps: int, guidance: float = 7.5,
@@ -91,7 +91,7 @@ def generate_for_prompts(bundle, prompts, n: int, seed: int, steps: int, guidanc
     import torch
 
     from ..events import Emitter
-    from ..finetune import generate_images
+    from ..training.finetune import generate_images
 
     emit = Emitter(callback, total=len(prompts))
     out, labels = [], []
@@ -106,7 +106,7 @@ def generate_for_prompts(bundle, prompts, n: int, seed: int, steps: int, guidanc
 def load_clean_refs(folder, detector, resolution: int = REF_RESOLUTION):
     """Face-centred crops + landmarks of every clean photo with a face (photos without one are skipped)."""
     from ..images import load_folder
-    from ..refs import prepare_photos
+    from ..protection.refs import prepare_photos
     from ._common import print_skipped
 
     images, landmarks, _, skipped = prepare_photos(load_folder(folder), resolution, detector)
@@ -116,8 +116,8 @@ def load_clean_refs(folder, detector, resolution: int = REF_RESOLUTION):
 
 def sheet_tiles(images, result: dict) -> list:
     """Generated images as uint8 tiles labelled with the first evaluation recogniser's similarity."""
-    from ..evaluate import _uint8
-    from ..leak_render import annotate, enlarge, label_text, verdict_color
+    from ..evaluation.evaluate import _uint8
+    from ..evaluation.leak_render import annotate, enlarge, label_text, verdict_color
 
     name = result["eval_recognizers"][0]
     entry = result["recognizers"][name]
@@ -130,7 +130,7 @@ def write_outputs(result: dict, images, n_columns: int, json_path, sheet_path=No
     from PIL import Image
 
     from ..atomic import atomic_write, check_writable, write_text_atomic
-    from ..leak_render import contact_sheet
+    from ..evaluation.leak_render import contact_sheet
 
     check_writable(json_path, overwrite)
     if sheet_path is not None:
@@ -154,8 +154,8 @@ def run_surrogates(args) -> list[str]:
         return given
     lora = getattr(args, "lora", None)
     if lora:
-        from ..iddm import surrogates_from_comment
-        from ..lora import read_lora_metadata
+        from ..protection.iddm import surrogates_from_comment
+        from ..training.lora import read_lora_metadata
 
         named = surrogates_from_comment(read_lora_metadata(lora).get("ss_training_comment", ""))
         if named:
@@ -165,8 +165,8 @@ def run_surrogates(args) -> list[str]:
 
 def evaluate_bundle(bundle, clean, args, callback=None) -> tuple[dict, "torch.Tensor"]:
     """Generate with ``bundle`` (whatever adapters are active) and score (faces found by the sample detector for
-    the samples' size, :func:`~iddm_core.evaluate.sample_detector_name`); shared by the CLI and ``bench paper``."""
-    from ..evaluate import evaluate
+    the samples' size, :func:`~iddm_core.evaluation.evaluate.sample_detector_name`); shared by the CLI and ``bench paper``."""
+    from ..evaluation.evaluate import evaluate
 
     images, labels = generate_for_prompts(bundle, args.prompts, args.n, args.seed, args.steps, args.guidance,
                                           args.resolution, callback)
@@ -182,7 +182,7 @@ def evaluate_bundle(bundle, clean, args, callback=None) -> tuple[dict, "torch.Te
 def cmd_evaluate(args) -> int:
     from ..atomic import check_writable
     from ..face.detect import get_detector
-    from ..models import load_model
+    from ..diffusion.models import load_model
     from ._common import ConsoleProgress, pick_device
 
     check_generation_args(args)

@@ -7,8 +7,8 @@ from pathlib import Path
 from ._common import KIND_CHOICES
 
 def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
-    from ..iddm import PRESET_HELP, PRESETS
-    from ..pgd import GRADIENTS
+    from ..protection.iddm import PRESET_HELP, PRESETS
+    from ..protection.pgd import GRADIENTS
 
     g = p.add_argument_group("IDDM algorithm (paper defaults)")
     g.add_argument("--K", type=int, default=10, help="outer iterations (default 10)")
@@ -91,8 +91,8 @@ def register(sub) -> None:
 
 
 def config_from_args(args):
-    from ..iddm import IDDMConfig, preset_values
-    from ..pgd import PGDConfig
+    from ..protection.iddm import IDDMConfig, preset_values
+    from ..protection.pgd import PGDConfig
 
     fixed = preset_values(args.preset) if args.preset else {}
     rho = args.rho if args.rho is not None else fixed.get("rho", 0.1)
@@ -113,14 +113,14 @@ def _split_list(text):
 def cmd_train(args) -> int:
     import sys
 
-    from .. import checkpoint as ckpt
+    from ..training import checkpoint as ckpt
     from ..atomic import check_writable
     from ..errors import InputError
-    from ..iddm import run_iddm, schedule_text
-    from ..fit import check_model_fits
-    from ..models import load_model, validate_model
-    from ..precision import precision_for, weight_dtypes
-    from ..refs import check_identity, identity_note, load_private_refs
+    from ..protection.iddm import run_iddm, schedule_text
+    from ..diffusion.fit import check_model_fits
+    from ..diffusion.models import load_model, validate_model
+    from ..diffusion.precision import precision_for, weight_dtypes
+    from ..protection.refs import check_identity, identity_note, load_private_refs
     from ._common import ConsoleProgress, pick_device, print_skipped
 
     config = config_from_args(args)                       # parameter errors before anything is loaded
@@ -191,7 +191,7 @@ def _print_summary(result) -> None:
 
 
 def cmd_demo(args) -> int:
-    from ..demo import DEMO_NOTE, format_result, run_demo
+    from ..demo.story import DEMO_NOTE, format_result, run_demo
     from ._common import ConsoleProgress, pick_device
 
     result = run_demo(args.out_dir, device=pick_device(args.device), callback=ConsoleProgress())

@@ -68,7 +68,7 @@ def register(sub) -> None:
 
 
 def config_from_args(args):
-    from ..protect import ProtectConfig
+    from ..protection.protect import ProtectConfig
 
     return ProtectConfig(method=args.method, eta=args.eta, alpha=args.alpha, rounds=args.rounds,
                          surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, fsmg_steps=args.fsmg_steps,
@@ -83,13 +83,13 @@ def config_from_args(args):
 def cmd_protect(args) -> int:
     import sys
 
-    from .. import checkpoint as ckpt
+    from ..training import checkpoint as ckpt
     from ..errors import InputError
-    from ..fit import check_model_fits
+    from ..diffusion.fit import check_model_fits
     from ..images import list_images
-    from ..models import load_model, validate_model
-    from ..precision import precision_for, weight_dtypes
-    from ..protect import check_outputs, load_photos, output_names, run_protect, save_all
+    from ..diffusion.models import load_model, validate_model
+    from ..diffusion.precision import precision_for, weight_dtypes
+    from ..protection.protect import check_outputs, load_photos, output_names, run_protect, save_all
     from ._common import ConsoleProgress, pick_device
 
     config = config_from_args(args)                        # parameter errors first

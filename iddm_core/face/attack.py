@@ -83,7 +83,7 @@ def _autocast(device: torch.device):
     gradient's sign); fp32 elsewhere: the recognisers are small, and fp16 would need loss scaling."""
     import contextlib
 
-    from ..precision import precision_for
+    from ..diffusion.precision import precision_for
 
     policy = precision_for(device)
     return policy.autocast() if policy.dtype == torch.bfloat16 else contextlib.nullcontext()

@@ -102,10 +102,10 @@ def build_references(photos: Iterable, detector, size: int = 256, context: float
 
     ``photos`` are :class:`~iddm_core.images.Photo` objects (or anything with ``name`` and ``rgb``). Each face is
     cut out as a square ``context`` times its box size around the face and resized to ``size``
-    (:func:`~iddm_core.refs.prepare_photos`), so photos of any resolution batch together and the recognisers' bilinear crops sample from a face of similar size
+    (:func:`~iddm_core.protection.refs.prepare_photos`), so photos of any resolution batch together and the recognisers' bilinear crops sample from a face of similar size
     (no aliasing from multi-megapixel originals). A photo without a face raises InputError naming the file.
     """
-    from ..refs import prepare_photos
+    from ..protection.refs import prepare_photos
 
     photos = list(photos)
     if not photos:

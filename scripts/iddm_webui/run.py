@@ -203,10 +203,10 @@ def load_photos(folder: str, uploads) -> tuple[list, str]:
 def prepare_refs(request: TrainRequest, resolution: int):
     from iddm_core.face.detect import get_detector
     from iddm_core.frontend import parse_file_list
-    from iddm_core.refs import refs_from_photos
+    from iddm_core.protection.refs import refs_from_photos
 
     from iddm_core.frontend import check_number
-    from iddm_core.refs import check_identity
+    from iddm_core.protection.refs import check_identity
 
     seed = check_number("split_seed", request.split_seed, (0, 0xFFFFFFFF, True, "seed of the reference split"))
     n_reference = check_number("n_reference", request.n_reference,
@@ -253,7 +253,7 @@ def check_model(request: TrainRequest):
                              "train); or put vocab.json and merges.txt of that tokenizer in a folder and give it "
                              "under Advanced: CLIP tokenizer folder")
     import_model_modules()
-    from iddm_core.models import validate_model
+    from iddm_core.diffusion.models import validate_model
 
     return path, tokenizer, validate_model(path, tokenizer=tokenizer)
 
@@ -262,15 +262,15 @@ def import_model_modules() -> None:
     """Import iddm_core's model modules with the web UI's environment kept as it was: importing them sets the HF
     offline variables (iddm_core.offline), which a web UI restart would otherwise inherit."""
     with webui.keep_host_environment():
-        import iddm_core.demo_model.architecture  # noqa: F401
-        import iddm_core.models  # noqa: F401
-        import iddm_core.tiny  # noqa: F401
+        import iddm_core.demo.model.architecture  # noqa: F401
+        import iddm_core.diffusion.models  # noqa: F401
+        import iddm_core.diffusion.tiny  # noqa: F401
 
 
 def plan_run(request: TrainRequest) -> Plan:
     from iddm_core import frontend
     from iddm_core.atomic import check_writable
-    from iddm_core.checkpoint import clear_state, state_dir_for
+    from iddm_core.training.checkpoint import clear_state, state_dir_for
     from iddm_core.face.registry import discover
 
     pgd = frontend.pgd_config(request.preset, request.T, request.rho, request.eta, request.alpha, request.gradient,
@@ -289,7 +289,7 @@ def plan_run(request: TrainRequest) -> Plan:
     if not request.resume:
         clear_state(state_dir)
     notes = [frontend.pgd_settings_text(pgd, request.preset, request.rho, request.gradient)]
-    from iddm_core.refs import identity_note
+    from iddm_core.protection.refs import identity_note
 
     if identity_note(refs):                # the photos text says it too; the status line is what users read first
         notes.append(identity_note(refs))
@@ -343,7 +343,7 @@ class Worker(threading.Thread):
         try:
             with webui.gpu_job(lambda: self.messages.put(("wait", "waiting for the web UI's current job to finish")),
                                poll=self._check_interrupt):       # Interrupt works while waiting too
-                from iddm_core.iddm import total_steps
+                from iddm_core.protection.iddm import total_steps
 
                 self.total = total_steps(self.plan.config)
                 self.state.begin(self.total)
@@ -388,9 +388,9 @@ class Worker(threading.Thread):
 
     def _train(self):
         from iddm_core import frontend
-        from iddm_core.checkpoint import cache_root
+        from iddm_core.training.checkpoint import cache_root
         from iddm_core.events import report_setup
-        from iddm_core.iddm import run_iddm
+        from iddm_core.protection.iddm import run_iddm
 
         plan = self.plan
         progress = self._progress
@@ -471,7 +471,7 @@ def _refs_text(refs) -> str:
 
 def _relay(worker: Worker, plan: Plan) -> Iterator[dict]:
     from iddm_core import frontend
-    from iddm_core.checkpoint import has_state
+    from iddm_core.training.checkpoint import has_state
 
     history, notes, last_chart, last = pictures.History(), [], 0.0, None
     while True:

@@ -10,7 +10,7 @@ Scale convention: PEFT multiplies ``B @ A`` by ``lora_alpha / r``; kohya multipl
 
 SDXL: kohya-ss trains SDXL on the original (SGM) UNet, so its files name UNet modules by the original paths
 (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``); we train the diffusers UNet and rename each
-module through :func:`iddm_core.sd_keys.unet_key_to_ldm`, the same map that writes SGM checkpoints. The two text
+module through :func:`iddm_core.diffusion.sd_keys.unet_key_to_ldm`, the same map that writes SGM checkpoints. The two text
 encoders are ``lora_te1_`` (CLIP ViT-L) and ``lora_te2_`` (ViT-bigG), both in HF CLIP naming as kohya writes them.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write, check_writable
-from .errors import InputError, ModelError
-from .models import SDXL_KINDS
-from .requirements_check import require
+from ..atomic import atomic_write, check_writable
+from ..errors import InputError, ModelError
+from ..diffusion.models import SDXL_KINDS
+from ..requirements_check import require
 
 require("peft")        # a peft too new for this transformers / accelerate fails here, naming the fix
 
@@ -245,7 +245,7 @@ def _canonical_path(name: str, prefix: str) -> str:
 def sdxl_unet_module_path(name: str, config) -> str:
     """A diffusers SDXL UNet module path -> its original (SGM) path, e.g. ``down_blocks.1.attentions.0.proj_in``
     -> ``input_blocks.4.1.proj_in``; derived from the checkpoint key map in :mod:`.sd_keys`."""
-    from . import sd_keys
+    from ..diffusion import sd_keys
 
     key = sd_keys.unet_key_to_ldm(name + ".weight", config)
     return key[len(sd_keys.UNET_PREFIX):-len(".weight")]

@@ -53,8 +53,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import InputError
-from .events import Emitter, report_setup
+from ..errors import InputError
+from ..events import Emitter, report_setup
 
 METHODS = ("aspl", "fsmg")
 PROBES = ("fresh", "shared")     # how CAP's ratio search draws the noise it scores each candidate's L_rec on
@@ -119,8 +119,8 @@ class ProtectConfig:
             raise InputError(f"resolution={self.resolution!r} must be a multiple of 8 and at least 32")
         if self.prior_preservation and (not isinstance(self.num_class_images, int) or self.num_class_images < 1):
             raise InputError(f"num_class_images={self.num_class_images!r} must be >= 1 with prior preservation")
-        from .grad_checkpoint import check_setting
-        from .precision import MODES
+        from ..diffusion.grad_checkpoint import check_setting
+        from ..diffusion.precision import MODES
 
         if self.mixed_precision not in MODES:
             raise InputError(f"mixed_precision={self.mixed_precision!r}: use one of {', '.join(MODES)}")
@@ -357,7 +357,7 @@ def denoising_loss(bundle, images: torch.Tensor, embeds, seed: int = 1234, draws
     """L_rec of ``images`` averaged over ``draws`` fixed noise/timestep draws per photo (seeded by ``seed``): the
     same draws for any two image sets of the same size, so clean vs protected compare the images, not the noise."""
     from .pgd import image_generators
-    from .precision import FP32_CPU
+    from ..diffusion.precision import FP32_CPU
 
     precision = precision or FP32_CPU
     x = images.to(bundle.device).float()
@@ -373,7 +373,7 @@ def _rec_gradient(bundle, x, embeds, noise_list, batch, precision, scale):
     """d L_rec / d x for every micro-batch (unscaled); non-finite micro-batches are redone in fp32, then zeroed.
     Returns (grad, mean L_rec, counts)."""
     from .pgd import rec_loss
-    from .precision import LossScale, Precision, all_finite
+    from ..diffusion.precision import LossScale, Precision, all_finite
 
     grad = torch.zeros_like(x)
     total, counts = 0.0, {"redone_fp32": 0, "skipped": 0}
@@ -406,7 +406,7 @@ def pgd_ascent(bundle, x_clean, x, embeds, config: ProtectConfig, generator, ste
     """``steps`` sign-PGD ascent steps on L_rec (CAP's ratio search from step ``config.cap_first_step`` on when
     ``style_net`` is given); ``step0``: global PGD steps done before. Returns the new X'."""
     from .pgd import attacking, image_generators
-    from .precision import LossScale
+    from ..diffusion.precision import LossScale
 
     n, size, batch = x.shape[0], x.shape[-1], config.batch
     gens = image_generators(generator, n)
@@ -451,7 +451,7 @@ def fingerprint(bundle, x_clean: torch.Tensor, config: ProtectConfig, style_name
     import hashlib
     import json
 
-    from .checkpoint import model_hash, tensor_digest
+    from ..training.checkpoint import model_hash, tensor_digest
 
     digests = [tensor_digest(img.float()) for img in x_clean]
     settings = {**config.to_dict(), "features": style_name if config.cap else None}
@@ -480,7 +480,7 @@ def run_protect(bundle, images: torch.Tensor, config: ProtectConfig, callback=No
     why); ``resume=False`` deletes any old state.
     ``stop_after=k`` returns after round k (tests: an interruption). ``check_memory`` (default on) runs fit.py's
     trial fine-tune and PGD steps first."""
-    from .checkpoint import check_on_mismatch
+    from ..training.checkpoint import check_on_mismatch
 
     config.validate()
     check_on_mismatch(on_mismatch)
@@ -495,9 +495,9 @@ def run_protect(bundle, images: torch.Tensor, config: ProtectConfig, callback=No
 
 def _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, check_memory, model_source,
          stop_after, class_cache_dir, on_mismatch) -> ProtectResult:
-    from . import checkpoint as ckpt
-    from .finetune import DreamBoothTrainer, FinetuneConfig, check_images
-    from .lora import LoraSpec
+    from ..training import checkpoint as ckpt
+    from ..training.finetune import DreamBoothTrainer, FinetuneConfig, check_images
+    from ..training.lora import LoraSpec
 
     resolution = int(config.resolution or bundle.resolution)
     device = bundle.device
@@ -598,7 +598,7 @@ def _run(bundle, images, config, callback, vgg19_path, checkpoint_dir, resume, c
 
 def _measure(bundle, x_clean, x, embeds, config, precision) -> dict:
     """L_rec on fixed draws, clean vs protected: under the surrogate the last PGD attacked and the base model."""
-    from .lora import lora_disabled
+    from ..training.lora import lora_disabled
 
     out = {"surrogate": {"clean": denoising_loss(bundle, x_clean, embeds, batch=config.batch, precision=precision),
                          "protected": denoising_loss(bundle, x, embeds, batch=config.batch, precision=precision)}}
@@ -612,7 +612,7 @@ def _check_memory(bundle, trainer, clean_post, x_clean, embeds, config, resoluti
     """fit.check_fits with one fine-tune step and one PGD ascent step on ``batch`` photos (the CAP search too)."""
     import dataclasses
 
-    from .fit import check_fits
+    from ..diffusion.fit import check_fits
 
     b = config.batch
     trial = dataclasses.replace(config, rounds=1, pgd_steps=1, cap_start=0.0, ratio_steps=min(2, config.ratio_steps))
@@ -670,7 +670,7 @@ def write_png(image: torch.Tensor, path, overwrite: bool = False) -> Path:
     import numpy as np
     from PIL import Image
 
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
 
     rgb = image.detach().mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     rgb = np.ascontiguousarray(rgb)
@@ -685,7 +685,7 @@ def save_all(images: torch.Tensor, paths: list[Path], overwrite: bool = False) -
 def load_photos(folder, resolution: int):
     """(images [N, 3, r, r] on the 8-bit grid, original file names): every image of ``folder``, centre square
     crop resized to ``resolution``. File names stay in memory (for --keep-names and error messages only)."""
-    from .images import crop_resize, load_folder, to_tensor
+    from ..images import crop_resize, load_folder, to_tensor
 
     photos = load_folder(folder)
     return torch.stack([to_tensor(crop_resize(p.rgb, resolution)[0]) for p in photos]), [p.name for p in photos]

@@ -3,7 +3,7 @@
 Every source and its licence is listed in ``SOURCES`` (and in the README beside the weights). The demo
 identity (``HELD_OUT``: the two Barack Obama photos the demo personalises on) is never used for training.
 
-Faces are cropped the way :func:`iddm_core.refs.prepare_photos` crops a user's photos (a square of 2.2 x the
+Faces are cropped the way :func:`iddm_core.protection.refs.prepare_photos` crops a user's photos (a square of 2.2 x the
 detected face box around the landmarks' centre) so the base model generates faces where the pipeline expects
 them, then augmented (scale, shift, small rotation, mirror, colour). The VAE also sees patches of non-face
 photos and textures, at several scales, so its code is a general image code and not a face memory.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import FACES_DIR as FACE_DIR
+from ... import FACES_DIR as FACE_DIR
 
 # (file, what it shows, where it comes from, licence)
 SOURCES = (
@@ -52,7 +52,7 @@ def load_source(name: str) -> np.ndarray:
 
         rgb = getattr(skimage.data, name.split(":", 1)[1])()
     else:
-        from ..images import load_rgb
+        from ...images import load_rgb
 
         rgb = load_rgb(FACE_DIR / name)
     rgb = np.asarray(rgb)
@@ -73,10 +73,10 @@ class FaceSource:
 
 def face_sources(detector=None) -> list[FaceSource]:
     """The training faces with the crop the pipeline would take of them."""
-    from ..refs import DEFAULT_CROP_FACTOR
+    from ...protection.refs import DEFAULT_CROP_FACTOR
 
     if detector is None:
-        from ..face.detect import get_detector
+        from ...face.detect import get_detector
 
         detector = get_detector("dlib")
     out = []
@@ -224,7 +224,7 @@ _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 def read_identity_list(path=None) -> list[str]:
     """The identities listed in ``path`` (default: the shipped test identities), one per line, ``#`` comments."""
-    from ..errors import InputError
+    from ...errors import InputError
 
     path = Path(path or TEST_IDENTITIES_FILE)
     try:
@@ -250,10 +250,10 @@ def prepare_crops(faces_dir, out_dir, test_ids=(), detector=None, size: int = CR
 
     from PIL import Image
 
-    from ..atomic import atomic_write, write_text_atomic
-    from ..errors import InputError
-    from ..images import load_rgb
-    from ..refs import DEFAULT_CROP_FACTOR
+    from ...atomic import atomic_write, write_text_atomic
+    from ...errors import InputError
+    from ...images import load_rgb
+    from ...protection.refs import DEFAULT_CROP_FACTOR
 
     faces_dir, out_dir = Path(faces_dir), Path(out_dir)
     if not faces_dir.is_dir():
@@ -270,7 +270,7 @@ def prepare_crops(faces_dir, out_dir, test_ids=(), detector=None, size: int = CR
         raise InputError(f"--size must be 64..512, got {size}")
     test_ids = set(test_ids)
     if detector is None:
-        from ..face.detect import get_detector
+        from ...face.detect import get_detector
 
         detector = get_detector("dlib")
     log = progress or (lambda msg: None)
@@ -329,14 +329,14 @@ class Corpus:
     def load(cls, crops_dir, test_ids=None) -> "Corpus":
         import json
 
-        from ..errors import InputError
-        from ..images import load_rgb
+        from ...errors import InputError
+        from ...images import load_rgb
 
         crops_dir = Path(crops_dir)
         path = crops_dir / CROPS_MANIFEST
         if not path.is_file():
             raise InputError(f"--data: {crops_dir} has no {CROPS_MANIFEST} (make it with "
-                             f"`python -m iddm_core.demo_model prepare`)")
+                             f"`python -m iddm_core.demo.model prepare`)")
         manifest = json.loads(path.read_text(encoding="utf-8"))
         if manifest.get("format") != CROPS_FORMAT:
             raise InputError(f"--data: {path} is not a crops manifest of format {CROPS_FORMAT}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError, ModelError
-from .events import Emitter, report_setup
+from ..errors import InputError, ModelError
+from ..events import Emitter, report_setup
 
 
 def apply_lora_file(bundle, path) -> None:
@@ -51,11 +51,11 @@ def portraits(bundle, prompt: str, count: int, seed: int = 0, steps: int = 25, g
               lora=None, callback=None, batch: int = 4):
     """``count`` images ``[count, 3, H, W]`` in [0, 1] of ``prompt`` from ``bundle`` with the kohya LoRA file
     ``lora`` applied in place (None: the base model as it is), deterministic DDIM from ``seed`` (the same images
-    as :func:`~iddm_core.finetune.generate_images` with that seed). ``callback`` gets an event before the LoRA is
+    as :func:`~iddm_core.training.finetune.generate_images` with that seed). ``callback`` gets an event before the LoRA is
     applied (a setup event) and after each batch; it may raise to cancel."""
     import torch
 
-    from .finetune import generate_image_batches
+    from ..training.finetune import generate_image_batches
 
     check_sampling(count, steps, guidance)
     emit = Emitter(callback, total=count)

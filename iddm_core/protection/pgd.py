@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .face.attack import sign_pgd_step
-from .finetune import unet_conditioning, vae_posterior
-from .grad_checkpoint import activation_checkpointing
-from .precision import FP32_CPU, LossScale, Precision, all_finite
+from ..errors import InputError
+from ..face.attack import sign_pgd_step
+from ..training.finetune import unet_conditioning, vae_posterior
+from ..diffusion.grad_checkpoint import activation_checkpointing
+from ..diffusion.precision import FP32_CPU, LossScale, Precision, all_finite
 
 STAGE_REC = "rec"
 STAGE_ID = "id"

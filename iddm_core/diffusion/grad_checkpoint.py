@@ -59,7 +59,7 @@ def activation_checkpointing(*models: torch.nn.Module, enabled: bool = True):
 
 def check_setting(setting: str) -> str:
     """The word must be "auto", "yes" or "no"; InputError naming the parameter otherwise."""
-    from .errors import InputError
+    from ..errors import InputError
 
     if setting not in ("auto", "yes", "no"):
         raise InputError(f"gradient_checkpointing={setting!r}: use auto, yes or no")

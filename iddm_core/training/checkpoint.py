@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 STATE_FILE = "state.iddm"       # deliberately not .pt/.ckpt/.safetensors: no model browser lists it
 FORMAT_VERSION = 2
@@ -240,7 +240,7 @@ def has_state(directory) -> bool:
 
 def save_state(directory, state: dict) -> Path:
     """Write the state atomically (temp file in the same folder, rename), mode 0600, folder 0700."""
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
 
     directory = Path(directory)
     _make_private_dirs(directory)

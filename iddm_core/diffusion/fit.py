@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 GIB = 2 ** 30
 
@@ -153,7 +153,7 @@ def check_fits(trial_finetune, trial_pgd, batch: int, gradient: str | None, prec
     the PGD micro-batch and gradient mode in effect (None: the attack has no modes); ``pgd_step`` names the second
     trial in the message. ``callback(Event)``: a ``"setup"`` event (stage ``"trial"``) before each trial, which
     may raise to cancel (events.report_setup)."""
-    from .events import report_setup
+    from ..events import report_setup
 
     before = memory_text(device)
     on_cpu = torch.device(device).type == "cpu"

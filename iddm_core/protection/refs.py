@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import InputError
-from .images import Photo, crop_resize, load_folder, to_tensor
+from ..errors import InputError
+from ..images import Photo, crop_resize, load_folder, to_tensor
 from .split import Split, check_count, split_by_names, split_indices
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def load_private_refs(folder: str | os.PathLike, resolution: int, detector=None,
         raise InputError(f"resolution={resolution} must be a multiple of 8 and at least 32")
     photos = load_folder(folder)
     if detector is None:
-        from .face.detect import get_detector
+        from ..face.detect import get_detector
 
         detector = get_detector("dlib")
     return refs_from_photos(photos, resolution, detector, seed, n_reference, reference_files, protect_files,
@@ -183,10 +183,10 @@ def check_identity(refs: PrivateRefs, recognizer=None, threshold: float = DLIB_S
     stored) when dlib's recognition model is not installed. See :func:`identity_note` for the user's message."""
     import torch
 
-    from .errors import ModelError
+    from ..errors import ModelError
 
     if recognizer is None:
-        from .face.dlib_resnet import load_dlib_recognizer
+        from ..face.dlib_resnet import load_dlib_recognizer
 
         try:
             recognizer = load_dlib_recognizer()

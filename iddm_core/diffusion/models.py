@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .offline import force_offline
+from ..offline import force_offline
 
 force_offline()
 
 import torch  # noqa: E402
 
-from .errors import ModelError  # noqa: E402
-from .requirements_check import require  # noqa: E402
+from ..errors import ModelError  # noqa: E402
+from ..requirements_check import require  # noqa: E402
 
 require("diffusers")   # a diffusers that cannot import with this torch fails here, naming the fix
-from .atomic import atomic_write, check_writable  # noqa: E402
+from ..atomic import atomic_write, check_writable  # noqa: E402
 
 KINDS = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
 SDXL_KINDS = ("sdxl", "sdxl-v")
@@ -110,17 +110,17 @@ def load_model(path: str, kind: str | None = None, tokenizer: str | None = None,
     a ``"setup"`` event (stage ``"load"``) before reading, between the parts and before the move; it may raise to
     cancel the load there (events.report_setup).
     """
-    from .events import report_setup
+    from ..events import report_setup
 
     report_setup(callback, "load", "loading the model: reading the weights")
     if kind is not None and kind not in KINDS:
         raise ModelError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     if str(path) == "demo":
-        from .demo_model import load_demo_bundle
+        from ..demo.model import load_demo_bundle
 
         return load_demo_bundle().to(None, dtype).cast(weight_dtypes or {}).to(device)
     if str(path) == "demo-v2":          # issue 26's first cut, trained on the congress portraits (docs/DESIGN.md)
-        from .demo_model import load_demo_v2_bundle
+        from ..demo.model import load_demo_v2_bundle
 
         return load_demo_v2_bundle().to(None, dtype).cast(weight_dtypes or {}).to(device)
     if str(path) == "tiny":
@@ -425,7 +425,7 @@ def _tokenizer_advice(rows: int) -> str:
                 f"merges.txt of openai/clip-vit-large-patch14, which ComfyUI ships as comfy/sd1_tokenizer); put "
                 f"them in a folder and pass tokenizer=<folder> (CLI: --tokenizer <folder>)")
     if rows == _tiny_tokenizer_size():
-        from .demo_model import ASSET_DIR, TOKENIZER_DIR
+        from ..demo.model import ASSET_DIR, TOKENIZER_DIR
 
         return (f"this is an IDDM tiny/demo model ({rows} tokens): use its tokenizer, "
                 f"tokenizer={ASSET_DIR / TOKENIZER_DIR} (CLI: --tokenizer {ASSET_DIR / TOKENIZER_DIR}); for the "
@@ -603,7 +603,7 @@ def load_single_file(path: str | os.PathLike, kind: str | None = None,
     path = Path(path)
     state, metadata = read_checkpoint(path)
     kind, configs, tok = _single_file_setup(path, state, metadata, kind, tokenizer)
-    from .events import report_setup
+    from ..events import report_setup
 
     modules = []
     for part, factory, part_state in _single_file_parts(path, state, configs, kind):
@@ -686,7 +686,7 @@ def load_diffusers(folder: str | os.PathLike, kind: str | None = None,
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .events import report_setup
+    from ..events import report_setup
 
     folder = Path(folder)
     kind, configs, tok = _folder_setup(folder, kind, tokenizer)   # before any weights are read
@@ -842,16 +842,16 @@ def validate_model(path: str, kind: str | None = None, tokenizer: str | os.PathL
         return ModelInfo(k, PREDICTION_TYPES[k], TINY_RESOLUTION, TINY_SDXL_TITLE if k in SDXL_KINDS else TINY_TITLE,
                          _tiny_tokenizer_size(), _tiny_parameters(k))
     if str(path) == "demo":
-        from .demo_model import ASSET_DIR, DEMO_TITLE, TOKENIZER_DIR, weights_path
+        from ..demo.model import ASSET_DIR, DEMO_TITLE, TOKENIZER_DIR, weights_path
 
         if not weights_path().is_file():
             raise ModelError(f"demo model weights missing: {weights_path()} (rebuild with "
-                             f"`python -m iddm_core.demo_model train`)")
+                             f"`python -m iddm_core.demo.model train`)")
         info = validate_model(str(weights_path()), kind="sd1", tokenizer=ASSET_DIR / TOKENIZER_DIR)
         return ModelInfo(info.kind, info.prediction_type, info.resolution, DEMO_TITLE, info.vocab_size,
                          info.parameters)
     if str(path) == "demo-v2":
-        from .demo_model import ASSET_DIR_V2, DEMO_V2_TITLE, weights_path
+        from ..demo.model import ASSET_DIR_V2, DEMO_V2_TITLE, weights_path
 
         if not weights_path(ASSET_DIR_V2).is_file():
             raise ModelError(f"demo model v2 weights missing: {weights_path(ASSET_DIR_V2)}")

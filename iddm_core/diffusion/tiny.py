@@ -17,13 +17,13 @@ import json
 import os
 from pathlib import Path
 
-from .offline import force_offline
+from ..offline import force_offline
 
 force_offline()
 
 import torch  # noqa: E402
 
-from .requirements_check import require  # noqa: E402
+from ..requirements_check import require  # noqa: E402
 
 require("diffusers")   # a diffusers that cannot import with this torch fails here, naming the fix
 
@@ -272,7 +272,7 @@ def build_tiny_sdxl_bundle(seed: int = 0, kind: str = "sdxl"):
 
 
 def build_tiny_bundle(seed: int = 0, kind: str = "sd1"):
-    """The tiny model as a :class:`~iddm_core.models.ModelBundle` (float32, CPU; SD1-shaped by default)."""
+    """The tiny model as a :class:`~iddm_core.diffusion.models.ModelBundle` (float32, CPU; SD1-shaped by default)."""
     from .models import KINDS, SDXL_KINDS, ModelBundle
 
     if kind not in KINDS:
@@ -290,12 +290,12 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, kind: str = "sd1
     """Write the tiny model as ``out_dir/tiny`` (diffusers folder) and ``out_dir/tiny.safetensors``.
 
     The single file uses the original SD key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.models.bundle_to_original`. Both are
+    ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.diffusion.models.bundle_to_original`. Both are
     written to temporary names and renamed at the end, so a failure leaves nothing half-written.
     ``kind="sdxl"``: the tiny SDXL model as ``out_dir/tiny-sdxl`` (with tokenizer/ and tokenizer_2/) and
     ``out_dir/tiny-sdxl.safetensors`` (SGM layout: ``conditioner.embedders.0/1``).
     """
-    from .atomic import check_writable
+    from ..atomic import check_writable
     from .models import save_single_file, save_diffusers
 
     if kind not in ("sd1", "sdxl"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .errors import InputError
+from ..errors import InputError
 
 MIN_REFERENCE = 2
 MIN_PROTECT = 1

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError, ModelError
+from ..errors import InputError, ModelError
 
 # ----------------------------------------------------------------------------------------------- identity metrics
 
@@ -114,7 +114,7 @@ def gallery_layout(folder) -> dict[str, list[Path]]:
     Two layouts: sub-folders per identity (``gallery/<identity>/*.jpg``; used when the folder has any
     sub-folder with images) or a flat folder whose file names carry the identity (see :func:`identity_from_stem`).
     """
-    from .images import IMAGE_EXTENSIONS, list_images
+    from ..images import IMAGE_EXTENSIONS, list_images
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -341,7 +341,7 @@ def embed(recognizer, images: torch.Tensor, landmarks: torch.Tensor, chunk: int 
 
 def embed_photos(recognizer, photos: Iterable[np.ndarray], detector) -> torch.Tensor:
     """Embeddings of the largest face of each uint8 photo (photos without a face are skipped)."""
-    from .images import to_tensor
+    from ..images import to_tensor
 
     rows = []
     for rgb in photos:
@@ -357,7 +357,7 @@ def embed_photos(recognizer, photos: Iterable[np.ndarray], detector) -> torch.Te
 
 def recognizer_name(spec) -> str:
     """Registry name of a recogniser given as a Recognizer object, a RecognizerSpec or a 'name[:path]' string."""
-    from .face.registry import canonical_name
+    from ..face.registry import canonical_name
 
     if isinstance(spec, torch.nn.Module):
         return str(getattr(spec, "name", type(spec).__name__))
@@ -403,7 +403,7 @@ def choose_judges(requested=AUTO, surrogates: Sequence = (), search_dirs: Sequen
     measure the attack, not the leak. Anything else (names, "name:PATH" strings, specs or modules, or a comma
     separated string of tokens) is used as given.
     """
-    from .face.registry import discover
+    from ..face.registry import discover
 
     surrogate_names = [recognizer_name(s) for s in surrogates]
     if requested is None or (isinstance(requested, str) and requested.strip().lower() in ("", AUTO)):
@@ -436,7 +436,7 @@ def choose_judges(requested=AUTO, surrogates: Sequence = (), search_dirs: Sequen
 
 def load_eval_recognizers(items, device) -> list:
     """Recogniser modules from names / 'name:path' strings / specs / ready modules (modules are kept as given)."""
-    from .face.registry import RecognizerSpec, load_recognizer, parse_surrogates
+    from ..face.registry import RecognizerSpec, load_recognizer, parse_surrogates
 
     out = []
     for item in items:
@@ -499,7 +499,7 @@ def evaluate(images: torch.Tensor, refs, eval_recognizers=AUTO, surrogates: Sequ
     ``detector``: finds the faces of ``images`` and of the gallery photos; default: dlib's HOG for the photos and
     :func:`sample_detector_name` of the images' size for the images. Returns a JSON-ready dict (no file names or paths in it).
     """
-    from .events import Emitter
+    from ..events import Emitter
 
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise InputError(f"images: expected a non-empty [N, 3, H, W] batch, got {tuple(images.shape)}")
@@ -510,7 +510,7 @@ def evaluate(images: torch.Tensor, refs, eval_recognizers=AUTO, surrogates: Sequ
     messages = [judges.warning] if judges.warning else held_out_warnings(eval_names, surrogate_names)
     for m in messages:
         warnings.warn(m, UserWarning, stacklevel=2)
-    from .face.detect import get_detector
+    from ..face.detect import get_detector
 
     sample_detector = detector or get_detector(sample_detector_name(images.shape[-1]))
     detector = detector or get_detector("dlib")
@@ -550,7 +550,7 @@ def evaluate(images: torch.Tensor, refs, eval_recognizers=AUTO, surrogates: Sequ
 
 
 def _retrieval(rec, user_proto: torch.Tensor, probes: torch.Tensor, layout: dict, detector, top_k) -> dict:
-    from .images import load_rgb
+    from ..images import load_rgb
 
     names, protos = ["user"], [user_proto]
     for identity, files in layout.items():

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 MODES = ("auto", "no", "fp16", "bf16")
 BF16_MIN_CAPABILITY = (8, 0)

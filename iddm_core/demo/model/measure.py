@@ -1,4 +1,4 @@
-"""What the demo model can do, measured on the held-out demo identity (``python -m iddm_core.demo_model measure``).
+"""What the demo model can do, measured on the held-out demo identity (``python -m iddm_core.demo.model measure``).
 
 Distances are dlib's own (``face.attack.dlib_native_descriptor``: dlib's C++ detector, 5-point alignment and
 descriptor; Euclidean, dlib calls < 0.6 the same person). Identity scores (ISM) of generated samples use the
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate import _uint8 as uint8_images  # noqa: F401  (uint8 H x W x 3 arrays of a [N, 3, H, W] batch)
+from ...evaluation.evaluate import _uint8 as uint8_images  # noqa: F401  (uint8 H x W x 3 arrays of a [N, 3, H, W] batch)
 from .data import FACE_DIR, HELD_OUT
 
 IDENTITIES = {"demo person": HELD_OUT, "biden": ("biden.jpg",), "astronaut": ("astronaut.jpg",)}
@@ -27,18 +27,18 @@ DENOISE_TIMESTEPS = (10, 50, 100, 200, 400)    # where the denoising error is co
 
 def native_distance(a: np.ndarray, b: np.ndarray) -> float | None:
     """dlib's own distance between the largest faces of two uint8 images (None if either has no face)."""
-    from ..face.attack import dlib_distance, dlib_native_descriptor
+    from ...face.attack import dlib_distance, dlib_native_descriptor
 
     return dlib_distance(a, dlib_native_descriptor(b))
 
 
 def demo_crops(resolution: int, detector=None):
     """The held-out identity's photos cropped as the pipeline crops a user's photos: (images, landmarks)."""
-    from ..images import Photo, load_rgb
-    from ..refs import prepare_photos
+    from ...images import Photo, load_rgb
+    from ...protection.refs import prepare_photos
 
     if detector is None:
-        from ..face.detect import get_detector
+        from ...face.detect import get_detector
 
         detector = get_detector("dlib")
     photos = [Photo(n, FACE_DIR / n, load_rgb(FACE_DIR / n)) for n in HELD_OUT]
@@ -62,8 +62,8 @@ def latent_shape(bundle, images: torch.Tensor) -> tuple:
 @torch.no_grad()
 def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt: str) -> torch.Tensor:
     """x0_hat of each image at timestep t: the decoded one-step clean prediction PGD's Stage II scores."""
-    from ..finetune import encode_prompts
-    from ..pgd import Noise, predict_clean_image
+    from ...training.finetune import encode_prompts
+    from ...protection.pgd import Noise, predict_clean_image
 
     gen = torch.Generator().manual_seed(seed)
     shape = latent_shape(bundle, images)
@@ -81,8 +81,8 @@ def denoising_error(bundle, images: torch.Tensor, t: int, seed: int, prompt: str
     of ``images`` at timestep ``t``, latents at the posterior mean, averaged over
     ``draws`` noise draws. Predicting zero scores about 1.0: above that the model does not denoise these images, it pulls
     them elsewhere."""
-    from ..finetune import encode_prompts
-    from ..pgd import Noise, rec_loss
+    from ...training.finetune import encode_prompts
+    from ...protection.pgd import Noise, rec_loss
 
     gen = torch.Generator().manual_seed(seed)
     shape = latent_shape(bundle, images)
@@ -97,8 +97,8 @@ def denoising_error(bundle, images: torch.Tensor, t: int, seed: int, prompt: str
 
 def identity_prototypes(recognizer, detector) -> dict[str, torch.Tensor]:
     """Prototype embedding (pipeline dlib recogniser) of every identity, from its whole photos."""
-    from ..evaluate import embed_photos, prototype
-    from ..images import load_rgb
+    from ...evaluation.evaluate import embed_photos, prototype
+    from ...images import load_rgb
 
     return {who: prototype(embed_photos(recognizer, [load_rgb(FACE_DIR / n) for n in files], detector))
             for who, files in IDENTITIES.items()}
@@ -107,7 +107,7 @@ def identity_prototypes(recognizer, detector) -> dict[str, torch.Tensor]:
 def installed_judges(names, detector) -> dict:
     """{name: (recogniser, identity prototypes)} for each of ``names`` that is installed, in order (faceres may
     not be: dlib alone then)."""
-    from ..face.registry import find, load_recognizer
+    from ...face.registry import find, load_recognizer
 
     judges = {}
     for name in names:
@@ -130,7 +130,7 @@ def identity_scores(images: torch.Tensor, protos: dict, recognizer, detector=Non
                     scan=None):
     """FSR, ISM per identity and linked share of ``images``; faces found by ``detector``, or given as ``scan``
     (an ``evaluate.scan_faces`` result of these images, so several judges share one detection pass)."""
-    from ..evaluate import cosine_to, embed, scan_faces
+    from ...evaluation.evaluate import cosine_to, embed, scan_faces
 
     scan = scan if scan is not None else scan_faces(images, detector)
     fsr = sum(scan.found) / len(scan.found)
@@ -152,8 +152,8 @@ def format_scores(label: str, s: IdentityScores) -> str:
 
 def dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, rank: int = 4, seed: int = 0):
     """A plain DreamBooth-LoRA (no protection) on ``images``; returns the trainer (LoRA active on ``bundle``)."""
-    from ..finetune import DreamBoothTrainer, FinetuneConfig
-    from ..lora import LoraSpec
+    from ...training.finetune import DreamBoothTrainer, FinetuneConfig
+    from ...training.lora import LoraSpec
 
     cfg = FinetuneConfig(lr=lr, seed=seed, resolution=images.shape[-1], prior_preservation=False,
                          mixed_precision="no", gradient_checkpointing="no", batch_size=2)
@@ -168,8 +168,8 @@ def full_dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, prompt:
     (``pgd.rec_loss``: epsilon or v target, uniform timesteps), batch = all images, AdamW. Changes ``bundle.unet``
     in place. Not the pack's product path (that is the DreamBooth-*LoRA* of ``finetune``): the demo model's LoRA
     is too small to learn a new face (docs/DESIGN.md), its whole UNet is not."""
-    from ..finetune import encode_prompts
-    from ..pgd import Noise, rec_loss
+    from ...training.finetune import encode_prompts
+    from ...protection.pgd import Noise, rec_loss
 
     unet = bundle.unet.train()
     unet.requires_grad_(True)
@@ -192,12 +192,12 @@ def full_dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, prompt:
 def protection_effect(args, protos: dict, sample_detector) -> None:
     """Item 5: the demo's IDDM run, then a full-UNet DreamBooth on the clean photos (Xc + X0) and on the protected
     ones (Xc + X'), each from the shipped model; samples scored by every judge in ``protos``."""
-    from ..demo import demo_config, demo_photos
-    from ..evaluate import psnr
-    from ..face.detect import get_detector
-    from ..finetune import generate_images
-    from ..iddm import run_iddm
-    from ..refs import refs_from_photos
+    from ..story import demo_config, demo_photos
+    from ...evaluation.evaluate import psnr
+    from ...face.detect import get_detector
+    from ...training.finetune import generate_images
+    from ...protection.iddm import run_iddm
+    from ...protection.refs import refs_from_photos
     from . import ASSET_DIR, load_demo_bundle
 
     base = load_demo_bundle(Path(args.model) if args.model else ASSET_DIR)
@@ -219,10 +219,10 @@ def protection_effect(args, protos: dict, sample_detector) -> None:
 
 
 def cmd_measure(args) -> int:
-    from ..evaluate import psnr, sample_detector_name
-    from ..face.detect import get_detector
-    from ..face.registry import load_recognizer, parse_surrogates
-    from ..finetune import generate_images
+    from ...evaluation.evaluate import psnr, sample_detector_name
+    from ...face.detect import get_detector
+    from ...face.registry import load_recognizer, parse_surrogates
+    from ...training.finetune import generate_images
     from . import ASSET_DIR, load_demo_bundle
 
     t_start = time.time()
@@ -250,7 +250,7 @@ def cmd_measure(args) -> int:
                           f"{denoising_error(bundle, train_faces, t, 0, 'a photo of sks person'):.3f}"
                           for t in DENOISE_TIMESTEPS))
 
-    from ..face.attack import dlib_distance, dlib_prototype
+    from ...face.attack import dlib_distance, dlib_prototype
 
     proto = dlib_prototype(rgb)
     print("3. one-step clean prediction x0_hat (prompt 'a photo of sks person', 4 noise draws per photo):"

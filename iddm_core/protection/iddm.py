@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .events import Emitter
+from ..errors import InputError
+from ..events import Emitter
 from .pgd import PGDConfig, pgd_two_stage
 
 # What each preset fixes; smaller rho = more privacy. "fast" also swaps the paper's gradient for face + sds.
@@ -74,8 +74,8 @@ class IDDMConfig:
             raise InputError(f"resolution={self.resolution!r} must be a multiple of 8 and at least 32")
         if not self.surrogates:
             raise InputError("surrogates: name at least one face recogniser (e.g. dlib)")
-        from .grad_checkpoint import check_setting
-        from .precision import MODES
+        from ..diffusion.grad_checkpoint import check_setting
+        from ..diffusion.precision import MODES
 
         if self.mixed_precision not in MODES:
             raise InputError(f"mixed_precision={self.mixed_precision!r}: use one of {', '.join(MODES)}")
@@ -120,8 +120,8 @@ def run_iddm(bundle, refs, config: IDDMConfig, out_path=None, lora_name: str = "
     (``on_mismatch="error"``), or is deleted and the run starts over (``"restart"``, the ComfyUI node's choice;
     ``report["resume"]["discarded"]`` says why). ``resume=False`` deletes any old state and starts over.
     """
-    from .atomic import check_writable
-    from .checkpoint import check_on_mismatch
+    from ..atomic import check_writable
+    from ..training.checkpoint import check_on_mismatch
 
     config.validate()
     check_on_mismatch(on_mismatch)
@@ -142,10 +142,10 @@ def schedule_text(config: IDDMConfig) -> str:
 
 def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, checkpoint_dir, resume, overwrite,
          callback, class_images, class_cache_dir, stop_after, check_memory, model_source, on_mismatch) -> IDDMResult:
-    from . import checkpoint as ckpt
-    from .atomic import write_text_atomic
-    from .finetune import DreamBoothTrainer, load_class_folder
-    from .lora import LoraSpec, save_kohya_lora
+    from ..training import checkpoint as ckpt
+    from ..atomic import write_text_atomic
+    from ..training.finetune import DreamBoothTrainer, load_class_folder
+    from ..training.lora import LoraSpec, save_kohya_lora
 
     device = bundle.unet.device
     resolution = refs.resolution
@@ -178,7 +178,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
     ref_posterior = trainer.encode(x_ref)        # Xc never changes: its latents are encoded once per run
     generator = torch.Generator().manual_seed(config.seed + 1)
     if check_memory is not False:
-        from .fit import check_fits, trial_pgd_config
+        from ..diffusion.fit import check_fits, trial_pgd_config
 
         b = config.pgd.batch
         check_fits(lambda: trainer.trial_step(ref_posterior),
@@ -262,7 +262,7 @@ def _run(bundle, refs, config, out_path, lora_name, ensemble, report_path, check
 
 def finetune_config(config: IDDMConfig, resolution: int):
     """The DreamBooth settings of every fine-tuning burst of an IDDM run (also used by the no-defense baseline)."""
-    from .finetune import FinetuneConfig
+    from ..training.finetune import FinetuneConfig
 
     return FinetuneConfig(lr=config.lr, seed=config.seed, resolution=resolution,
                           prior_preservation=config.prior_preservation, num_class_images=config.num_class_images,
@@ -294,8 +294,8 @@ def surrogates_from_comment(comment: str) -> list[str]:
 
 
 def build_ensemble(surrogates, tau: float, device):
-    from .face.ensemble import FaceEnsembleLoss
-    from .face.registry import load_recognizer, parse_surrogates
+    from ..face.ensemble import FaceEnsembleLoss
+    from ..face.registry import load_recognizer, parse_surrogates
 
     specs = parse_surrogates(",".join(surrogates) if not isinstance(surrogates, str) else surrogates)
     return FaceEnsembleLoss([load_recognizer(s, device) for s in specs], tau=tau).to(device)

@@ -25,11 +25,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .events import Emitter, Event, report_setup
-from .grad_checkpoint import activation_checkpointing, check_setting, use_checkpointing
+from ..errors import InputError
+from ..events import Emitter, Event, report_setup
+from ..diffusion.grad_checkpoint import activation_checkpointing, check_setting, use_checkpointing
 from .lora import LoraSpec, add_lora, get_lora_state, lora_disabled, lora_parameters, set_lora_state
-from .precision import MODES, precision_for
+from ..diffusion.precision import MODES, precision_for
 
 
 @dataclass
@@ -248,7 +248,7 @@ def class_cache_key(title: str, prompt: str, n: int, resolution: int, seed: int,
 
 def load_class_folder(folder, resolution: int) -> torch.Tensor:
     """User-supplied class images: square-cropped and resized like the instance photos."""
-    from .images import load_square_images
+    from ..images import load_square_images
 
     return load_square_images(folder, resolution)
 
@@ -339,7 +339,7 @@ class DreamBoothTrainer:
         if path is not None:
             from safetensors.torch import save_file
 
-            from .atomic import atomic_write
+            from ..atomic import atomic_write
 
             as_bytes = images.mul(255).round().to(torch.uint8).contiguous()
             atomic_write(path, lambda tmp: save_file({"images": as_bytes}, tmp), overwrite=True)

@@ -5,21 +5,21 @@ face recognisable at this size, and SD's 4 latent channels kept only 25-26 dB PS
 mid-block attention (it costs without helping a convolutional code).
 UNet: SD1's four down / up blocks with cross-attention on the first three, on the 32 x 32 latent; one attention
 head per layer (8 heads made a training step 3x slower on 2 CPU cores: the 1024-token attention maps dominate).
-Text encoder and tokenizer: the tiny CLIP of :mod:`iddm_core.tiny` (frozen, random: its prompt embeddings only
+Text encoder and tokenizer: the tiny CLIP of :mod:`iddm_core.diffusion.tiny` (frozen, random: its prompt embeddings only
 need to differ). Scheduler: SD's scaled-linear DDPM rescaled to zero terminal SNR, v-prediction (the last
 training phase; the earlier ones predict epsilon on SD's own schedule, see ``train.REFINE``).
 """
 from __future__ import annotations
 
-from ..offline import force_offline
+from ...offline import force_offline
 
 force_offline()
 
 import torch  # noqa: E402
 
-from ..models import ZERO_TERMINAL_SNR  # noqa: E402
-from ..tiny import SCHEDULER_CONFIG, _text_config, build_tiny_tokenizer  # noqa: E402
-from ..tiny import UNET_CONFIG as TINY_UNET_CONFIG, VAE_CONFIG as TINY_VAE_CONFIG  # noqa: E402
+from ...diffusion.models import ZERO_TERMINAL_SNR  # noqa: E402
+from ...diffusion.tiny import SCHEDULER_CONFIG, _text_config, build_tiny_tokenizer  # noqa: E402
+from ...diffusion.tiny import UNET_CONFIG as TINY_UNET_CONFIG, VAE_CONFIG as TINY_VAE_CONFIG  # noqa: E402
 from . import DEMO_RESOLUTION, DEMO_TITLE  # noqa: E402
 
 # SD1's layout as the tiny model writes it (tiny.py), with what differs at 128 px spelled out
@@ -70,7 +70,7 @@ def build_unet(seed: int = 0):
 
 
 def build_text_encoder(seed: int = 0):
-    """(text_encoder, tokenizer): the tiny CLIP, as in :mod:`iddm_core.tiny` (same seed -> same weights)."""
+    """(text_encoder, tokenizer): the tiny CLIP, as in :mod:`iddm_core.diffusion.tiny` (same seed -> same weights)."""
     from transformers import CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()
@@ -88,8 +88,8 @@ def build_scheduler(v_zero_snr: bool = True):
 
 
 def assemble(unet, vae, text_encoder, tokenizer):
-    """A :class:`~iddm_core.models.ModelBundle` of trained parts (SD1 kind with v-prediction, title ``demo``)."""
-    from ..models import ModelBundle
+    """A :class:`~iddm_core.diffusion.models.ModelBundle` of trained parts (SD1 kind with v-prediction, title ``demo``)."""
+    from ...diffusion.models import ModelBundle
 
     return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                        noise_scheduler=build_scheduler(), kind="sd1", prediction_type="v_prediction",

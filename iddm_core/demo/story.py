@@ -1,6 +1,6 @@
 """The demo: the same photos and seeds, a no-defense DreamBooth LoRA against an IDDM LoRA, on the demo model.
 
-What it shows: the demo model (``iddm_core.demo_model``) is small, trained here on two other identities and
+What it shows: the demo model (``iddm_core.demo.model``) is small, trained here on two other identities and
 never on the demo person, so whatever a LoRA knows of that person comes from the demo photos (within the demo's
 budget this toy's DreamBooth learns little of them: docs/DESIGN.md, "The demo model"). Both LoRAs get the
 same schedule (K iterations of a burst on the reference set Xc, then a burst on the protection set); the only
@@ -33,7 +33,7 @@ DEMO_NOTE = (
     "above are real runs on the same photos, seeds and schedule. But it knows only two faces: its samples show "
     "those two people, and a LoRA on it does not learn a new person, so the sample rows cannot differ by whom "
     "they show. A full fine-tune of its UNet does learn the person, and there IDDM's X' lowers the samples' "
-    "similarity (`python -m iddm_core.demo_model measure --full-dreambooth 400`, about 7 minutes; "
+    "similarity (`python -m iddm_core.demo.model measure --full-dreambooth 400`, about 7 minutes; "
     "docs/DESIGN.md has the numbers). dlib is the attack's surrogate, so its numbers measure the attack "
     "itself; faceres (held out) is the fair test of whether the protection transfers. None of this is evidence "
     "about Stable Diffusion. Use --model with a real SD 1.x/2.x or SDXL checkpoint "
@@ -44,9 +44,9 @@ def demo_photos():
     """Sample identity for the demo: two public-domain photos of one person plus their mirror images (4 photos)."""
     import numpy as np
 
-    from .images import Photo, load_rgb
+    from ..images import Photo, load_rgb
 
-    from . import FACES_DIR as folder
+    from .. import FACES_DIR as folder
     photos = []
     for name in ("obama.jpg", "obama2.jpg"):
         rgb = load_rgb(folder / name)
@@ -59,10 +59,10 @@ def demo_config():
     """Settings of the demo run on the 128 px demo model, each for a measured reason (not tuned on the result):
     no prior preservation (the toy's text encoder is random and frozen, so its UNet barely tells prompts apart and
     class images would pull straight against the instance images); Stage II timesteps below 100, where the
-    model's one-step predictions are still faces dlib finds (``python -m iddm_core.demo_model measure``); the
+    model's one-step predictions are still faces dlib finds (``python -m iddm_core.demo.model measure``); the
     trainer's default learning rate (1e-4: at 1e-3 and above, 72 steps turn this toy's samples into noise)."""
-    from .iddm import IDDMConfig
-    from .pgd import PGDConfig
+    from ..protection.iddm import IDDMConfig
+    from ..protection.pgd import PGDConfig
 
     return IDDMConfig(K=3, pgd=PGDConfig(T=8, rho=0.3, id_t_max=0.1), ft_steps=12, resolution=128,
                       prior_preservation=False, seed=0)
@@ -70,9 +70,9 @@ def demo_config():
 
 def train_no_defense(bundle, refs, config, class_images=None):
     """The baseline: IDDM's exact fine-tuning schedule with X' = X0 (no protection). Returns the trainer."""
-    from .finetune import DreamBoothTrainer
-    from .iddm import finetune_config
-    from .lora import LoraSpec
+    from ..training.finetune import DreamBoothTrainer
+    from ..protection.iddm import finetune_config
+    from ..training.lora import LoraSpec
 
     spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, train_text_encoder=config.train_text_encoder)
     trainer = DreamBoothTrainer(bundle, spec, finetune_config(config, refs.resolution), class_images=class_images)
@@ -87,7 +87,7 @@ def train_no_defense(bundle, refs, config, class_images=None):
 
 def sample(bundle, n: int = DEMO_SAMPLES) -> torch.Tensor:
     """``n`` samples of the demo prompt (CPU tensor, as generate_images returns)."""
-    from .finetune import generate_images
+    from ..training.finetune import generate_images
 
     return generate_images(bundle, DEMO_PROMPT, n, seed=SAMPLE_SEED, steps=SAMPLE_STEPS,
                            guidance_scale=SAMPLE_GUIDANCE)
@@ -96,7 +96,7 @@ def sample(bundle, n: int = DEMO_SAMPLES) -> torch.Tensor:
 def denoise(bundle, images: torch.Tensor) -> torch.Tensor:
     """The model's one-step clean predictions x0_hat of ``images`` noised to each of ``DENOISE_TIMESTEPS`` with
     each of ``DENOISE_SEEDS`` (same noise for every model): what its denoiser makes of the person's photos."""
-    from .demo_model.measure import one_step_predictions
+    from .model.measure import one_step_predictions
 
     images = images.to(bundle.device)
     return torch.cat([one_step_predictions(bundle, images, t, seed, DEMO_PROMPT).cpu()
@@ -129,14 +129,14 @@ DEMO_JUDGES = (("dlib", "surrogate"), ("faceres", "held out"))   # faceres ships
 def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
     from PIL import Image
 
-    from .atomic import atomic_write
-    from .demo_model.measure import identity_scores, installed_judges
-    from .evaluate import cosine_to, embed, prototype, psnr, sample_detector_name, scan_faces
-    from .face.detect import get_detector
-    from .iddm import run_iddm
-    from .lora import LoraSpec, save_kohya_lora
-    from .models import load_model
-    from .refs import refs_from_photos
+    from ..atomic import atomic_write
+    from .model.measure import identity_scores, installed_judges
+    from ..evaluation.evaluate import cosine_to, embed, prototype, psnr, sample_detector_name, scan_faces
+    from ..face.detect import get_detector
+    from ..protection.iddm import run_iddm
+    from ..training.lora import LoraSpec, save_kohya_lora
+    from ..diffusion.models import load_model
+    from ..protection.refs import refs_from_photos
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -190,8 +190,8 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
 
 def contact_rows(rows):
     """A contact sheet (uint8 H x W x 3): one row of tiles per (label, images) pair, the label on its first tile."""
-    from .evaluate import _uint8
-    from .leak_render import annotate, contact_sheet, enlarge
+    from ..evaluation.evaluate import _uint8
+    from ..evaluation.leak_render import annotate, contact_sheet, enlarge
 
     columns = max(len(images) for _, images in rows)
     tiles = []
@@ -204,7 +204,7 @@ def contact_rows(rows):
 
 
 def format_result(r: DemoResult) -> str:
-    from .demo_model.measure import format_scores
+    from .model.measure import format_scores
 
     lines = ["", "Same photos, same seeds, same fine-tuning schedule; only the protection differs. IDDM attacked "
              "dlib (the surrogate); faceres never saw the attack (held out: the fair test).",

@@ -1,4 +1,4 @@
-"""``python -m iddm_core.demo_model train|measure``: rebuild the demo model from scratch, or measure it."""
+"""``python -m iddm_core.demo.model train|measure``: rebuild the demo model from scratch, or measure it."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from . import ASSET_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m iddm_core.demo_model",
+    parser = argparse.ArgumentParser(prog="python -m iddm_core.demo.model",
                                      description="The demo model: train it from public-domain images, or measure it.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the demo model from scratch (2 CPU cores: about 90 minutes)")
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-batch", type=int, default=None, help="UNet and refine batch (default: the recipe's)")
     t.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
                    help="bf16 autocast on CUDA (auto: where the GPU supports bf16; fp32 weights either way)")
+    t.add_argument("--refine-continue", action="store_true",
+                   help="with --stage refine: train only the last refine phase (zero terminal SNR, v-prediction) "
+                        "with the whole budget, from the newest UNet part in --work (unet_refinedN, else unet), "
+                        "and save it as the last phase's part (continues a model already refined)")
+    t.add_argument("--refine-lr", type=float, default=None, help="learning rate of the refine phases "
+                                                                  "(default: the recipe's)")
     t.add_argument("--resume", action="store_true",
                    help="keep a vae / unet already in --work instead of training it again (refine phases found "
                         "there are always kept)")
@@ -73,7 +79,7 @@ def cmd_train(args) -> int:
 
     import torch
 
-    from ..errors import InputError, ModelError
+    from ...errors import InputError, ModelError
     from .architecture import assemble, build_text_encoder
     from .train import (CPU_STAGE_WEIGHTS, GPU_RECIPE, REFINE, VAE_PHASES, Budget, UNetTrainConfig, VAETrainConfig,
                         export, latent_pool, latent_scale, log, train_unet, train_vae)
@@ -115,7 +121,7 @@ def cmd_train(args) -> int:
         log(f"data: {len(corpus.crops)} face crops of {len(set(corpus.identities))} identities and "
             f"{len(corpus.public)} public-domain faces ({time.time() - t0:.1f}s); {len(test_ids)} test identities "
             f"held out")
-        from ..atomic import write_text_atomic
+        from ...atomic import write_text_atomic
 
         write_text_atomic(data_file, json.dumps({"crops": len(corpus.crops),
                                                  "identities": len(set(corpus.identities)),
@@ -187,13 +193,24 @@ def cmd_train(args) -> int:
         from diffusers import UNet2DConditionModel
 
         phases = GPU_RECIPE["refine"] if gpu else REFINE
-        phase_budget = Budget(budget.next(), [p.get("weight", p["steps"]) for p in phases])
+        first = 1
+        if args.refine_continue:              # only the last phase, from the newest part, with the whole budget
+            first = len(phases)
+        phase_budget = Budget(budget.next(), [p.get("weight", p["steps"]) for p in phases[first - 1:]])
         vae = _load_vae(work / "vae").to(device)
         text_encoder, tokenizer = build_text_encoder(args.seed)
         source, pool = work / "unet", None
         done = max([i for i in range(1, len(phases) + 1) if (work / f"unet_refined{i}").is_dir()], default=0)
+        if args.refine_continue:
+            source = work / f"unet_refined{done}" if done else source
+            if not source.is_dir():
+                raise ModelError(f"--refine-continue needs a UNet part in {work} (unet or unet_refinedN)")
+            log(f"refine: continuing the last phase from {source} (--refine-continue)")
+            done = 0
         for i, phase in enumerate(phases, start=1):
             target = work / f"unet_refined{i}"
+            if i < first:
+                continue
             if i <= done:                     # a finished phase of an earlier, interrupted run (or one before it)
                 log(f"refine phase {i}: {work / f'unet_refined{done}'} exists, kept")
                 phase_budget.next()
@@ -204,6 +221,8 @@ def cmd_train(args) -> int:
             cfg = pool_cfg(fields, args.seed + phase["seed"])
             if args.refine_steps:
                 cfg.steps = args.refine_steps
+            if args.refine_lr:
+                cfg.lr = args.refine_lr
             if gpu:                           # one pool for all phases (fresh augmentations, not the unet stage's)
                 pool = pool or latent_pool(pool_cfg(GPU_RECIPE["unet"], args.seed + 10), vae, corpus, chunk)
             else:                             # the CPU recipe: each phase its own pool, as it was trained

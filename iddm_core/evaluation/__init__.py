@@ -1,0 +1,1 @@
+"""Judging a LoRA: portraits it generates, face-recognition metrics with held-out judges, the Leak Meter's drawing."""
