@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -17,21 +18,23 @@ import warnings
 
 # old module (relative to the package) -> the module(s) now holding its names, first match wins
 MOVED: dict[str, tuple[str, ...]] = {
-    "models": ("diffusion.models",),
+    "models": ("diffusion.loading", "diffusion.validation", "diffusion.bundle", "diffusion.kinds", "diffusion.reading",
+               "diffusion.tokenizers", "diffusion.single_file", "diffusion.diffusers_folder", "diffusion.writing"),
     "sd_keys": ("diffusion.sd_keys",),
     "tiny": ("diffusion.tiny",),
     "precision": ("diffusion.precision",),
     "grad_checkpoint": ("diffusion.grad_checkpoint",),
     "fit": ("diffusion.fit",),
-    "finetune": ("training.finetune",),
-    "lora": ("training.lora",),
+    "finetune": ("training.finetune", "training.conditioning", "training.latents", "training.sampling"),
+    "lora": ("training.lora", "training.kohya", "training.kohya_check"),
     "checkpoint": ("training.checkpoint",),
     "pgd": ("protection.pgd",),
-    "iddm": ("protection.iddm",),
-    "protect": ("protection.protect",),
+    "iddm": ("protection.iddm", "protection.iddm_report"),
+    "protect": ("protection.protect", "protection.style", "protection.ascent", "protection.photo_files"),
     "refs": ("protection.refs",),
     "split": ("protection.split",),
-    "evaluate": ("evaluation.evaluate",),
+    "evaluate": ("evaluation.evaluate", "evaluation.metrics", "evaluation.judges", "evaluation.faces",
+                 "evaluation.brisque"),
     "leak_render": ("evaluation.leak_render",),
     "portraits": ("evaluation.portraits",),
     "demo_model": ("demo.model",),
@@ -71,11 +74,22 @@ class _AliasLoader(importlib.abc.Loader):
                       "(the old path is kept for scripts written against iddm_core 0.2)", DeprecationWarning,
                       stacklevel=3)
         if len(self.parts) == 1:
-            return importlib.import_module(self.parts[0])
+            module = importlib.import_module(self.parts[0])
+            self.real_spec = module.__spec__
+            return module
         return _SplitModule(self.old, self.parts)
 
     def exec_module(self, module) -> None:
-        pass
+        # importlib has just set ``module.__spec__`` to the alias spec (the old name); a moved module keeps its own,
+        # or relative imports inside its functions see __package__ != __spec__.parent (an ImportWarning)
+        real = getattr(self, "real_spec", None)
+        if real is not None:
+            module.__spec__ = real
+
+
+# ``python -m <old package>``: runpy runs the moved package's __main__ under its new name, so its relative imports
+# resolve from where it lives now
+MOVED_MAINS = {"demo_model.__main__": "demo.model.__main__"}
 
 
 class MovedFinder(importlib.abc.MetaPathFinder):
@@ -86,9 +100,14 @@ class MovedFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         prefix = self.package + "."
-        if not fullname.startswith(prefix) or fullname[len(prefix):] not in MOVED:
+        old = fullname[len(prefix):] if fullname.startswith(prefix) else None
+        if old in MOVED_MAINS:             # spec named as the new module, its loader answering the old name
+            origin = importlib.util.find_spec(f"{self.package}.{MOVED_MAINS[old]}").origin
+            return importlib.util.spec_from_file_location(
+                f"{self.package}.{MOVED_MAINS[old]}", origin,
+                loader=importlib.machinery.SourceFileLoader(fullname, origin))
+        if old not in MOVED:
             return None
-        old = fullname[len(prefix):]
         parts = new_paths(self.package, old)
         target_spec = importlib.util.find_spec(parts[0])
         spec = importlib.util.spec_from_loader(fullname, _AliasLoader(fullname, parts),

@@ -64,6 +64,7 @@ NUMBER_LIMITS = {
     "K": (1, 1000, True, "outer iterations (paper 10)"),
     "ft_steps": (1, 100000, True, "fine-tune steps per burst"),
     "rank": (1, 256, True, "LoRA rank"),
+    "conv_rank": (0, 256, True, "LoCon rank of the UNet's convolutions; 0 = off"),
     "lr": (1e-7, 0.1, False, "learning rate (default 1e-4)"),
     "resolution": (0, 2048, True, "training size in pixels, a multiple of 8; 0 = the model's own"),
     "seed": (0, 0xFFFFFFFF, True, "training seed"),
@@ -156,11 +157,12 @@ def recogniser_status(specs: Sequence) -> str:
 
 
 def iddm_config(pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation, num_class_images,
-                train_text_encoder=False, *, surrogates, tau):
+                train_text_encoder=False, *, surrogates, tau, conv_rank=0):  # 13: one per field
     """The run's :class:`~iddm_core.protection.iddm.IDDMConfig` from plain values, validated (errors name the parameter).
 
     ``pgd``: a :class:`~iddm_core.protection.pgd.PGDConfig` (see :func:`pgd_config`; copied, never shared with the caller);
-    ``surrogates``: registry tokens (see :func:`selected_surrogates`); ``resolution`` 0 = the model's native size."""
+    ``surrogates``: registry tokens (see :func:`selected_surrogates`); ``resolution`` 0 = the model's native size;
+    ``conv_rank``: LoCon on the UNet's convolutions (alpha = conv_rank), 0 = off."""
     from .protection.iddm import IDDMConfig
 
     # class images are only made with prior preservation: without it the field is not used (nor checked)
@@ -171,31 +173,33 @@ def iddm_config(pgd, K, ft_steps, rank, lr, resolution, seed, prior_preservation
                       rank=check_number("rank", rank), lr=check_number("lr", lr),
                       resolution=check_number("resolution", resolution) or None, seed=check_number("seed", seed),
                       prior_preservation=bool(prior_preservation), num_class_images=n_class,
-                      train_text_encoder=bool(train_text_encoder)).validate()
+                      train_text_encoder=bool(train_text_encoder),
+                      conv_rank=check_number("conv_rank", conv_rank)).validate()
 
 
 # ------------------------------------------------------------------------------------------------- model
 @contextmanager
 def loaded_for_training(path: str, device, info=None, precision: str = "auto", tokenizer=None, callback=None):
-    """Yield a :class:`~iddm_core.diffusion.models.ModelBundle` of ``path`` on ``device`` for one run, and drop its weights
+    """Yield a :class:`~iddm_core.diffusion.bundle.ModelBundle` of ``path`` on ``device`` for one run, and drop its weights
     after it, whether the run finished, failed or was cancelled.
 
     Call it after the host application has freed its own models. The frozen weights are stored as the precision
-    policy says (``precision.weight_dtypes``: bf16/fp16 UNet and text encoders on a GPU); with ``info``
-    (``models.validate_model``'s answer) a model whose weights cannot fit the memory left is refused before
-    loading. ``tokenizer``: a CLIP tokenizer folder for a single-file checkpoint (see ``models.load_model``).
+    policy says (``Runtime.weight_dtypes``: bf16/fp16 UNet and text encoders on a GPU); with ``info``
+    (``validation.validate_model``'s answer) a model whose weights cannot fit the memory left is refused before
+    loading. ``tokenizer``: a CLIP tokenizer folder for a single-file checkpoint (see ``loading.load_model``).
     ``callback(Event)``: the run's progress callback; it gets ``"setup"`` events while the model loads (between its
     parts) and may raise there to cancel, as during training."""
     from .events import report_setup
     from .diffusion.fit import check_model_fits
-    from .diffusion.models import load_model
-    from .diffusion.precision import precision_for, weight_dtypes
+    from .diffusion.loading import load_model
+    from .diffusion.runtime import Runtime
 
     report_setup(callback, "load", "loading the model: checking the memory")
+    runtime = Runtime.decide(device, precision)
     if info is not None:
-        check_model_fits(info, device, precision)
-    bundle = load_model(path, tokenizer=tokenizer, device=device,
-                        weight_dtypes=weight_dtypes(precision_for(device, precision)), callback=callback)
+        check_model_fits(info, runtime)
+    bundle = load_model(path, tokenizer=tokenizer, device=device, weight_dtypes=runtime.weight_dtypes,
+                        callback=callback)
     try:
         yield bundle
     finally:

@@ -96,10 +96,10 @@ def _diffusers_folders() -> list[str]:
 
 
 def resolve_checkpoint(name: str) -> str:
-    """A ``ckpt_name`` choice -> the path for iddm_core.diffusion.models.load_model.
+    """A ``ckpt_name`` choice -> the path for iddm_core.diffusion.loading.load_model.
 
-    Single files carry no tokenizer (neither do the SD checkpoints users download); iddm_core.diffusion.models finds the
-    CLIP tokenizer files that ComfyUI ships with its own code (comfy/sd1_tokenizer). Diffusers folders bring
+    Single files carry no tokenizer (neither do the SD checkpoints users download); iddm_core.diffusion.tokenizers
+    finds the CLIP tokenizer files that ComfyUI ships with its own code (comfy/sd1_tokenizer). Diffusers folders bring
     their own tokenizer.
     """
     import folder_paths

@@ -53,8 +53,8 @@ def _clean_refs(refs):
 
 def resolve_threshold(threshold: float, name: str) -> tuple[float, str]:
     """The match threshold in effect and where it comes from: the widget's value, or with 0 (auto) the judge's
-    own (iddm_core.evaluation.evaluate.MATCH_THRESHOLDS)."""
-    from ..iddm_core.evaluation.evaluate import match_threshold
+    own (iddm_core.evaluation.judges.MATCH_THRESHOLDS)."""
+    from ..iddm_core.evaluation.judges import match_threshold
 
     if float(threshold) > 0:
         return float(threshold), "set on the node"
@@ -63,10 +63,26 @@ def resolve_threshold(threshold: float, name: str) -> tuple[float, str]:
 
 def threshold_help() -> str:
     """Each known recogniser's own threshold, for the widget's tooltip."""
-    from ..iddm_core.evaluation.evaluate import DEFAULT_MATCH_THRESHOLD, MATCH_THRESHOLDS
+    from ..iddm_core.evaluation.judges import DEFAULT_MATCH_THRESHOLD, MATCH_THRESHOLDS
 
     own = ", ".join(f"{name} {value:g}" for name, value in MATCH_THRESHOLDS.items())
     return f"{own}, others {DEFAULT_MATCH_THRESHOLD:g}"
+
+
+def verdicts(entry: dict, threshold: float, source: str) -> list:
+    """Per image: recognised as the user (True), not (False), no face (None). A threshold set on the node is a
+    cosine level; with 0 (auto) the judge's own rule decides, as in ``evaluate`` (dlib: its distance <= 0.6)."""
+    if source == "set on the node" or "matched" not in entry:
+        return [None if s is None else s >= threshold for s in entry["similarity"]]
+    return list(entry["matched"])
+
+
+def rule_text(entry: dict, threshold: float, source: str) -> str:
+    """How a match is decided, in words: the cosine level, or the judge's own distance rule."""
+    rule = entry.get("match") or {}
+    if source != "set on the node" and rule.get("score") == "distance":
+        return f"distance <= {rule['threshold']:g}"
+    return f"cosine >= {threshold:g}"
 
 
 def summary_text(result: dict, name: str, threshold: float, source: str = "set on the node") -> str:
@@ -77,10 +93,13 @@ def summary_text(result: dict, name: str, threshold: float, source: str = "set o
     lines = [f"FSR {result['fsr']:.2f} ({faces}/{n} images with a face)"]
     for judge, e in result["recognizers"].items():
         lines.append(f"ISM [{judge}] " + ("n/a (no face)" if e["ism"] is None else f"{e['ism']:.3f}"))
-    lines.append(f"match threshold [{name}]: cosine >= {threshold:g} ({source})")
+    rule = rule_text(entry, threshold, source)
+    lines.append(f"match rule [{name}]: {rule} ({source})")
+    if rule.startswith("distance"):
+        lines.append(f"(the bars show cosine; {name}'s cosine level {threshold:g} is drawn for reference)")
     if entry["ism"] is not None:
-        matched = sum(s is not None and s >= threshold for s in entry["similarity"])
-        lines.append(f"recognised as the user by {name} (cosine >= {threshold:g}): {matched}/{faces}")
+        matched = sum(v is True for v in verdicts(entry, threshold, source))
+        lines.append(f"recognised as the user by {name} ({rule}): {matched}/{faces}")
     if result.get("judges"):
         lines.append(result["judges"])
     lines += [f"WARNING: {w}" for w in result.get("warnings", [])]
@@ -127,8 +146,9 @@ class IdentityLeakMeter:
         import numpy as np
         import torch
 
-        from ..iddm_core.evaluation.evaluate import _uint8, evaluate
-        from ..iddm_core.evaluation.leak_render import annotate, bar_chart, label_text, verdict_color
+        from ..iddm_core.evaluation.evaluate import evaluate
+        from ..iddm_core.evaluation.faces import uint8_images as _uint8
+        from ..iddm_core.evaluation.leak_render import annotate, bar_chart, label_text, match_color
         from .comfy_env import torch_device
 
         with torch.inference_mode():
@@ -143,10 +163,12 @@ class IdentityLeakMeter:
             name = result["eval_recognizers"][0]
             thr, source = resolve_threshold(threshold, name)
             sims = result["recognizers"][name]["similarity"]
-            annotated = [annotate(rgb, label_text(s, name), verdict_color(s, thr))
-                         for rgb, s in zip(_uint8(batch), sims)]
+            matched = verdicts(result["recognizers"][name], thr, source)
+            annotated = [annotate(rgb, label_text(s, name), match_color(m))
+                         for rgb, s, m in zip(_uint8(batch), sims, matched)]
             out = torch.from_numpy(np.stack(annotated)).float().div(255.0)
-            chart = torch.from_numpy(np.array(bar_chart(sims, thr, f"{name} similarity"))).float().div(255.0)[None]
+            chart = bar_chart(sims, thr, f"{name} similarity", matched=matched)
+            chart = torch.from_numpy(np.array(chart)).float().div(255.0)[None]
         summary = summary_text(result, name, thr, source)
         return {"ui": {"text": [summary]}, "result": (out, summary, chart)}     # the text is drawn on the node
 

@@ -17,7 +17,8 @@ def _discover():
 
 
 def _toggle_name(name: str) -> str:
-    return f"use_{name}"
+    # an input name is a Python keyword argument of build() and a JS widget name: "faceres-deep" -> use_faceres_deep
+    return "use_" + name.replace("-", "_")
 
 
 # The recognisers the node offered when ``extra_surrogates`` was its last widget. ComfyUI's UI-format workflows

@@ -33,10 +33,10 @@ def run_preview(handle, loss, config, ckpt_name: str, resolution: int, seed: int
     """X' of the protected photos after one PGDTwoStage against the base model, and the similarity drop."""
     import torch
 
-    from ..iddm_core.training.finetune import FinetuneConfig, encode_prompts
-    from ..iddm_core.diffusion.grad_checkpoint import use_checkpointing
+    from ..iddm_core.training.conditioning import encode_prompts
+    from ..iddm_core.training.finetune import FinetuneConfig
     from ..iddm_core.protection.pgd import pgd_two_stage
-    from ..iddm_core.diffusion.precision import precision_for
+    from ..iddm_core.diffusion.runtime import Runtime
     from .comfy_env import NodeProgress
     from .session import trainable_refs, training_model
 
@@ -60,7 +60,7 @@ def run_preview(handle, loss, config, ckpt_name: str, resolution: int, seed: int
 
         generator = torch.Generator().manual_seed(int(seed))
         x_adv = pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, generator, on_step=on_step,
-                              precision=precision_for(device), checkpointing=use_checkpointing("auto", device))
+                              runtime=Runtime.decide(device))
         after = _mean_sims(ensemble, x_adv, lm0)
         linf = float((x_adv - x0).abs().max())
         image = x_adv.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
@@ -126,6 +126,7 @@ class IDDMPGDTwoStage:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    # 13 parameters: one per node input (ComfyUI calls FUNCTION with every widget and link by name).
     def build(self, preset, T, rho, eta, alpha, refs=None, loss=None, preview_ckpt=NO_PREVIEW,
               preview_resolution=0, preview_seed=0, gradient="full", pgd_batch=1, unique_id=None):
         import torch

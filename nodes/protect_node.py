@@ -140,13 +140,14 @@ class ProtectPhotos:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    # 17 parameters: one per node input (ComfyUI calls FUNCTION with every widget and link by name).
     def protect(self, images, ckpt_name, method, cap, eta, alpha, rounds, surrogate_steps, pgd_steps, protect_seed,
                 resolution=0, prior_preservation=True, ratio_max=1.0, ratio_steps=5, pgd_batch=1, resume=True,
                 unique_id=None):
         import torch
 
         from ..iddm_core.training.checkpoint import clear_state
-        from ..iddm_core.diffusion.models import validate_model
+        from ..iddm_core.diffusion.validation import validate_model
         from ..iddm_core.protection.protect import ProtectConfig, run_protect
         from .comfy_env import NodeProgress, resolve_checkpoint
         from .session import training_model

@@ -92,23 +92,29 @@ class IDDMTrainLoRA:
                                                               "paper fine-tunes UNet and text encoder); PGD then "
                                                               "conditions on the trained text encoder. Bigger "
                                                               "LoRA, slower."}),
+                "conv_rank": ("INT", {"default": 0, "min": 0, "max": 256,
+                                      "tooltip": "LoCon: also train LoRA on the UNet's ResBlock and down/upsampler "
+                                                 "convolutions with this rank (kohya conv_dim, alpha = this rank); "
+                                                 "0 = off (attention only, the default). A bigger LoRA; "
+                                                 "try a lower lr with it."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, ckpt_name, refs, loss, pgd, K, ft_steps, rank, lr, resolution, train_seed, lora_name, overwrite,
-              prior_preservation=True, num_class_images=8, resume=True, train_text_encoder=False, unique_id=None):
+              prior_preservation=True, num_class_images=8, resume=True, train_text_encoder=False, conv_rank=0,
+              unique_id=None):   # 18 parameters: one per node input
         import torch
 
         from ..iddm_core.atomic import check_writable
         from ..iddm_core.training.checkpoint import clear_state
         from ..iddm_core.protection.iddm import run_iddm, total_steps
-        from ..iddm_core.diffusion.models import validate_model
+        from ..iddm_core.diffusion.validation import validate_model
         from .comfy_env import NodeProgress, class_cache_dir, loras_dir, resolve_checkpoint
         from .session import trainable_refs, training_model
 
         config = iddm_config(pgd, K, ft_steps, rank, lr, resolution, train_seed, prior_preservation, num_class_images,
-                             train_text_encoder, surrogates=loss.surrogates, tau=loss.tau)
+                             train_text_encoder, surrogates=loss.surrogates, tau=loss.tau, conv_rank=conv_rank)
         # The chart shows each setup step from the first second on, and Cancel works during all of them (the
         # callback checks ComfyUI's interrupt flag): model checks, loading, class images, trial steps.
         progress = NodeProgress(unique_id, total_steps(config))

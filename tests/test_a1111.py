@@ -52,7 +52,7 @@ def _uploads(files):
 def webui(tmp_path_factory, faces_dir):
     """A stub A1111 with the tiny model as its loaded checkpoint (single file; its CLIP tokenizer in the Hugging Face
     cache, where A1111 keeps its download), --lora-dir set, the extension loaded as the web UI loads it."""
-    from iddm_core.diffusion.models import save_single_file
+    from iddm_core.diffusion.writing import save_single_file
     from iddm_core.diffusion.tiny import build_tiny_bundle, write_tiny_tokenizer
 
     _gradio()
@@ -202,7 +202,7 @@ def test_library_stays_free_of_web_ui_and_gradio():
 
 # --------------------------------------------------------------------------------------------- training
 def test_train_writes_lora_and_gives_the_model_back(tab):
-    from iddm_core.training.lora import inspect_lora
+    from iddm_core.training.kohya_check import inspect_lora
 
     model = tab.stubs.model
     updates = _click(tab, "iddm_train", photos_folder=str(tab.photos), uploads=_uploads(tab.upload_copies), **TINY)

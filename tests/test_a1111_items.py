@@ -136,7 +136,7 @@ def test_settings_error_keeps_the_uploads_and_names_the_parameter(tab, tmp_path,
 def test_train_consumes_the_uploads_and_says_so(tab, tmp_path, faces_dir):
     """A run that read the uploads deletes both of gradio's copies and empties the box, and says so; the LoRA of
     the tiny model carries custom labels and the run's resolution (128 px here, the tiny model's own is 64)."""
-    from iddm_core.training.lora import inspect_lora
+    from iddm_core.training.kohya_check import inspect_lora
 
     objects, written = _gradio_uploads(tmp_path, faces_dir, names=("obama.jpg", "obama2.jpg"))
     updates = _click(tab, "iddm_train", photos_folder=str(tab.photos), uploads=objects,
@@ -186,7 +186,8 @@ def _stub_bundle(kind: str, channels, context: int, prediction="epsilon"):
     ("sdxl", (320, 640, 1280), 2048, "sdxl_base_v1-0", "SDXL"),
 ])
 def test_real_checkpoints_keep_their_labels(kind, channels, context, version, web_ui):
-    from iddm_core.training.lora import LoraSpec, build_metadata, is_standard_base
+    from iddm_core.training.kohya import build_metadata, is_standard_base
+    from iddm_core.training.lora import LoraSpec
 
     bundle = _stub_bundle(kind, channels, context)
     meta = build_metadata(bundle, LoraSpec(rank=4), "x", resolution=768)
@@ -199,7 +200,8 @@ def test_real_checkpoints_keep_their_labels(kind, channels, context, version, we
 def test_demo_and_tiny_shaped_bases_are_not_filed_as_sd1(kind, prediction):
     """The demo model's shape (widths 32/64/128/128, context 32) and the tiny one's: A1111 and Forge must not
     list the LoRA next to real SD1 checkpoints (every layer would fail: "Networks with errors")."""
-    from iddm_core.training.lora import LoraSpec, build_metadata, is_standard_base
+    from iddm_core.training.kohya import build_metadata, is_standard_base
+    from iddm_core.training.lora import LoraSpec
 
     for channels in ((32, 64, 128, 128), (32, 32, 64, 64)):
         bundle = _stub_bundle(kind, channels, 32, prediction)
@@ -214,8 +216,10 @@ def test_demo_and_tiny_shaped_bases_are_not_filed_as_sd1(kind, prediction):
 
 def test_demo_model_lora_labels_and_comfy_keys(tmp_path):
     """The real demo model: custom labels, still a valid kohya file by its tensor names (what ComfyUI reads)."""
-    from iddm_core.training.lora import LoraSpec, add_lora, inspect_lora, save_kohya_lora
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.training.kohya import save_kohya_lora
+    from iddm_core.training.kohya_check import inspect_lora
+    from iddm_core.training.lora import LoraSpec, add_lora
+    from iddm_core.diffusion.loading import load_model
 
     bundle = load_model("demo")
     spec = LoraSpec(rank=2)

@@ -22,7 +22,7 @@ def _photos(tmp_path, src, faces):
 
 @pytest.fixture
 def no_model(monkeypatch, tmp_path):
-    import iddm_core.diffusion.models as models
+    import iddm_core.diffusion.loading as models
 
     def refuse(*args, **kwargs):
         raise ModelError("stopped: the model was loaded")

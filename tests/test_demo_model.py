@@ -7,7 +7,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def demo():
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
 
     return load_model("demo")
 
@@ -22,7 +22,7 @@ def demo_crops():
 def test_shipped_weights_are_small_fp16_sd1_and_load_by_name(demo):
     from safetensors import safe_open
 
-    from iddm_core.demo.model import ASSET_DIR, weights_path
+    from iddm_core.diffusion.builtin import ASSET_DIR, weights_path
 
     total = sum(p.stat().st_size for p in ASSET_DIR.rglob("*") if p.is_file())
     assert total <= 16 * 2 ** 20, f"shipped demo model is {total / 2 ** 20:.1f} MiB"
@@ -54,7 +54,7 @@ def test_vae_round_trip_keeps_the_held_out_face(demo, demo_crops):
     before it: 25.4 / 26.5 dB, 0.39 / 0.41). Guards against a regression; issue 10's PSNR target (>= 26 dB) is
     met, its dlib target (<= 0.2) is NOT."""
     from iddm_core.demo.model.measure import native_distance, uint8_images, vae_round_trip
-    from iddm_core.evaluation.evaluate import psnr
+    from iddm_core.evaluation.metrics import psnr
 
     images, _ = demo_crops
     recon = vae_round_trip(demo, images)
@@ -80,9 +80,9 @@ def test_unet_denoises_a_face_it_never_saw(demo, demo_crops):
 def test_samples_from_pure_noise_are_faces(demo):
     """Issue 10: dlib finds a face in most samples. 4 samples of the class prompt (DDIM 25 steps, guidance 5),
     judged by the detector ``evaluate`` uses for samples this small (dlib's CNN)."""
-    from iddm_core.evaluation.evaluate import sample_detector_name, scan_faces
+    from iddm_core.evaluation.faces import sample_detector_name, scan_faces
     from iddm_core.face.detect import get_detector
-    from iddm_core.training.finetune import generate_images
+    from iddm_core.training.sampling import generate_images
 
     assert sample_detector_name(demo.resolution) == "dlib-cnn"
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_samples_from_pure_noise_are_faces(demo):
 
 def test_full_dreambooth_fits_the_photos_and_freezes_the_unet_after(demo_crops):
     """measure's full-UNet DreamBooth (item 5) lowers the denoising error of the photos it trains on."""
-    from iddm_core.demo.model import load_demo_bundle
+    from iddm_core.diffusion.loading import load_demo_bundle
     from iddm_core.demo.model.measure import denoising_error, full_dreambooth
 
     bundle = load_demo_bundle()
@@ -125,7 +125,7 @@ def test_stage_two_through_the_diffusion_model_lowers_similarity(demo, demo_crop
     dlib. The similarity of x0_hat (same noise before/after) and of X' itself must both fall."""
     from iddm_core.face.ensemble import FaceEnsembleLoss
     from iddm_core.face.registry import load_recognizer, parse_surrogates
-    from iddm_core.training.finetune import encode_prompts
+    from iddm_core.training.conditioning import encode_prompts
     from iddm_core.protection.pgd import Noise, PGDConfig, pgd_two_stage, predict_clean_image
 
     images, landmarks = demo_crops
@@ -153,7 +153,7 @@ def test_stage_two_through_the_diffusion_model_lowers_similarity(demo, demo_crop
 def test_training_stages_reduce_their_loss_and_export_loads(tmp_path):
     """A few steps of each stage on the real data pipeline (not the shipped quality): losses fall, and the
     exported fp16 file loads back as the same SD1 bundle."""
-    from iddm_core.demo.model import load_demo_bundle
+    from iddm_core.diffusion.loading import load_demo_bundle
     from iddm_core.demo.model.architecture import assemble, build_text_encoder, build_unet
     from iddm_core.demo.model.data import PatchSampler
     from iddm_core.demo.model.train import VAETrainConfig, export, train_vae, vae_loss
@@ -195,7 +195,7 @@ def test_demo_story_compares_no_defense_and_iddm(tmp_path):
     from PIL import Image
 
     from iddm_core.demo.story import DEMO_SAMPLES, format_result, run_demo
-    from iddm_core.training.lora import check_kohya, read_kohya_lora
+    from iddm_core.training.kohya_check import check_kohya, read_kohya_lora
 
     r = run_demo(tmp_path)
     for name in ("iddm_lora.safetensors", "no_defense_lora.safetensors"):

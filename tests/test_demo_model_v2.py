@@ -180,8 +180,9 @@ def test_shipped_v2_loads_by_name_and_its_vae_reconstructs_an_unseen_face():
     reconstructs the held-out demo photos (measured 30.74 / 31.43 dB; v1's VAE 30.3 / 31.2). Its UNet is not
     trained enough for samples from noise to be faces yet (measure: FSR 0/8), which is why v1 still drives the demo."""
     from iddm_core.demo.model.measure import demo_crops, vae_round_trip
-    from iddm_core.evaluation.evaluate import psnr
-    from iddm_core.diffusion.models import load_model, validate_model
+    from iddm_core.evaluation.metrics import psnr
+    from iddm_core.diffusion.loading import load_model
+    from iddm_core.diffusion.validation import validate_model
 
     info = validate_model("demo-v2")
     assert (info.title, info.prediction_type, info.resolution) == ("demo-v2", "v_prediction", 128)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from iddm_core.face import dlib_chip as dc
-from iddm_core.face.base import Face, arcface_points, check_landmarks, dlib_parts
+from iddm_core.face.base import Face
+from iddm_core.face.landmarks import arcface_points, check_landmarks, dlib_parts
 from iddm_core.face.dlib_files import RESNET, SHAPE_5, require_model
 from iddm_core.images import load_rgb, to_tensor
 

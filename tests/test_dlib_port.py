@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iddm_core.errors import ModelError
-from iddm_core.face import dlib_resnet as dr
+from iddm_core.face import dlib_format, dlib_resnet as dr
 from iddm_core.face.detect import get_detector
 from iddm_core.face.dlib_files import RESNET, require_model
 from iddm_core.images import list_images, load_rgb, to_tensor
@@ -44,7 +44,7 @@ def _dist(a, b) -> float:
 
 
 def test_parsed_architecture_matches_dlib_example():
-    parsed = dr.parse_dlib_net(require_model(RESNET).read_bytes())
+    parsed = dlib_format.parse_dlib_net(require_model(RESNET).read_bytes())
     kinds = [layer.kind for layer in parsed.layers]
     assert kinds.count("con") == 29 and kinds.count("add_prev") == 14 and kinds[-1] == "fc"
     assert parsed.size == 150
@@ -151,7 +151,7 @@ def test_forward_rejects_wrong_crop_size(model):
 
 
 class _Writer:
-    """A minimal writer of dlib's serialisation (the inverse of dlib_resnet._Reader) for synthetic models."""
+    """A minimal writer of dlib's serialisation (the inverse of dlib_format._Reader) for synthetic models."""
 
     def __init__(self):
         self.buf = io.BytesIO()
@@ -186,7 +186,7 @@ def _synthetic_model_bytes(rng, use_bn: bool) -> tuple[bytes, dict]:
     ``use_bn`` (a training net). Returns the bytes and the expected (gamma, beta) of the first affine layer."""
     w = _Writer()
     w.int(1), w.str("loss_metric_2"), w.float(0.04), w.float(0.6)
-    ops = dr.forward_ops()
+    ops = dlib_format.forward_ops()
     for op in reversed(ops[1:]):
         w.int(1 if op in ("tag", "skip") else 2)
     w.int(3), w.str("input_rgb_image_sized")

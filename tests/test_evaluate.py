@@ -12,7 +12,9 @@ import torch
 
 from conftest import HANG_S, ROOT
 
-from iddm_core import evaluate as ev
+from iddm_core.errors import InputError
+from iddm_core.evaluation import brisque, faces, judges, metrics
+from iddm_core.evaluation.evaluate import evaluate
 
 
 # ------------------------------------------------------------------------------------------ fixtures (real dlib)
@@ -53,61 +55,61 @@ def crops(photos, detector):
 # ------------------------------------------------------------------------------------------------ pure metrics
 
 def test_fsr_and_ism_helpers():
-    assert ev.face_success_rate([True, False, True, True]) == 0.75
-    assert ev.face_success_rate([]) == 0.0
-    assert ev.identity_score([0.5, None, 0.7]) == pytest.approx(0.6)
-    assert ev.identity_score([None, None]) is None
-    assert ev.match_rate([0.95, 0.5, None], 0.9) == 0.5
+    assert metrics.face_success_rate([True, False, True, True]) == 0.75
+    assert metrics.face_success_rate([]) == 0.0
+    assert metrics.identity_score([0.5, None, 0.7]) == pytest.approx(0.6)
+    assert metrics.identity_score([None, None]) is None
+    assert judges.match_rate([0.95, 0.5, None], 0.9) == 0.5
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    proto = ev.prototype(emb)
+    proto = metrics.prototype(emb)
     assert torch.allclose(proto, torch.tensor([2 ** -0.5, 2 ** -0.5]))
-    assert ev.cosine_to(emb, proto).tolist() == pytest.approx([2 ** -0.5] * 2)
+    assert metrics.cosine_to(emb, proto).tolist() == pytest.approx([2 ** -0.5] * 2)
 
 
 def test_retrieval_ranks_and_top_k():
     protos = torch.eye(3)
     probes = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.9, 0.0], [0.1, 0.3, 0.8]])
-    ranks = ev.retrieval_ranks(probes, protos, target=0)
+    ranks = metrics.retrieval_ranks(probes, protos, target=0)
     assert ranks == [1, 2, 3]
-    assert ev.top_k_rate(ranks, 1) == pytest.approx(1 / 3)
-    assert ev.top_k_rate(ranks, 2) == pytest.approx(2 / 3)
-    assert ev.top_k_rate([], 1) is None
+    assert metrics.top_k_rate(ranks, 1) == pytest.approx(1 / 3)
+    assert metrics.top_k_rate(ranks, 2) == pytest.approx(2 / 3)
+    assert metrics.top_k_rate([], 1) is None
 
 
 def test_gallery_layouts(tmp_path, small_faces_dir):
-    assert ev.identity_from_stem("obama2") == "obama"
-    assert ev.identity_from_stem("Biden_03") == "biden"
-    assert ev.identity_from_stem("2024") == "2024"
+    assert faces.identity_from_stem("obama2") == "obama"
+    assert faces.identity_from_stem("Biden_03") == "biden"
+    assert faces.identity_from_stem("2024") == "2024"
     flat = tmp_path / "flat"
     flat.mkdir()
     for n in ("obama.jpg", "obama2.jpg", "biden.jpg"):
         shutil.copy(small_faces_dir / n, flat / n)
-    layout = ev.gallery_layout(flat)
+    layout = faces.gallery_layout(flat)
     assert {k: len(v) for k, v in layout.items()} == {"obama": 2, "biden": 1}
     nested = tmp_path / "nested"
     (nested / "person_a").mkdir(parents=True)
     (nested / "person_b").mkdir()
     shutil.copy(small_faces_dir / "obama.jpg", nested / "person_a" / "x1.jpg")
     shutil.copy(small_faces_dir / "biden.jpg", nested / "person_b" / "x1.jpg")
-    assert sorted(ev.gallery_layout(nested)) == ["person_a", "person_b"]
-    with pytest.raises(ev.InputError, match="missing_gallery"):
-        ev.gallery_layout(tmp_path / "missing_gallery")
+    assert sorted(faces.gallery_layout(nested)) == ["person_a", "person_b"]
+    with pytest.raises(InputError, match="missing_gallery"):
+        faces.gallery_layout(tmp_path / "missing_gallery")
 
 
 def test_psnr_known_cases():
     g = torch.Generator().manual_seed(0)
     x = 0.2 + 0.6 * torch.rand(2, 3, 32, 32, generator=g)
-    assert torch.isinf(ev.psnr(x, x)).all()
+    assert torch.isinf(metrics.psnr(x, x)).all()
     d = 0.05
     sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
     y = x + d * sign                                   # |error| = d everywhere -> MSE = d^2
-    assert ev.psnr(y, x).tolist() == pytest.approx([-20 * math.log10(d)] * 2, abs=1e-4)
+    assert metrics.psnr(y, x).tolist() == pytest.approx([-20 * math.log10(d)] * 2, abs=1e-4)
     # half the pixels off by d, the rest exact: MSE = d^2 / 2
     mask = (torch.arange(32 * 32).reshape(32, 32) % 2).float()
     z = x + d * mask
-    assert ev.psnr(z, x).tolist() == pytest.approx([10 * math.log10(2 / d ** 2)] * 2, abs=1e-4)
-    with pytest.raises(ev.InputError, match="psnr"):
-        ev.psnr(x, x[:, :, :16])
+    assert metrics.psnr(z, x).tolist() == pytest.approx([10 * math.log10(2 / d ** 2)] * 2, abs=1e-4)
+    with pytest.raises(InputError, match="psnr"):
+        metrics.psnr(x, x[:, :, :16])
 
 
 def test_ssim_known_cases():
@@ -115,19 +117,19 @@ def test_ssim_known_cases():
 
     g = torch.Generator().manual_seed(1)
     x = torch.rand(1, 3, 40, 40, generator=g)
-    assert ev.ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
     # two flat images: variances and covariance vanish, SSIM = luminance term only
     a, b = (torch.full((1, 1, 16, 16), v, dtype=torch.float64) for v in (0.5, 0.6))
     c1 = (0.01) ** 2
-    assert ev.ssim(a, b).item() == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1), abs=1e-9)
+    assert metrics.ssim(a, b).item() == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1), abs=1e-9)
     # an independent implementation with the same (Gaussian 11x11, sigma 1.5, population covariance) settings
     y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     ref = structural_similarity(x[0].numpy(), y[0].numpy(), data_range=1.0, channel_axis=0, gaussian_weights=True,
                                 sigma=1.5, use_sample_covariance=False)
-    ours = ev.ssim(y, x).item()
+    ours = metrics.ssim(y, x).item()
     assert ours == pytest.approx(ref, abs=1e-6)
     assert 0.3 < ours < 0.95
-    w = ev.gaussian_window()
+    w = metrics.gaussian_window()
     assert w.shape == (11, 11) and w.sum().item() == pytest.approx(1.0)
 
 
@@ -135,7 +137,7 @@ def test_fidelity_report_handles_identical_images():
     x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
     y = x.clone()
     y[1] = (y[1] + 0.02).clamp(0, 1)
-    rep = ev.fidelity_report(y, x)
+    rep = metrics.fidelity_report(y, x)
     assert rep["identical"] == 1 and rep["psnr_per_image"][0] is None
     assert rep["psnr"] == pytest.approx(rep["psnr_per_image"][1]) and 30 < rep["psnr"] < 40
     json.dumps(rep)
@@ -148,17 +150,17 @@ def test_brisque_matches_package_features_and_ranks_noise(monkeypatch, photos):
     OpenCV, replaced here by a stand-in), and added noise makes the score clearly worse."""
     fake_cv2 = types.ModuleType("cv2")
     fake_cv2.INTER_CUBIC = 2
-    fake_cv2.resize = lambda img, dsize, fx, fy, interpolation: ev.half_scale(img)
+    fake_cv2.resize = lambda img, dsize, fx, fy, interpolation: brisque.half_scale(img)
     monkeypatch.setitem(sys.modules, "cv2", fake_cv2)
     monkeypatch.delitem(sys.modules, "brisque.brisque", raising=False)
     from brisque.brisque import BRISQUE
 
     package = BRISQUE(url=False)
-    scorer = ev.BrisqueScorer()
+    scorer = brisque.BrisqueScorer()
     rgb = photos["astronaut"]
-    gray = ev.to_gray(rgb)
+    gray = brisque.to_gray(rgb)
     theirs = np.concatenate([[float(np.ravel(v)[0]) for v in package.calculate_brisque_features(g, 7, 7 / 6)]
-                             for g in (gray, ev.half_scale(gray))])
+                             for g in (gray, brisque.half_scale(gray))])
     ours = scorer.features(rgb)
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
     assert scorer.score_features(ours) == pytest.approx(package.calculate_image_quality_score(theirs), abs=0.05)
@@ -172,13 +174,13 @@ def test_brisque_matches_package_features_and_ranks_noise(monkeypatch, photos):
 def test_fsr_real_faces_and_blank_images(faces_dir, crops, detector):
     from iddm_core.images import list_images, load_rgb, to_tensor
 
-    found = [ev.scan_faces(to_tensor(load_rgb(p))[None], detector).found[0] for p in list_images(faces_dir)]
-    assert len(found) == 4 and ev.face_success_rate(found) == 1.0          # full-size photos, one at a time
+    found = [faces.scan_faces(to_tensor(load_rgb(p))[None], detector).found[0] for p in list_images(faces_dir)]
+    assert len(found) == 4 and metrics.face_success_rate(found) == 1.0          # full-size photos, one at a time
     batch = torch.cat([crops[n][0] for n in ("obama", "obama2", "biden", "astronaut")])
-    assert ev.face_success_rate(ev.scan_faces(batch, detector).found) == 1.0
+    assert metrics.face_success_rate(faces.scan_faces(batch, detector).found) == 1.0
     blank = torch.cat([torch.zeros(1, 3, 256, 256), torch.full((1, 3, 256, 256), 0.5), torch.ones(1, 3, 256, 256)])
-    scan = ev.scan_faces(blank, detector)
-    assert ev.face_success_rate(scan.found) == 0.0 and scan.landmarks.shape == (0, 5, 2)
+    scan = faces.scan_faces(blank, detector)
+    assert metrics.face_success_rate(scan.found) == 0.0 and scan.landmarks.shape == (0, 5, 2)
 
 
 def test_ism_equals_hand_computation_and_dlib_cpp(crops, detector, dlib_rec):
@@ -190,7 +192,7 @@ def test_ism_equals_hand_computation_and_dlib_cpp(crops, detector, dlib_rec):
     # ArcFace points swap sides; so do dlib's parts (eye corners 0/1 <-> 2/3) when the detector gave them
     ref_landmarks[1] = ref_landmarks[1][[1, 0, 2, 4, 3, 7, 8, 5, 6, 9][:ref_landmarks.shape[1]]]
     probes = torch.cat([crops[n][0] for n in ("obama2", "biden", "astronaut")] + [torch.zeros(1, 3, 160, 160)])
-    result = ev.evaluate(probes, (ref_images, ref_landmarks), eval_recognizers=[dlib_rec], detector=detector,
+    result = evaluate(probes, (ref_images, ref_landmarks), eval_recognizers=[dlib_rec], detector=detector,
                          quality=False, device="cpu")
     sims = result["recognizers"]["dlib"]["similarity"]
     assert result["faces_found"] == [True, True, True, False] and result["fsr"] == 0.75
@@ -199,7 +201,7 @@ def test_ism_equals_hand_computation_and_dlib_cpp(crops, detector, dlib_rec):
     # by hand, from the same recogniser: prototype = normalise(mean(embeddings)), ISM = mean over faces of cosines
     with torch.no_grad():
         proto = torch.nn.functional.normalize(dlib_rec.embed(ref_images, ref_landmarks).mean(0), dim=0)
-        scan = ev.scan_faces(probes, detector)
+        scan = faces.scan_faces(probes, detector)
         hand = (dlib_rec.embed(probes[scan.index], scan.landmarks) @ proto).tolist()
     assert sims[:3] == pytest.approx(hand, abs=1e-5)
     assert result["recognizers"]["dlib"]["ism"] == pytest.approx(sum(hand) / 3, abs=1e-5)
@@ -207,7 +209,7 @@ def test_ism_equals_hand_computation_and_dlib_cpp(crops, detector, dlib_rec):
 
     # dlib's own C++ pipeline (its detector, chip and descriptor): same cosines within 0.03
     def native(img):
-        d = dlib_native_descriptor(ev._uint8(img[None])[0])
+        d = dlib_native_descriptor(faces.uint8_images(img[None])[0])
         return d / np.linalg.norm(d)
 
     native_proto = sum(native(x) for x in ref_images)
@@ -216,24 +218,97 @@ def test_ism_equals_hand_computation_and_dlib_cpp(crops, detector, dlib_rec):
     assert sims[:3] == pytest.approx(native_sims, abs=0.03)
 
 
+def test_dlib_matches_by_its_own_distance(crops, detector, dlib_rec):
+    """dlib's match decision is its own rule: the Euclidean distance of its raw descriptors to the mean raw
+    descriptor of the clean photos, <= 0.6 (not the cosine stand-in); the cosines are reported as before."""
+    from iddm_core.face.attack import dlib_distance, dlib_prototype
+
+    refs = crops["obama"]
+    probes = torch.cat([crops[n][0] for n in ("obama2", "biden", "astronaut")] + [torch.zeros(1, 3, 160, 160)])
+    entry = evaluate(probes, refs, eval_recognizers=[dlib_rec], detector=detector, quality=False,
+                     device="cpu")["recognizers"]["dlib"]
+    assert entry["match"] == {"score": "distance", "threshold": 0.6}
+    with torch.no_grad():                                  # by hand: raw (unnormalised) descriptors, their mean
+        centre = dlib_rec(dlib_rec.align(*refs)).mean(0)
+        scan = faces.scan_faces(probes, detector)
+        hand = (dlib_rec(dlib_rec.align(probes[scan.index], scan.landmarks)) - centre).norm(dim=1).tolist()
+    assert entry["distance"][:3] == pytest.approx(hand, abs=1e-4) and entry["distance"][3] is None
+    assert entry["distance"][0] < 0.6 < min(entry["distance"][1:3])
+    assert entry["matched"] == [True, False, False, None] and entry["match_rate"] == pytest.approx(1 / 3)
+    # dlib's own C++ pipeline measures the same distances (within its detector's and chip's differences)
+    native = [dlib_distance(rgb, dlib_prototype(faces.uint8_images(refs[0])))
+              for rgb in faces.uint8_images(probes[:3])]
+    assert entry["distance"][:3] == pytest.approx(native, abs=0.05)
+
+
+class _StubFace:
+    def __init__(self):
+        from iddm_core.face.align import ARCFACE_TEMPLATE_112
+
+        self.points = lambda: ARCFACE_TEMPLATE_112
+
+
+class _StubDetector:
+    def detect(self, rgb):
+        return [_StubFace()]
+
+
+def _stub_dlib():
+    """A 'dlib' whose raw descriptor is a fixed direction scaled by the image's brightness: every cosine is 1."""
+    from iddm_core.face.base import Recognizer
+
+    class Scaled(Recognizer):
+        name = "dlib"
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("direction", torch.tensor([0.6, 0.8]))
+
+        def align(self, images, landmarks):
+            return images
+
+        def forward(self, crops):
+            return 4 * crops.mean(dim=(1, 2, 3))[:, None] * self.direction
+
+    return Scaled()
+
+
+def test_match_rule_decides_where_cosine_and_distance_disagree():
+    rule = judges.match_rule("dlib")
+    assert (rule.score, rule.threshold) == ("distance", 0.6)
+    assert [rule.accepts(v) for v in (0.59, 0.6, 0.61, None)] == [True, True, False, None]
+    assert rule.rate([0.5, 0.7, None]) == 0.5 and rule.rate([None]) is None
+    assert judges.match_rule("faceres") == judges.MatchRule("cosine", judges.MATCH_THRESHOLDS["faceres"])
+    assert judges.match_rule("arcface").threshold == judges.DEFAULT_MATCH_THRESHOLD
+    assert judges.match_rate([0.95, 0.5, None], 0.9) == 0.5
+
+    refs = (torch.full((2, 3, 32, 32), 0.5), torch.zeros(2, 5, 2))             # raw descriptors 2 * direction
+    probes = torch.stack([torch.full((3, 32, 32), v) for v in (0.55, 1.0)])     # distances 0.2 and 2.0
+    entry = evaluate(probes, refs, eval_recognizers=[_stub_dlib()], detector=_StubDetector(), quality=False,
+                     device="cpu")["recognizers"]["dlib"]
+    assert entry["similarity"] == pytest.approx([1.0, 1.0]) and entry["threshold"] == judges.MATCH_THRESHOLDS["dlib"]
+    assert entry["distance"] == pytest.approx([0.2, 2.0], abs=0.01)
+    assert entry["matched"] == [True, False] and entry["match_rate"] == 0.5      # the cosine would accept both
+
+
 def test_retrieval_ranks_obama2_with_obama(tmp_path, photos, small_faces_dir, detector, dlib_rec, crops):
     gallery = tmp_path / "gallery"
     gallery.mkdir()
     for n in ("obama.jpg", "biden.jpg", "astronaut.jpg"):
         shutil.copy(small_faces_dir / n, gallery / n)
-    layout = ev.gallery_layout(gallery)
+    layout = faces.gallery_layout(gallery)
     names = sorted(layout)
-    protos = torch.stack([ev.prototype(ev.embed_photos(dlib_rec, [photos[n]], detector)) for n in names])
-    probe = ev.embed_photos(dlib_rec, [photos["obama2"]], detector)
-    sims = ev.cosine_to(protos, probe[0])
+    protos = torch.stack([metrics.prototype(faces.embed_photos(dlib_rec, [photos[n]], detector)) for n in names])
+    probe = faces.embed_photos(dlib_rec, [photos["obama2"]], detector)
+    sims = metrics.cosine_to(protos, probe[0])
     assert names[int(sims.argmax())] == "obama"
-    assert ev.retrieval_ranks(probe, protos, names.index("obama")) == [1]
-    assert ev.retrieval_ranks(probe, protos, names.index("biden"))[0] > 1
+    assert metrics.retrieval_ranks(probe, protos, names.index("obama")) == [1]
+    assert metrics.retrieval_ranks(probe, protos, names.index("biden"))[0] > 1
 
     # through evaluate(): user = obama (refs), distractors = biden + astronaut; probes = obama2 and biden
     (gallery / "obama.jpg").unlink()
     probes = torch.cat([crops["obama2"][0], crops["biden"][0]])
-    result = ev.evaluate(probes, crops["obama"], eval_recognizers=[dlib_rec], detector=detector, gallery=gallery,
+    result = evaluate(probes, crops["obama"], eval_recognizers=[dlib_rec], detector=detector, gallery=gallery,
                          quality=False, device="cpu")
     r = result["recognizers"]["dlib"]["retrieval"]
     assert r["identities"] == 3 and r["top1"] == 0.5 and r["mean_rank"] > 1.5
@@ -243,14 +318,14 @@ def test_retrieval_ranks_obama2_with_obama(tmp_path, photos, small_faces_dir, de
 def test_held_out_warning(crops, detector, dlib_rec):
     images, landmarks = crops["obama2"]
     with pytest.warns(UserWarning, match="also an attack surrogate"):
-        result = ev.evaluate(images, crops["obama"], eval_recognizers=[dlib_rec], surrogates=["dlib"],
+        result = evaluate(images, crops["obama"], eval_recognizers=[dlib_rec], surrogates=["dlib"],
                              detector=detector, quality=False, device="cpu")
     assert len(result["warnings"]) == 1 and "dlib" in result["warnings"][0]
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        clean = ev.evaluate(images, crops["obama"], eval_recognizers=[dlib_rec], surrogates=["arcface"],
+        clean = evaluate(images, crops["obama"], eval_recognizers=[dlib_rec], surrogates=["arcface"],
                             detector=detector, quality=False, device="cpu")
     assert clean["warnings"] == []
 
@@ -386,39 +461,39 @@ def _installed(tmp_path, *rel_paths):
 
 def test_auto_judges_are_held_out_from_the_surrogates(tmp_path):
     dirs = _installed(tmp_path, "facerecognition/irse50.pth", "facerecognition/ir152.pth")
-    judges = ev.choose_judges("auto", ["dlib", "irse50"], dirs)
-    assert judges.names == ["ir152", "faceres"] and judges.held_out and judges.warning is None  # faceres: packaged
-    assert "held-out" in judges.note and str(tmp_path) not in judges.note           # names, never paths
-    assert judges.tokens[0] == f"ir152:{tmp_path / 'facerecognition/ir152.pth'}"
-    everything = ev.choose_judges(None, ["ir152"], dirs)                            # dlib is always installed
+    chosen = judges.choose_judges("auto", ["dlib", "irse50"], dirs)
+    assert chosen.names == ["ir152", "faceres"] and chosen.held_out and chosen.warning is None  # faceres: packaged
+    assert "held-out" in chosen.note and str(tmp_path) not in chosen.note           # names, never paths
+    assert chosen.tokens[0] == f"ir152:{tmp_path / 'facerecognition/ir152.pth'}"
+    everything = judges.choose_judges(None, ["ir152"], dirs)                            # dlib is always installed
     assert everything.names == ["dlib", "irse50", "faceres"] and everything.held_out
 
 
 def test_auto_judges_fall_back_to_the_surrogates_loudly(tmp_path):
-    only = ev.choose_judges("auto", ["dlib", "faceres"], [])
+    only = judges.choose_judges("auto", ["dlib", "faceres"], [])
     assert only.names == ["dlib", "faceres"] and not only.held_out
     assert only.warning and "no held-out recogniser" in only.warning
-    unknown = ev.choose_judges("auto", [], _installed(tmp_path, "facerecognition/irse50.pth"))
+    unknown = judges.choose_judges("auto", [], _installed(tmp_path, "facerecognition/irse50.pth"))
     assert unknown.names == ["dlib", "irse50", "faceres"] and not unknown.held_out and "not given" in unknown.note
 
 
 def test_explicit_judges_are_used_as_given():
-    judges = ev.choose_judges("dlib", ["arcface"], [])
-    assert judges.names == ["dlib"] and judges.tokens == ["dlib"] and judges.held_out
-    assert not ev.choose_judges(["dlib"], ["dlib"], []).held_out
+    chosen = judges.choose_judges("dlib", ["arcface"], [])
+    assert chosen.names == ["dlib"] and chosen.tokens == ["dlib"] and chosen.held_out
+    assert not judges.choose_judges(["dlib"], ["dlib"], []).held_out
 
 
 def test_evaluate_judges_with_the_packaged_held_out_recogniser(crops, detector):
     """With dlib as the surrogate, faceres (shipped with the pack) judges by default, and it tells obama2 (same
     man) from biden; with both as surrogates the fallback warns."""
     images = torch.cat([crops["obama2"][0], crops["biden"][0]])
-    result = ev.evaluate(images, crops["obama"], surrogates=["dlib"], detector=detector, quality=False,
+    result = evaluate(images, crops["obama"], surrogates=["dlib"], detector=detector, quality=False,
                          device="cpu", search_dirs=[])
     assert result["eval_recognizers"] == ["faceres"] and result["held_out"] is True and result["warnings"] == []
     same, other = result["recognizers"]["faceres"]["similarity"]
-    assert same > ev.match_threshold("faceres") > other
+    assert same > judges.match_threshold("faceres") > other
     with pytest.warns(UserWarning, match="no held-out recogniser"):
-        fallback = ev.evaluate(images, crops["obama"], surrogates=["dlib", "faceres"], detector=detector,
+        fallback = evaluate(images, crops["obama"], surrogates=["dlib", "faceres"], detector=detector,
                                quality=False, device="cpu", search_dirs=[])
     assert fallback["eval_recognizers"] == ["dlib", "faceres"] and fallback["warnings"] == [fallback["judges"]]
 

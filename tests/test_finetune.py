@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from iddm_core.errors import Cancelled, InputError
-from iddm_core.training.finetune import DreamBoothTrainer, FinetuneConfig, generate_images
+from iddm_core.training.finetune import DreamBoothTrainer, FinetuneConfig
+from iddm_core.training.sampling import generate_images
 from iddm_core.training.lora import LoraSpec, get_lora_state
 from iddm_core.diffusion.tiny import build_tiny_bundle
 

@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 
-from iddm_core import fit
+from iddm_core.diffusion import fit
+from iddm_core.diffusion.runtime import Runtime
 from iddm_core.errors import InputError
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux-only")
+CPU_FP32 = Runtime.decide("cpu")         # fp32, no checkpointing: the advice offers both
 
 
 @linux
@@ -48,7 +50,7 @@ def test_check_fits_on_cpu_reports_a_trial_that_cannot_fit_with_advice(monkeypat
         torch.empty(fit.GIB, dtype=torch.uint8)
 
     with pytest.raises(InputError, match="Stage II PGD step ran out of memory") as err:
-        fit.check_fits(trial_finetune, trial_pgd, 2, "full", "fp32", False, 512, "cpu")
+        fit.check_fits(trial_finetune, trial_pgd, CPU_FP32, 2, "full", 512)
     text = str(err.value)
     assert calls == ["finetune"] and "pgd_batch 1" in text and "0.2 GiB of RAM" in text
     assert "Nothing was trained" in text and "gradient full" in text
@@ -59,8 +61,8 @@ def test_check_fits_names_the_attack_it_tried(monkeypatch):
     """protect's trial is an ascent step with no gradient modes: the message says so and offers no gradient tip."""
     monkeypatch.setattr(fit, "available_bytes", lambda device: 256 * 2 ** 20)
     with pytest.raises(InputError, match="a PGD ascent step ran out of memory") as err:
-        fit.check_fits(lambda: None, lambda: torch.empty(fit.GIB, dtype=torch.uint8), 1, None, "fp32", True, 512,
-                       "cpu", pgd_step="a PGD ascent step")
+        fit.check_fits(lambda: None, lambda: torch.empty(fit.GIB, dtype=torch.uint8),
+                       Runtime.decide("cpu", "no", "yes"), 1, None, 512, pgd_step="a PGD ascent step")
     text = str(err.value)
     assert "gradient" not in text.replace("gradient checkpointing", "") and "pgd_batch 1," in text
 
@@ -70,7 +72,7 @@ def test_check_fits_lets_other_errors_through_unchanged():
         raise RuntimeError("shape mismatch in the UNet")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        fit.check_fits(broken, lambda: None, 2, "full", "fp32", False, 64, "cpu")
+        fit.check_fits(broken, lambda: None, CPU_FP32, 2, "full", 64)
 
 
 def test_weight_bytes_follow_the_storage_dtypes():
@@ -94,9 +96,26 @@ def test_weights_that_cannot_fit_are_refused_before_loading_and_half_storage_hal
     fit.check_weights_fit(sdxl, half, "cpu", "x")                        # 6.6 GiB of 8: passes
 
 
+def test_model_check_counts_the_bytes_the_runtime_stores(monkeypatch):
+    """check_model_fits uses the runtime's weight dtypes, as the loader does: an SDXL's weights fit 8 GiB of a bf16
+    GPU (half storage), not of the same GPU with mixed precision off. No GPU needed: the runtime is decided from a
+    given compute capability."""
+    from types import SimpleNamespace
+
+    from iddm_core.diffusion.runtime import decide_runtime
+
+    monkeypatch.setattr(fit, "available_bytes", lambda device: 8 * fit.GIB)
+    sdxl = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_841}
+    info = SimpleNamespace(parameters=sdxl, title="x", kind="sdxl")
+    fit.check_model_fits(info, decide_runtime("cuda", (9, 0)))
+    with pytest.raises(InputError, match=r"12\.9 GiB, 8\.0 GiB of GPU is available"):
+        fit.check_model_fits(info, decide_runtime("cuda", (9, 0), "no"))
+
+
 def test_validate_model_counts_parameters_without_loading(tmp_path):
     """Counted on the meta device for a diffusers folder, a single file and "tiny"; equal to the loaded model's."""
-    from iddm_core.diffusion.models import load_model, validate_model
+    from iddm_core.diffusion.loading import load_model
+    from iddm_core.diffusion.validation import validate_model
     from iddm_core.diffusion.tiny import write_tiny_model
 
     folder, single = write_tiny_model(tmp_path, kind="sdxl")

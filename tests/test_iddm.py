@@ -36,13 +36,13 @@ def small_config(**kw):
 
 
 def fresh_model():
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
 
     return load_model("tiny")
 
 
 def lora_tensors(path):
-    from iddm_core.training.lora import read_kohya_lora
+    from iddm_core.training.kohya_check import read_kohya_lora
 
     return read_kohya_lora(path)[0]
 
@@ -78,7 +78,7 @@ def test_run_projection_schedule_report_and_lora(tmp_path, refs, ensemble):
     steps = [e for e in events if e.phase in ("finetune", "pgd")]
     assert len(steps) == 2 * (2 * 2 + 3) and [e.done for e in steps] == list(range(1, len(steps) + 1))
     # the LoRA is a valid kohya file, and nothing private leaked into the outputs
-    from iddm_core.training.lora import inspect_lora
+    from iddm_core.training.kohya_check import inspect_lora
 
     assert inspect_lora(out)["compatible"]
     blob = out.read_bytes() + report_path.read_bytes()

@@ -9,8 +9,9 @@ import torch
 
 from iddm_core.errors import InputError
 from iddm_core.training.finetune import DreamBoothTrainer, FinetuneConfig
-from iddm_core.training.lora import (METADATA_KEYS, LoraSpec, add_lora, get_lora_state, inspect_lora, kohya_state_dict,
-                            lora_disabled, save_kohya_lora, set_lora_state)
+from iddm_core.training.kohya import METADATA_KEYS, kohya_state_dict, save_kohya_lora
+from iddm_core.training.kohya_check import check_kohya, inspect_lora, read_kohya_lora
+from iddm_core.training.lora import LoraSpec, add_lora, get_lora_state, lora_disabled, lora_layers, set_lora_state
 from iddm_core.diffusion.tiny import build_tiny_bundle
 
 KOHYA_RE = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -25,6 +26,23 @@ def trained():
     trainer = DreamBoothTrainer(bundle, spec, FinetuneConfig(lr=3e-2, prior_preservation=False))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     trainer.train(x, 4)
+    return bundle, spec
+
+
+LOCON = dict(rank=4, alpha=2.0, conv_rank=3, conv_alpha=1.5)
+
+
+def _is_conv3(layer) -> bool:
+    return tuple(getattr(layer.get_base_layer(), "kernel_size", (1, 1))) == (3, 3)
+
+
+@pytest.fixture(scope="module")
+def locon_trained():
+    """Tiny model + LoCon: attention LoRA plus the ResBlock / sampler layers, trained a few steps."""
+    bundle = build_tiny_bundle(0)
+    spec = LoraSpec(**LOCON)
+    trainer = DreamBoothTrainer(bundle, spec, FinetuneConfig(lr=3e-2, prior_preservation=False))
+    trainer.train(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), 4)
     return bundle, spec
 
 
@@ -53,8 +71,12 @@ def outputs(unet, text_encoder, inputs):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float16, 2e-2)])
-def test_diffusers_kohya_loader_reproduces_trained_model(trained, tmp_path, dtype, tol):
-    bundle, spec = trained
+@pytest.mark.parametrize("which", ["trained", "locon_trained"])
+def test_diffusers_kohya_loader_reproduces_trained_model(request, which, tmp_path, dtype, tol):
+    """Plain LoRA (UNet + text encoder) and LoCon (UNet with its ResBlock / sampler layers)."""
+    from peft.tuners.lora import LoraLayer
+
+    bundle, spec = request.getfixturevalue(which)
     path = save_kohya_lora(tmp_path / "mine.safetensors", bundle, spec, "mine", dtype=dtype)
     pipe = fresh_pipeline()
     inputs = fixed_inputs(bundle)
@@ -64,9 +86,21 @@ def test_diffusers_kohya_loader_reproduces_trained_model(trained, tmp_path, dtyp
     theirs_unet, theirs_te = outputs(pipe.unet, pipe.text_encoder, inputs)
     # the LoRA must matter, otherwise equality proves nothing
     assert (ours_unet - base_unet).abs().max() > 0.05
-    assert (ours_te - base_te).abs().max() > 0.05
+    assert (ours_te - base_te).abs().max() > 0.05 or not spec.train_text_encoder
     assert (ours_unet - theirs_unet).abs().max() < tol
     assert (ours_te - theirs_te).abs().max() < tol
+    # diffusers put a LoRA on every UNet layer we did (LoCon: the convs too), and those convs matter
+    assert sum(isinstance(m, LoraLayer) for m in pipe.unet.modules()) == len(list(lora_layers(bundle.unet)))
+    convs = [layer for _, layer in lora_layers(bundle.unet) if _is_conv3(layer)]
+    for layer in convs:
+        layer.enable_adapters(False)
+    without_convs = outputs(bundle.unet, bundle.text_encoder, inputs)[0]
+    for layer in convs:
+        layer.enable_adapters(True)
+    print(f"{which}: max |ours - diffusers| {float((ours_unet - theirs_unet).abs().max()):.2e}, "
+          f"{len(convs)} 3x3 conv LoRAs, their effect {float((ours_unet - without_convs).abs().max()):.3f}")
+    assert bool(convs) == bool(spec.conv_rank)
+    assert (ours_unet - without_convs).abs().max() > 0.01 or not convs
 
 
 def test_keys_shapes_and_scale(trained):
@@ -207,7 +241,8 @@ def _full_size_export_names(kind, spec):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from iddm_core.diffusion.models import ModelBundle, shipped_configs
+    from iddm_core.diffusion.bundle import ModelBundle
+    from iddm_core.diffusion.reading import shipped_configs
 
     cfg = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in shipped_configs(kind).items()}
     with torch.device("meta"):
@@ -242,3 +277,98 @@ def test_full_size_names_are_the_original_layout_modules(kind, extra, te_layers)
                    for i in range(te_layers) for p in ("q", "k", "v", "out")}
     assert {n for n in names if n.startswith("lora_te_")} == te_expected
     assert len(names) == len(unet_names) + len(te_expected)
+
+
+# ---------------------------------------------------------------- LoCon (kohya conv_dim / conv_alpha)
+
+def test_locon_file_names_metadata_and_inspection(locon_trained, tmp_path):
+    bundle, spec = locon_trained
+    sd = kohya_state_dict(bundle, spec)
+    for name in ("lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_mid_block_resnets_1_conv2",
+                 "lora_unet_down_blocks_1_downsamplers_0_conv", "lora_unet_up_blocks_0_upsamplers_0_conv"):
+        down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
+        assert tuple(down.shape[::2]) == (3, 3) and tuple(up.shape[2:]) == (1, 1), name   # 3x3 down, 1x1 up
+        assert down.shape[0] == 3 and float(sd[f"{name}.alpha"]) == 1.5
+    for name in ("lora_unet_up_blocks_1_resnets_0_conv_shortcut", "lora_unet_down_blocks_0_resnets_0_time_emb_proj"):
+        assert sd[f"{name}.lora_down.weight"].shape[0] == 4 and float(sd[f"{name}.alpha"]) == 2.0   # network dim
+    assert not any("lora_mid" in k for k in sd)
+    path = save_kohya_lora(tmp_path / "locon.safetensors", bundle, spec, "locon")
+    info = inspect_lora(path)
+    assert info["compatible"], info["problems"]
+    assert (info["rank"], info["alpha"], info["conv_rank"], info["conv_alpha"]) == (4, 2.0, 3, 1.5)
+    assert json.loads(info["metadata"]["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "1.5"}
+    assert info["metadata"]["ss_network_dim"] == "4"
+    tensors, meta = read_kohya_lora(path)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"
+    flat = dict(tensors, **{conv: tensors[conv][:, :, 1:2, 1:2].contiguous()})         # a 1x1 down on a 3x3 conv
+    assert any("is not 3x3" in p for p in check_kohya(flat, meta))
+    attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    wide = dict(tensors, **{f"{attn}.lora_down.weight": torch.zeros(4, 32, 3, 3),
+                            f"{attn}.lora_up.weight": torch.zeros(32, 4, 1, 1)})
+    assert any("not a 3x3 conv" in p for p in check_kohya(wide, meta))
+
+
+def test_locon_is_opt_in_and_checked(tmp_path):
+    plain = LoraSpec(rank=4)
+    assert plain.conv_rank == 0 and plain.conv_alpha is None and plain.unet_patterns() == ({}, {})
+    assert plain.unet_modules() == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert LoraSpec(rank=4, conv_rank=2).conv_alpha == 2.0                       # conv_alpha = conv_rank by default
+    for bad, word in ((dict(conv_alpha=2.0), "conv_alpha"), (dict(conv_rank=-1), "conv_rank"),
+                      (dict(conv_rank=2, conv_alpha=0), "conv_alpha"), (dict(conv_rank=1.5), "conv_rank")):
+        with pytest.raises(InputError, match=word):
+            LoraSpec(rank=4, **bad)
+    bundle = build_tiny_bundle(0)
+    add_lora(bundle, plain)
+    assert not any(_is_conv3(layer) for _, layer in lora_layers(bundle.unet))
+    info = inspect_lora(save_kohya_lora(tmp_path / "plain.safetensors", bundle, plain, "plain"))
+    assert "ss_network_args" not in info["metadata"] and (info["conv_rank"], info["conv_alpha"]) == (0, None)
+
+
+def test_resume_fingerprint_leaves_default_conv_settings_out():
+    """A state written before conv_rank existed still matches a run that leaves LoCon off; LoCon is another run."""
+    import dataclasses
+
+    from iddm_core.protection.iddm import IDDMConfig
+    from iddm_core.training import checkpoint as ckpt
+
+    class Refs:
+        def reference(self):
+            return torch.zeros(1, 3, 8, 8), torch.zeros(1, 5, 2)
+
+        protect = reference
+
+    class OldConfig(IDDMConfig):          # what to_dict gave before the LoCon fields existed
+        def to_dict(self):
+            return {k: v for k, v in super().to_dict().items() if k not in ("conv_rank", "conv_alpha")}
+
+    bundle = build_tiny_bundle(0)
+    old = ckpt.run_fingerprint(bundle, Refs(), OldConfig())
+    assert ckpt.run_fingerprint(bundle, Refs(), IDDMConfig()) == old
+    locon = ckpt.run_fingerprint(bundle, Refs(), dataclasses.replace(IDDMConfig(), conv_rank=4))
+    assert locon["parts"]["settings"] != old["parts"]["settings"]
+    state = {"version": ckpt.FORMAT_VERSION, "fingerprint": old}
+    assert ckpt.differences(state, locon) == ["settings differ (conv_rank)"]
+
+
+def test_front_ends_pass_locon_on():
+    """CLI train / finetune, the nodes' and the tab's shared config: conv_rank reaches the run; bad values name it."""
+    from iddm_core import frontend
+    from iddm_core.cli import build_parser
+    from iddm_core.cli.iddm import config_from_args
+    from iddm_core.protection.pgd import PGDConfig
+
+    args = build_parser().parse_args(["train", "--refs", "x", "--out", "y.safetensors", "--conv-rank", "8",
+                                      "--conv-alpha", "4"])
+    config = config_from_args(args)
+    assert (config.conv_rank, config.conv_alpha) == (8, 4.0)
+    assert config_from_args(build_parser().parse_args(["train", "--refs", "x", "--out", "y"])).conv_rank == 0
+    with pytest.raises(InputError, match="conv_alpha"):
+        config_from_args(build_parser().parse_args(["train", "--refs", "x", "--out", "y", "--conv-alpha", "4"]))
+    fine = build_parser().parse_args(["finetune", "--refs", "x", "--out", "y.safetensors", "--conv-rank", "2"])
+    assert (fine.conv_rank, fine.conv_alpha) == (2, None)
+    common = dict(surrogates=("dlib",), tau=0.03)
+    made = frontend.iddm_config(PGDConfig(), 1, 2, 4, 1e-4, 0, 0, False, 1, conv_rank=6, **common)
+    assert made.conv_rank == 6 and made.conv_alpha is None
+    assert frontend.iddm_config(PGDConfig(), 1, 2, 4, 1e-4, 0, 0, False, 1, **common).conv_rank == 0
+    with pytest.raises(InputError, match="conv_rank"):
+        frontend.iddm_config(PGDConfig(), 1, 2, 4, 1e-4, 0, 0, False, 1, conv_rank=-1, **common)

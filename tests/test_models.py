@@ -7,12 +7,17 @@ import torch
 from safetensors.torch import save_file
 
 from iddm_core.errors import ModelError
-from iddm_core.diffusion.models import (ModelBundle, detect_kind, load_model, read_checkpoint, resolve_tokenizer,
-                              save_single_file)
-from iddm_core import models as models_mod
+from iddm_core.diffusion import reading, single_file, tokenizers
+from iddm_core.diffusion.bundle import ModelBundle
+from iddm_core.diffusion.kinds import PREDICTION_TYPES, RESOLUTIONS, detect_kind
+from iddm_core.diffusion.loading import load_model
+from iddm_core.diffusion.reading import read_checkpoint, shipped_configs
+from iddm_core.diffusion.tokenizers import check_tokenizer_fits, resolve_tokenizer
+from iddm_core.diffusion.validation import ModelInfo, validate_model
+from iddm_core.diffusion.writing import save_single_file
 from iddm_core.diffusion.tiny import build_tiny_bundle, write_tiny_model, write_tiny_tokenizer
 
-REAL_COMFY_DIR = models_mod.comfy_tokenizer_dir
+REAL_COMFY_DIR = tokenizers.comfy_tokenizer_dir
 PROMPTS = ["a photo of sks person", "a photo of person"]
 
 
@@ -26,7 +31,7 @@ def no_network(monkeypatch):
         raise AssertionError(f"network access attempted: {args}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", lambda kind: None)  # no ComfyUI unless a test says so
+    monkeypatch.setattr(tokenizers, "comfy_tokenizer_dir", lambda kind: None)  # no ComfyUI unless a test says so
     yield attempts
     assert not attempts
 
@@ -151,7 +156,7 @@ def test_sd1_v_prediction_and_zero_terminal_snr_markers_round_trip(tmp_path):
     ``v_pred`` and ``ztsnr`` markers and loads back as such; the ``ztsnr`` marker alone switches the schedule."""
     from diffusers import DDPMScheduler
 
-    from iddm_core.diffusion.models import ZERO_TERMINAL_SNR, validate_model
+    from iddm_core.diffusion.kinds import ZERO_TERMINAL_SNR
 
     tok = str(write_tiny_tokenizer(tmp_path / "tok"))
     bundle = build_tiny_bundle(3)
@@ -235,11 +240,20 @@ def test_kind_override_beats_detection(tmp_path):
 # ------------------------------------------------------------------------------------------------ errors
 def test_missing_tokenizer_says_where_to_put_it(written, monkeypatch):
     # the pack's own files carry a built-in tokenizer (next tests); a foreign file with none found is told where
-    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)
+    monkeypatch.setattr(single_file, "carries_tiny_vocabulary", lambda *a: False)
     with pytest.raises(ModelError) as err:
         load_model(str(written[1]))
     msg = str(err.value)
     assert written[1].name in msg and "vocab.json" in msg and "merges.txt" in msg and "tokenizer=" in msg
+
+
+def test_missing_demo_weights_name_the_file_and_how_to_make_them(tmp_path):
+    from iddm_core.diffusion.loading import load_demo_bundle, load_demo_v2_bundle
+
+    with pytest.raises(ModelError, match=r"demo model weights missing: .*demo\.safetensors .*iddm_core\.demo\.model train"):
+        load_demo_bundle(tmp_path)
+    with pytest.raises(ModelError, match=r"demo model v2 weights missing: .*gpu_train_demo_v2\.sh"):
+        load_demo_v2_bundle(tmp_path)
 
 
 def test_bad_tokenizer_folder_is_named(written, tmp_path):
@@ -252,8 +266,8 @@ def test_comfy_bundled_tokenizer_is_used_and_sd2_pads_with_bang(written, tmp_pat
     comfy_tok = write_tiny_tokenizer(tmp_path / "comfy" / "sd1_tokenizer")   # vocab.json + merges.txt only
     (tmp_path / "comfy" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", REAL_COMFY_DIR)   # a fake `comfy` package is importable
-    assert models_mod.comfy_tokenizer_dir("sd1") == comfy_tok
+    monkeypatch.setattr(tokenizers, "comfy_tokenizer_dir", REAL_COMFY_DIR)   # a fake `comfy` package is importable
+    assert tokenizers.comfy_tokenizer_dir("sd1") == comfy_tok
     b = load_model(str(written[1]))
     assert torch.equal(_ids(b.tokenizer), _ids(build_tiny_bundle(0).tokenizer))
     assert resolve_tokenizer("sd2").pad_token == "!"
@@ -270,10 +284,10 @@ def test_comfy_tokenizer_max_length_8192_is_capped_to_clip_context(written, tmp_
     cfg_path.write_text(cfg_path.read_text().replace('"model_max_length": 77', '"model_max_length": 8192'))
     (tmp_path / "comfy" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", REAL_COMFY_DIR)
+    monkeypatch.setattr(tokenizers, "comfy_tokenizer_dir", REAL_COMFY_DIR)
     b = load_model(str(written[1]))
     assert b.tokenizer.model_max_length == 77
-    from iddm_core.training.finetune import encode_prompts
+    from iddm_core.training.conditioning import encode_prompts
     assert encode_prompts(b, ["a photo of sks person"]).shape[1] == 77
 
 
@@ -356,7 +370,7 @@ def test_shipped_configs_describe_the_real_architectures(kind, unet_m, text_m):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = models_mod.shipped_configs(kind)
+    cfg = shipped_configs(kind)
     clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(clean(cfg["unet"]))
@@ -366,8 +380,8 @@ def test_shipped_configs_describe_the_real_architectures(kind, unet_m, text_m):
     assert count(unet) == pytest.approx(unet_m, abs=2)
     assert count(vae) == pytest.approx(83.65, abs=0.5)
     assert count(text) == pytest.approx(text_m, abs=2)
-    assert cfg["scheduler"]["prediction_type"] == models_mod.PREDICTION_TYPES[kind]
-    assert cfg["vae"]["sample_size"] == models_mod.RESOLUTIONS[kind]
+    assert cfg["scheduler"]["prediction_type"] == PREDICTION_TYPES[kind]
+    assert cfg["vae"]["sample_size"] == RESOLUTIONS[kind]
 
 
 # ------------------------------------------------------------------------ tokenizer / text encoder (issue 12)
@@ -390,7 +404,7 @@ def _fake_comfy(tmp_path, monkeypatch, size):
     tok = _write_padded_tokenizer(tmp_path / "comfy" / "sd1_tokenizer", size)
     (tmp_path / "comfy" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", REAL_COMFY_DIR)
+    monkeypatch.setattr(tokenizers, "comfy_tokenizer_dir", REAL_COMFY_DIR)
     return tok
 
 
@@ -398,19 +412,19 @@ def _no_network_built(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a network was built before the tokenizer was checked")
 
-    monkeypatch.setattr(models_mod, "_build_loaded", refuse)
+    monkeypatch.setattr(single_file, "_build_loaded", refuse)
 
 
 def test_comfy_clip_tokenizer_on_tiny_text_encoder_is_a_clear_error_before_loading(written, tmp_path, monkeypatch):
-    from iddm_core.demo.model import ASSET_DIR
+    from iddm_core.diffusion.builtin import ASSET_DIR
 
     # In ComfyUI a single file whose text encoder has fewer token rows than comfy/sd1_tokenizer died at the first
     # prompt with "IndexError: index out of range in self". It must fail at load time, saying which tokenizer.
     _fake_comfy(tmp_path, monkeypatch, 49408)
-    assert models_mod.validate_model(str(written[1])).kind == "sd1"     # the pack's own file: built-in tokenizer
+    assert validate_model(str(written[1])).kind == "sd1"     # the pack's own file: built-in tokenizer
     _no_network_built(monkeypatch)
-    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)   # as a foreign file would be
-    for check in (load_model, models_mod.validate_model):
+    monkeypatch.setattr(single_file, "carries_tiny_vocabulary", lambda *a: False)   # as a foreign file would be
+    for check in (load_model, validate_model):
         with pytest.raises(ModelError) as err:
             check(str(written[1]))
         msg = str(err.value)
@@ -449,15 +463,15 @@ def test_check_tokenizer_fits_accepts_matching_and_extended_embeddings(tmp_path)
     from transformers import CLIPTokenizer
 
     clip = CLIPTokenizer.from_pretrained(str(_write_padded_tokenizer(tmp_path / "clip", 49408)), local_files_only=True)
-    models_mod.check_tokenizer_fits(clip, 49408, 49407)
-    models_mod.check_tokenizer_fits(clip, 49410, 49407)     # added tokens (e.g. embeddings baked into the model)
-    models_mod.check_tokenizer_fits(clip, 49408, 2)         # legacy eos id 2 of old CLIP configs
+    check_tokenizer_fits(clip, 49408, 49407)
+    check_tokenizer_fits(clip, 49410, 49407)     # added tokens (e.g. embeddings baked into the model)
+    check_tokenizer_fits(clip, 49408, 2)         # legacy eos id 2 of old CLIP configs
     tiny = build_tiny_bundle(0).tokenizer
-    models_mod.check_tokenizer_fits(tiny, 585, 584)
+    check_tokenizer_fits(tiny, 585, 584)
     with pytest.raises(ModelError, match="ids up to 49407"):
-        models_mod.check_tokenizer_fits(clip, 585, 584)
+        check_tokenizer_fits(clip, 585, 584)
     with pytest.raises(ModelError, match="end-of-text"):
-        models_mod.check_tokenizer_fits(tiny, 49408, 49407)
+        check_tokenizer_fits(tiny, 49408, 49407)
 
 
 # ------------------------------------------------------------------------------- validate_model (issue 12)
@@ -467,17 +481,18 @@ def _nothing_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("validate_model read the weights")
 
-    monkeypatch.setattr(models_mod, "read_checkpoint", refuse)
+    monkeypatch.setattr(reading, "read_checkpoint", refuse)       # also what read_checkpoint_header falls back to
+    monkeypatch.setattr(single_file, "read_checkpoint", refuse)
 
 
 def test_validate_model_single_file_reads_only_the_header(written, monkeypatch):
     _nothing_loaded(monkeypatch)
-    info = models_mod.validate_model(str(written[1]), tokenizer=str(written[0] / "tokenizer"))
-    assert info == models_mod.ModelInfo("sd1", "epsilon", 64, "tiny", 585)
-    assert models_mod.validate_model(str(written[1])) == info    # the pack's own file: its tokenizer is built in
-    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)
+    info = validate_model(str(written[1]), tokenizer=str(written[0] / "tokenizer"))
+    assert info == ModelInfo("sd1", "epsilon", 64, "tiny", 585)
+    assert validate_model(str(written[1])) == info    # the pack's own file: its tokenizer is built in
+    monkeypatch.setattr(single_file, "carries_tiny_vocabulary", lambda *a: False)
     with pytest.raises(ModelError, match="vocab.json"):      # a foreign file, no tokenizer: as load_model says
-        models_mod.validate_model(str(written[1]))
+        validate_model(str(written[1]))
 
 
 @pytest.mark.parametrize("kind", ["sd2", "sd2v"])
@@ -485,7 +500,7 @@ def test_validate_model_detects_sd2_kinds(tmp_path, kind, monkeypatch):
     path = save_single_file(build_tiny_bundle(0, kind=kind), tmp_path / "m.safetensors")
     tok = write_tiny_tokenizer(tmp_path / "tok")
     _nothing_loaded(monkeypatch)
-    info = models_mod.validate_model(str(path), tokenizer=str(tok))
+    info = validate_model(str(path), tokenizer=str(tok))
     assert (info.kind, info.prediction_type) == (kind, "v_prediction" if kind == "sd2v" else "epsilon")
 
 
@@ -499,11 +514,11 @@ def test_validate_model_finds_wrong_architecture_and_missing_weights(written, tm
     _nothing_loaded(monkeypatch)
     tok = str(written[0] / "tokenizer")
     with pytest.raises(ModelError, match="tiny_without_meta.safetensors.*sd1 architecture"):
-        models_mod.validate_model(str(wrong), tokenizer=tok)
+        validate_model(str(wrong), tokenizer=tok)
     with pytest.raises(ModelError, match="no_vae_conv.safetensors.*VAE"):
-        models_mod.validate_model(str(trimmed), tokenizer=tok)
+        validate_model(str(trimmed), tokenizer=tok)
     with pytest.raises(ModelError, match="model not found"):
-        models_mod.validate_model(str(tmp_path / "nope.safetensors"))
+        validate_model(str(tmp_path / "nope.safetensors"))
 
 
 def test_validate_model_diffusers_folder_pickle_demo_and_tiny(written, tmp_path, monkeypatch):
@@ -515,15 +530,15 @@ def test_validate_model_diffusers_folder_pickle_demo_and_tiny(written, tmp_path,
     _no_network_built(monkeypatch)
     monkeypatch.setattr("diffusers.UNet2DConditionModel.from_pretrained",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights loaded")))
-    assert models_mod.validate_model(str(written[0])) == models_mod.ModelInfo("sd1", "epsilon", 64, "tiny", 585)
+    assert validate_model(str(written[0])) == ModelInfo("sd1", "epsilon", 64, "tiny", 585)
     # a pickle carries no architecture metadata: checked against real SD1 shapes, which the tiny weights are not
     with pytest.raises(ModelError, match="model.ckpt: the UNet does not match the sd1 architecture"):
-        models_mod.validate_model(str(ckpt), tokenizer=str(written[0] / "tokenizer"))
-    assert models_mod.validate_model("demo") == models_mod.ModelInfo("sd1", "v_prediction", 128, "demo", 585)
-    assert models_mod.validate_model("tiny").resolution == 64
+        validate_model(str(ckpt), tokenizer=str(written[0] / "tokenizer"))
+    assert validate_model("demo") == ModelInfo("sd1", "v_prediction", 128, "demo", 585)
+    assert validate_model("tiny").resolution == 64
     broken = tmp_path / "broken"
     shutil.copytree(written[0], broken)
     for f in (broken / "unet").glob("diffusion_pytorch_model.*"):
         f.unlink()
     with pytest.raises(ModelError, match="unet/ holds no weights"):
-        models_mod.validate_model(str(broken))
+        validate_model(str(broken))

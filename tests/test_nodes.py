@@ -249,7 +249,7 @@ def test_training_then_generation_workflows_on_tiny_model(clean):
     would embed prompt + workflow). The LoRA works, the training saves no image, and no saved PNG carries any text
     chunk, photo folder, photo name or path."""
     stubs, pack = clean
-    from iddm_core.training.lora import inspect_lora
+    from iddm_core.training.kohya_check import inspect_lora
 
     core = core_nodes(stubs)
     folder = stubs.input / "iddm_photos"
@@ -454,10 +454,19 @@ def test_leak_meter_states_its_threshold(env):
     result = {"n_images": 3, "faces_found": [True, True, False], "fsr": 2 / 3,
               "recognizers": {"dlib": {"ism": 0.92, "similarity": [0.93, 0.912, None]}}}
     auto = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.0, "dlib"))
-    assert "match threshold [dlib]: cosine >= 0.911 (dlib's own; threshold 0 = auto)" in auto
+    assert "match rule [dlib]: cosine >= 0.911 (dlib's own; threshold 0 = auto)" in auto
     assert "recognised as the user by dlib (cosine >= 0.911): 2/2" in auto
     strict = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.92, "dlib"))
     assert "cosine >= 0.92 (set on the node)" in strict and "(cosine >= 0.92): 1/2" in strict
+    # evaluate's own verdicts: dlib by its distance (<= 0.6) when the threshold is auto, whatever the cosines say
+    result["recognizers"]["dlib"].update(match={"score": "distance", "threshold": 0.6}, matched=[False, True, None])
+    auto = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.0, "dlib"))
+    assert "match rule [dlib]: distance <= 0.6 (dlib's own; threshold 0 = auto)" in auto
+    assert "recognised as the user by dlib (distance <= 0.6): 1/2" in auto and "cosine level 0.911" in auto
+    assert mod.verdicts(result["recognizers"]["dlib"], 0.911, "dlib's own; threshold 0 = auto") == [False, True, None]
+    strict = mod.summary_text(result, "dlib", *mod.resolve_threshold(0.92, "dlib"))
+    assert "(cosine >= 0.92): 1/2" in strict
+    assert mod.verdicts(result["recognizers"]["dlib"], 0.92, "set on the node") == [True, False, None]
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -576,7 +585,7 @@ def test_sdxl_checkpoint_is_listed_and_trains_at_its_native_resolution(clean):
     is offered by the train node and trained through it; resolution 0 = the model's native size; the LoRA is a
     kohya SDXL LoRA."""
     stubs, pack = clean
-    from iddm_core.training.lora import inspect_lora
+    from iddm_core.training.kohya_check import inspect_lora
     from iddm_core.diffusion.tiny import TINY_RESOLUTION, write_tiny_model
 
     _, single = write_tiny_model(stubs.root / "scratch_xl", kind="sdxl")

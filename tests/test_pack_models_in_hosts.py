@@ -56,7 +56,8 @@ def comfy(tmp_path_factory, small_faces_dir):
 def test_tiny_single_files_need_no_tokenizer_even_where_comfyui_has_its_own(comfy):
     """Before the fix ComfyUI's 49,408-token tokenizer was taken for the tiny file and refused ("tokenizer and text
     encoder do not match ... pass --tokenizer"), advice a ComfyUI user cannot follow."""
-    from iddm_core.diffusion.models import load_model, resolve_tokenizer
+    from iddm_core.diffusion.loading import load_model
+    from iddm_core.diffusion.tokenizers import resolve_tokenizer
     from iddm_core.diffusion.tiny import tiny_vocab_and_merges
 
     stubs, _ = comfy
@@ -88,9 +89,10 @@ def test_train_node_trains_the_tiny_single_files_inside_comfyui(comfy, ckpt):
 def test_portraits_node_samples_the_demo_model_with_a_lora(comfy):
     """The demo model (which Load Checkpoint cannot load) gives portraits; the LoRA changes them; the same seed
     gives the same portraits as the library's sampler; nothing is written."""
-    from iddm_core.training.finetune import generate_images
-    from iddm_core.training.lora import LoraSpec, add_lora, lora_parameters, save_kohya_lora
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.training.sampling import generate_images
+    from iddm_core.training.kohya import save_kohya_lora
+    from iddm_core.training.lora import LoraSpec, add_lora, lora_parameters
+    from iddm_core.diffusion.loading import load_model
 
     stubs, pack = comfy
     nodes = pack.NODE_CLASS_MAPPINGS

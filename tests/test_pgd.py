@@ -48,7 +48,7 @@ class _Sum(torch.nn.Module):
 
 
 def test_pgd_on_tiny_model_projection_and_stages():
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
 
     bundle = load_model("tiny")
     tok = bundle.tokenizer(["a photo of sks person"], padding="max_length", truncation=True,
@@ -88,7 +88,7 @@ def test_stage_two_lowers_dlib_similarity_on_real_photos(small_faces_dir):
     cfg = PGDConfig(T=6, rho=0.1, eta=0.08, alpha=0.008)
     steps = []
 
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
 
     bundle = load_model("tiny")     # its diffusion model is bypassed: x0_hat := x'
 
@@ -106,8 +106,8 @@ def test_stage_two_lowers_dlib_similarity_on_real_photos(small_faces_dir):
 # ---- real-size machinery: micro-batches, checkpointing, precision, non-finite steps, faster gradients ----------
 
 def _tiny_setup(n=3, res=64, seed=0):
-    from iddm_core.training.finetune import encode_prompts
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.training.conditioning import encode_prompts
+    from iddm_core.diffusion.loading import load_model
 
     bundle = load_model("tiny")
     with torch.no_grad():
@@ -189,11 +189,11 @@ def test_non_finite_gradient_never_reaches_x_prime():
     def nan_under_autocast(bundle, x, embeds, noise, precision, sds):
         return x * float("nan") if torch.is_autocast_enabled("cpu") else x
 
-    from iddm_core.diffusion.precision import choose_precision
+    from iddm_core.diffusion.runtime import Runtime
 
     steps = []
     x = pgd_two_stage(bundle, _Sum(), x0, lm, embeds, cfg, torch.Generator().manual_seed(0), on_step=steps.append,
-                      predict_clean=nan_under_autocast, precision=choose_precision("cpu", None, "bf16"))
+                      predict_clean=nan_under_autocast, runtime=Runtime.decide("cpu", "bf16"))
     assert torch.isfinite(x).all() and float((x - x0).abs().max()) > 0.02   # redone in fp32, and it moved
     assert [(s["redone_fp32"], s["skipped"]) for s in steps] == [(2, 0)] * 3
 
@@ -201,13 +201,13 @@ def test_non_finite_gradient_never_reaches_x_prime():
 def test_bf16_autocast_and_half_precision_weights_run_pgd():
     """CPU autocast in bf16 (the low-precision path CI can run) and a bundle whose weights are bf16 (no autocast:
     the inputs must be cast to the UNet's dtype)."""
-    from iddm_core.diffusion.precision import choose_precision
+    from iddm_core.diffusion.runtime import Runtime
 
     bundle, embeds, x0 = _tiny_setup(n=2)
     lm = torch.zeros(2, 5, 2)
     cfg = PGDConfig(T=2, rho=0.5, eta=0.05, alpha=0.01)
     x = pgd_two_stage(bundle, _Sum(), x0, lm, embeds, cfg, torch.Generator().manual_seed(0),
-                      precision=choose_precision("cpu", None, "bf16"))
+                      runtime=Runtime.decide("cpu", "bf16"))
     assert torch.isfinite(x).all() and 0.005 < float((x - x0).abs().max()) <= 0.05 + 1e-6
     bundle.to(dtype=torch.bfloat16)
     x = pgd_two_stage(bundle, _Sum(), x0, lm, embeds, cfg, torch.Generator().manual_seed(0))

@@ -33,6 +33,44 @@ def test_bf16_refused_where_emulated_and_bad_words_named():
         choose_precision("cuda", (8, 0), "fp8")
 
 
+HALF_PARTS = {"unet", "text_encoder", "text_encoder_2"}      # the VAE is never stored in half precision
+
+
+@pytest.mark.parametrize("device,capability,mixed,ckpt,name,checkpointing,stored", [
+    ("cuda", (8, 6), "auto", "auto", "bf16", True, torch.bfloat16),     # Ampere: bf16, checkpointing on for CUDA
+    ("cuda", (7, 5), "auto", "auto", "fp16", True, torch.float16),      # Turing: fp16 (bf16 only emulated)
+    ("cuda:1", (9, 0), "no", "no", "fp32", False, None),                # everything switched off
+    ("cpu", None, "auto", "auto", "fp32", False, None),                 # CPU: fp32, no checkpointing (30% slower)
+    ("cpu", None, "bf16", "yes", "bf16", True, torch.bfloat16),         # asked for: honoured on the CPU too
+])
+def test_runtime_is_decided_from_device_capability_and_settings(device, capability, mixed, ckpt, name,
+                                                                checkpointing, stored):
+    from iddm_core.diffusion.runtime import decide_runtime
+
+    rt = decide_runtime(device, capability, mixed, ckpt)
+    assert rt.device == torch.device(device) and rt.precision.name == name and rt.checkpointing is checkpointing
+    assert rt.weight_dtypes == ({} if stored is None else {part: stored for part in HALF_PARTS})
+    assert rt.describe() == {"precision": name, "gradient_checkpointing": checkpointing}     # the reports' keys
+
+
+def test_runtime_refuses_bad_settings_naming_them():
+    from iddm_core.diffusion.runtime import decide_runtime
+
+    with pytest.raises(InputError, match="gradient_checkpointing='maybe'"):
+        decide_runtime("cpu", None, "auto", "maybe")
+    with pytest.raises(InputError, match=r"bf16.*7\.5"):
+        decide_runtime("cuda", (7, 5), "bf16", "auto")
+
+
+def test_runtime_decide_reads_the_device_and_takes_a_configs_settings():
+    from iddm_core.diffusion.runtime import Runtime, decide_runtime
+    from iddm_core.protection.iddm import IDDMConfig
+
+    assert Runtime.decide("cpu") == decide_runtime("cpu", None)
+    cfg = IDDMConfig(mixed_precision="bf16", gradient_checkpointing="yes")
+    assert Runtime.for_settings(cfg, "cpu") == decide_runtime("cpu", None, "bf16", "yes")
+
+
 def test_loss_scale_backs_off_and_grows():
     s = LossScale(True, init=1024.0, growth_interval=2)
     s.update(False)
@@ -75,7 +113,7 @@ def test_out_of_memory_becomes_advice_before_any_training(tmp_path, monkeypatch)
     from iddm_core.demo.story import demo_photos
     from iddm_core.face.detect import get_detector
     from iddm_core.protection.iddm import IDDMConfig, run_iddm
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
     from iddm_core.protection.pgd import PGDConfig
     from iddm_core.protection.refs import refs_from_photos
 

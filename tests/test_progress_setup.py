@@ -88,16 +88,16 @@ def test_setup_event_keeps_event_fields_and_to_dict():
 def test_load_model_reports_between_parts_and_stops_there(tmp_path, monkeypatch):
     """The real single-file loader: a setup event before each part (UNet, VAE, text encoder); a Cancel raised
     there means no further part is built."""
-    from iddm_core import models
+    from iddm_core.diffusion import loading, single_file
     from iddm_core.errors import Cancelled
     from iddm_core.diffusion.tiny import write_tiny_model
 
     _, single = write_tiny_model(tmp_path / "tiny")
-    built, real = [], models._build_loaded
-    monkeypatch.setattr(models, "_build_loaded", lambda f, s, src, part, kind: (built.append(part),
+    built, real = [], single_file._build_loaded
+    monkeypatch.setattr(single_file, "_build_loaded", lambda f, s, src, part, kind: (built.append(part),
                                                                                  real(f, s, src, part, kind))[1])
     events = []
-    bundle = models.load_model(str(single), callback=events.append)
+    bundle = loading.load_model(str(single), callback=events.append)
     assert bundle.unet is not None and built == ["UNet", "VAE", "text encoder"]
     messages = [e.message for e in events]
     assert all(e.phase == "setup" and e.stage == "load" for e in events)
@@ -112,7 +112,7 @@ def test_load_model_reports_between_parts_and_stops_there(tmp_path, monkeypatch)
             raise Cancelled("user pressed cancel")
 
     with pytest.raises(Cancelled):
-        models.load_model(str(single), callback=cancel_at_vae)
+        loading.load_model(str(single), callback=cancel_at_vae)
     assert built == ["UNet"]
 
 
@@ -121,7 +121,7 @@ def test_class_images_cached_only_when_complete(tmp_path):
     from iddm_core.errors import Cancelled
     from iddm_core.training.finetune import DreamBoothTrainer, FinetuneConfig
     from iddm_core.training.lora import LoraSpec
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
 
     cfg = FinetuneConfig(resolution=32, num_class_images=2, class_sampler_steps=3)
     cache = tmp_path / "classes"
@@ -168,10 +168,10 @@ def comfy_run(comfy, monkeypatch):
             shutil.rmtree(f) if f.is_dir() else f.unlink()
     timeline = Timeline()
     mods = _pack_modules(pack)
-    env, models = mods["comfy_env"], mods["models"]
-    real_send, real_validate = env.send_event, models.validate_model
+    env, validation = mods["comfy_env"], mods["validation"]
+    real_send, real_validate = env.send_event, validation.validate_model
     monkeypatch.setattr(env, "send_event", lambda name, data: (timeline.add("event", data), real_send(name, data)))
-    monkeypatch.setattr(models, "validate_model", lambda *a, **k: (timeline.add("validate"), real_validate(*a, **k))[1])
+    monkeypatch.setattr(validation, "validate_model", lambda *a, **k: (timeline.add("validate"), real_validate(*a, **k))[1])
     # the nodes' first calls: the train node's config (imported at module level), the protect node's config class
     monkeypatch.setattr(mods["train_node"], "iddm_config", _first_call(timeline, mods["train_node"].iddm_config))
     monkeypatch.setattr(mods["protect"], "ProtectConfig", _first_call(timeline, mods["protect"].ProtectConfig))
@@ -188,8 +188,9 @@ def _first_call(timeline, fn):
 
 def _pack_modules(pack) -> dict:
     root = pack.__name__
-    names = {"comfy_env": "nodes.comfy_env", "train_node": "nodes.train_node", "models": "iddm_core.diffusion.models",
-             "finetune": "iddm_core.training.finetune", "protect": "iddm_core.protection.protect", "events": "iddm_core.events"}
+    names = {"comfy_env": "nodes.comfy_env", "train_node": "nodes.train_node", "loading": "iddm_core.diffusion.loading",
+             "finetune": "iddm_core.training.finetune", "protect": "iddm_core.protection.protect", "events": "iddm_core.events",
+             "validation": "iddm_core.diffusion.validation"}
     import importlib
 
     return {key: importlib.import_module(f"{root}.{name}") for key, name in names.items()}
@@ -209,7 +210,7 @@ def _workflow(lora_name, **train) -> dict:
 def _slow_loader(run, monkeypatch, cancel=True):
     """load_model replaced by a 30 s stand-in that reports through the callback it is given after every slice
     (as the real one does between parts), then loads the tiny model for real."""
-    models, events = run.mods["models"], run.mods["events"]       # the pack's own copies of iddm_core's modules
+    models, events = run.mods["loading"], run.mods["events"]       # the pack's own copies of iddm_core's modules
     real = models.load_model
     slow = SlowStandIn(run.timeline, run.cancel if cancel else None)
 
@@ -338,7 +339,7 @@ def a1111(tmp_path_factory, small_faces_dir):
     import os
 
     from a1111_harness import WebUIStubs, load_extension_script, unload_extension
-    from iddm_core.diffusion.models import save_single_file
+    from iddm_core.diffusion.writing import save_single_file
     from iddm_core.diffusion.tiny import build_tiny_bundle, write_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("a1111_setup")
@@ -385,7 +386,7 @@ def _request(tab, **kw):
 
 
 def _a1111_slow_loader(monkeypatch, timeline, cancel, slices=SLOW_SLICES):
-    from iddm_core import models
+    from iddm_core.diffusion import loading as models
     from iddm_core.events import report_setup
 
     real = models.load_model

@@ -9,16 +9,18 @@ import torch
 
 from iddm_core.cli import main
 from iddm_core.errors import InputError
-from iddm_core.protection.protect import (ProtectConfig, VAEEncoderStyle, VGG19Style, ascent_step, gram, load_photos,
-                               load_vgg19, measure_style_spread, output_names, quantise, run_protect, style_gradient,
-                               style_spread)
+from iddm_core.protection.ascent import ascent_step
+from iddm_core.protection.photo_files import load_photos, output_names, quantise
+from iddm_core.protection.protect import ProtectConfig, run_protect
+from iddm_core.protection.style import (VAEEncoderStyle, VGG19Style, gram, load_vgg19, measure_style_spread,
+                                        style_gradient, style_spread)
 
 PRIVATE = "secret_bob"          # a private-looking file name that must not reach any output
 
 
 @pytest.fixture(scope="module")
 def demo():
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
 
     return load_model("demo")
 
@@ -202,7 +204,7 @@ def test_cli_writes_pngs_without_text_within_budget(tmp_path, small_faces_dir, c
 
 
 def test_cli_bad_input_fails_before_loading_a_model(tmp_path, small_faces_dir, capsys, monkeypatch):
-    import iddm_core.diffusion.models as models
+    import iddm_core.diffusion.loading as models
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
@@ -244,7 +246,7 @@ def test_cancel_writes_nothing(tmp_path, small_faces_dir, monkeypatch):
 def test_resume_continues_the_same_run(tmp_path, photos64, one_thread):
     """Interrupted after round 1 and resumed = one uninterrupted run, bit for bit (CPU, one thread)."""
     from iddm_core.training.checkpoint import StateMismatch, has_state
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
 
     cfg = ProtectConfig(rounds=2, surrogate_steps=1, pgd_steps=1, resolution=32, prior_preservation=False)
     x = photos64[:2]

@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from iddm_core import checkpoint as ckpt
+from iddm_core.training import checkpoint as ckpt
 from iddm_core.errors import InputError
 from iddm_core.protection.iddm import IDDMConfig, run_iddm
 from iddm_core.protection.pgd import PGDConfig
@@ -141,7 +141,8 @@ def test_state_is_private_outside_the_output_folder_and_gone_after_success(tmp_p
 @pytest.mark.parametrize("train_te", [False, True])
 def test_pgd_conditions_on_the_trained_text_encoder(monkeypatch, refs, ensemble, train_te):
     import iddm_core.protection.iddm as iddm_mod
-    from iddm_core.training.finetune import FinetuneConfig, encode_prompts
+    from iddm_core.training.conditioning import encode_prompts
+    from iddm_core.training.finetune import FinetuneConfig
 
     bundle = tiny()
     with torch.no_grad():
@@ -213,7 +214,7 @@ def _train_args(photos, out, *extra):
 def test_cli_says_the_schedule_resumes_only_the_same_run_and_cleans_up(tmp_path, photos, monkeypatch, capsys):
     from iddm_core.cli import build_parser
     from iddm_core.cli.iddm import config_from_args
-    from iddm_core.diffusion.models import load_model
+    from iddm_core.diffusion.loading import load_model
     from iddm_core.protection.refs import load_private_refs
 
     monkeypatch.setenv("IDDM_CACHE_DIR", str(tmp_path / "cache"))

@@ -7,10 +7,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from iddm_core import models as models_mod
+from iddm_core.diffusion import single_file, tokenizers
+from iddm_core.diffusion.bundle import clean_config
+from iddm_core.diffusion.reading import shipped_configs
 from iddm_core import sd_keys
 from iddm_core.errors import ModelError
-from iddm_core.diffusion.models import detect_kind, load_model, read_checkpoint, validate_model
+from iddm_core.diffusion.kinds import detect_kind
+from iddm_core.diffusion.loading import load_model
+from iddm_core.diffusion.reading import read_checkpoint
+from iddm_core.diffusion.validation import validate_model
 from iddm_core.diffusion.tiny import (SDXL_TEXT_CONFIG_2, SDXL_TIME_EMBED_DIM, TINY_SDXL_TITLE, build_tiny_bundle,
                             write_tiny_model)
 
@@ -24,7 +29,7 @@ def no_network(monkeypatch):
         raise AssertionError(f"network access attempted: {args}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", lambda kind: None)
+    monkeypatch.setattr(tokenizers, "comfy_tokenizer_dir", lambda kind: None)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +170,7 @@ def test_comfy_bundled_tokenizer_serves_both_encoders(written, tmp_path, monkeyp
     comfy_tok = write_tiny_tokenizer(tmp_path / "comfy" / "sd1_tokenizer")
     (tmp_path / "comfy" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models_mod, "comfy_tokenizer_dir", lambda kind: comfy_tok)
+    monkeypatch.setattr(tokenizers, "comfy_tokenizer_dir", lambda kind: comfy_tok)
     b = load_model(str(written[1]))
     assert b.tokenizer.pad_token == "<|endoftext|>" and b.tokenizer_2.pad_token == "!"
     source = build_tiny_bundle(0, "sdxl")
@@ -175,7 +180,7 @@ def test_comfy_bundled_tokenizer_serves_both_encoders(written, tmp_path, monkeyp
 
 def test_missing_tokenizer_for_sdxl_single_file(written, monkeypatch):
     # the pack's own files have their tokenizer built in; a foreign SDXL file with none found is told where
-    monkeypatch.setattr(models_mod, "_carries_tiny_vocabulary", lambda *a: False)
+    monkeypatch.setattr(single_file, "carries_tiny_vocabulary", lambda *a: False)
     with pytest.raises(ModelError, match="tiny-sdxl.safetensors.*vocab.json"):
         load_model(str(written[1]))
 
@@ -186,13 +191,13 @@ def test_shipped_configs_describe_full_size_sdxl():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = models_mod.shipped_configs("sdxl")
-    assert models_mod.shipped_configs("sdxl-v").keys() == cfg.keys()
+    cfg = shipped_configs("sdxl")
+    assert shipped_configs("sdxl-v").keys() == cfg.keys()
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(models_mod._clean(cfg["unet"]))
-        vae = AutoencoderKL.from_config(models_mod._clean(cfg["vae"]))
-        te1 = CLIPTextModel(CLIPTextConfig(**models_mod._clean(cfg["text_encoder"])))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**models_mod._clean(cfg["text_encoder_2"])))
+        unet = UNet2DConditionModel.from_config(clean_config(cfg["unet"]))
+        vae = AutoencoderKL.from_config(clean_config(cfg["vae"]))
+        te1 = CLIPTextModel(CLIPTextConfig(**clean_config(cfg["text_encoder"])))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clean_config(cfg["text_encoder_2"])))
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     assert sum(p.numel() for p in te1.parameters()) == 123_060_480
     assert sum(p.numel() for p in te2.parameters()) == 694_659_840
@@ -202,11 +207,11 @@ def test_shipped_configs_describe_full_size_sdxl():
     assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
     assert state["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
     assert detect_kind(state) == "sdxl"
-    parts = models_mod._single_file_parts("sdxl.safetensors", state, cfg, "sdxl")
+    parts = single_file.single_file_parts("sdxl.safetensors", state, cfg, "sdxl")
     assert [p for p, _, _ in parts] == ["UNet", "VAE", "text encoder", "text encoder 2"]
     for part, factory, part_state in parts:
         with torch.device("meta"):
-            models_mod._check_state(factory().state_dict(), part_state, "sdxl.safetensors", part, "sdxl")
+            single_file.check_state(factory().state_dict(), part_state, "sdxl.safetensors", part, "sdxl")
 
 
 # ------------------------------------------------------------------------------------------ a run's LoRA: not yet
@@ -252,7 +257,7 @@ def _check_sdxl_calls(calls, bundle, resolution):
 
 
 def test_sdxl_conditioning_parts_and_target_size_matters():
-    from iddm_core.training.finetune import SDXLConditioning, encode_prompts, sdxl_conditioning, unet_conditioning
+    from iddm_core.training.conditioning import SDXLConditioning, encode_prompts, sdxl_conditioning, unet_conditioning
 
     b = build_tiny_bundle(0, "sdxl")
     with torch.no_grad():
@@ -334,7 +339,7 @@ def test_sdxl_text_encoder_lora_trains_both_encoders():
 
 
 def test_sdxl_generate_images_size():
-    from iddm_core.training.finetune import generate_images
+    from iddm_core.training.sampling import generate_images
 
     bundle = build_tiny_bundle(0, "sdxl")
     spy = _UnetSpy(bundle.unet)
@@ -360,7 +365,7 @@ class _Mean(torch.nn.Module):
 
 
 def test_pgd_two_stage_on_sdxl():
-    from iddm_core.training.finetune import encode_prompts
+    from iddm_core.training.conditioning import encode_prompts
     from iddm_core.protection.pgd import PGDConfig, pgd_two_stage
 
     bundle = build_tiny_bundle(0, "sdxl")
@@ -398,7 +403,7 @@ def test_run_iddm_on_sdxl_with_and_without_writing_a_lora(tmp_path):
     result = run_iddm(bundle, refs, cfg, out_path=None, ensemble=_Mean())
     assert result.lora_path is None and not any(tmp_path.iterdir())
     # and with an output file: the run's LoRA is a valid kohya SDXL LoRA
-    from iddm_core.training.lora import check_kohya, read_kohya_lora
+    from iddm_core.training.kohya_check import check_kohya, read_kohya_lora
 
     written = run_iddm(build_tiny_bundle(0, "sdxl"), refs, cfg, out_path=tmp_path / "me.safetensors",
                        ensemble=_Mean())
@@ -439,13 +444,15 @@ def test_half_precision_base_weights_train_attack_and_export_with_fp32_lora(tmp_
     LoRA stays fp32 and learns; the VAE stays fp32."""
     from safetensors import safe_open
 
-    from iddm_core.training.finetune import DreamBoothTrainer, encode_prompts
-    from iddm_core.training.lora import LoraSpec, get_lora_state, lora_parameters, save_kohya_lora
+    from iddm_core.training.conditioning import encode_prompts
+    from iddm_core.training.finetune import DreamBoothTrainer
+    from iddm_core.training.kohya import save_kohya_lora
+    from iddm_core.training.lora import LoraSpec, get_lora_state, lora_parameters
     from iddm_core.protection.pgd import PGDConfig, pgd_two_stage
-    from iddm_core.diffusion.precision import precision_for, weight_dtypes
+    from iddm_core.diffusion.runtime import Runtime
 
-    policy = precision_for("cpu", "bf16")
-    bundle = load_model("tiny", kind="sdxl", weight_dtypes=weight_dtypes(policy))
+    runtime = Runtime.decide("cpu", "bf16")
+    bundle = load_model("tiny", kind="sdxl", weight_dtypes=runtime.weight_dtypes)
     for part in ("unet", "text_encoder", "text_encoder_2"):
         assert {p.dtype for p in getattr(bundle, part).parameters()} == {torch.bfloat16}, part
     assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
@@ -466,7 +473,7 @@ def test_half_precision_base_weights_train_attack_and_export_with_fp32_lora(tmp_
     x0 = torch.rand(1, 3, RES, RES, generator=torch.Generator().manual_seed(0))
     steps = []
     xp = pgd_two_stage(bundle, _Mean(), x0, torch.zeros(1, 5, 2), embeds, cfg, torch.Generator().manual_seed(0),
-                       on_step=steps.append, precision=policy)
+                       on_step=steps.append, runtime=runtime)
     assert torch.isfinite(xp).all() and 0 < (xp - x0).abs().max() <= cfg.eta + 1e-6
     assert all(s["skipped"] == 0 for s in steps)
     out = save_kohya_lora(tmp_path / "half.safetensors", bundle, spec, output_name="half")

@@ -6,10 +6,12 @@ import socket
 import pytest
 import torch
 
-from iddm_core import models as models_mod
+from iddm_core.diffusion.bundle import ModelBundle, clean_config
+from iddm_core.diffusion.reading import shipped_configs
 from iddm_core import sd_keys
-from iddm_core.training.lora import (ADAPTER, LoraSpec, _lora_layers, add_lora, check_kohya, inspect_lora, kohya_state_dict,
-                            read_kohya_lora, save_kohya_lora, sdxl_unet_module_path)
+from iddm_core.training.kohya import kohya_state_dict, save_kohya_lora, sdxl_unet_module_path
+from iddm_core.training.kohya_check import check_kohya, inspect_lora, read_kohya_lora
+from iddm_core.training.lora import ADAPTER, LoraSpec, add_lora, lora_layers
 from iddm_core.diffusion.tiny import build_tiny_bundle
 
 SPEC = dict(rank=4, alpha=2.0, include_proj=True, include_ff=True, train_text_encoder=True)
@@ -30,7 +32,7 @@ def _fill_lora(bundle, seed: int = 7, scale: float = 0.3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in (bundle.unet, bundle.text_encoder, bundle.text_encoder_2):
-            for _, layer in _lora_layers(module):
+            for _, layer in lora_layers(module):
                 for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
                     w.copy_(torch.randn(w.shape, generator=g) * scale)
 
@@ -39,6 +41,16 @@ def _fill_lora(bundle, seed: int = 7, scale: float = 0.3) -> None:
 def adapted():
     bundle = build_tiny_bundle(0, "sdxl")
     spec = LoraSpec(**SPEC)
+    add_lora(bundle, spec)
+    _fill_lora(bundle)
+    return bundle, spec
+
+
+@pytest.fixture(scope="module")
+def adapted_locon():
+    """As ``adapted`` plus LoCon: the ResBlock and sampler layers (3x3 convs at conv_rank 3, conv_alpha 1.5)."""
+    bundle = build_tiny_bundle(0, "sdxl")
+    spec = LoraSpec(**SPEC, conv_rank=3, conv_alpha=1.5)
     add_lora(bundle, spec)
     _fill_lora(bundle)
     return bundle, spec
@@ -73,7 +85,7 @@ def _outputs(unet, te1, te2, tok1, tok2) -> dict:
 
 def test_injection_covers_unet_and_both_text_encoders(adapted):
     bundle, spec = adapted
-    names = {part: [n for n, _ in _lora_layers(m)] for part, m in
+    names = {part: [n for n, _ in lora_layers(m)] for part, m in
              (("unet", bundle.unet), ("te1", bundle.text_encoder), ("te2", bundle.text_encoder_2))}
     # per transformer block 8 attention projections + 2 ff; per attention proj_in + proj_out (counted from the model)
     blocks = {n.rsplit(".attn1", 1)[0] for n, _ in bundle.unet.named_modules() if n.endswith(".attn1")}
@@ -87,8 +99,9 @@ def test_injection_covers_unet_and_both_text_encoders(adapted):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float16, 2e-2)])
-def test_diffusers_sdxl_kohya_loader_reproduces_adapted_model(adapted, tmp_path, dtype, tol):
-    bundle, spec = adapted
+@pytest.mark.parametrize("which", ["adapted", "adapted_locon"])
+def test_diffusers_sdxl_kohya_loader_reproduces_adapted_model(request, which, tmp_path, dtype, tol):
+    bundle, spec = request.getfixturevalue(which)
     path = save_kohya_lora(tmp_path / "xl.safetensors", bundle, spec, "xl", dtype=dtype)
     pipe = _fresh_pipeline()
     base = _outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2)
@@ -101,6 +114,9 @@ def test_diffusers_sdxl_kohya_loader_reproduces_adapted_model(adapted, tmp_path,
     for k in ours:
         assert effects[k] > 0.05, k          # the LoRA matters on every output, else equality proves nothing
         assert diffs[k] < tol, k
+    from peft.tuners.lora import LoraLayer   # and diffusers put a LoRA on every UNet layer we did (LoCon: the convs)
+
+    assert sum(isinstance(m, LoraLayer) for m in pipe.unet.modules()) == len(list(lora_layers(bundle.unet)))
 
 
 def test_sdxl_file_names_metadata_and_inspection(adapted, tmp_path):
@@ -128,7 +144,7 @@ def test_sdxl_file_names_metadata_and_inspection(adapted, tmp_path):
     n_te2 = sum(m.startswith("lora_te2_") for m in modules)
     assert info["modules"] == {"unet": len(modules) - n_te1 - n_te2, "te": n_te1 + n_te2, "te1": n_te1, "te2": n_te2}
     # hashes as for SD1: over the tensors written with only the ss_* metadata
-    from iddm_core.training.lora import kohya_hashes
+    from iddm_core.training.kohya import kohya_hashes
     tensors, _ = read_kohya_lora(path)
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == kohya_hashes(tensors, meta)
     # the checker holds names to the declared base: SD1 names in an SDXL file (and the reverse) are flagged
@@ -150,26 +166,26 @@ def test_sdxl_v_metadata(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ full size
-def _full_size_bundle():
+def _full_size_bundle(conv_rank: int = 0):
     """Full-size SDXL (the shipped configs) on the meta device, LoRA layers materialised on the CPU (small);
     returns (bundle, spec, the original-layout module names of the base model before any LoRA)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = models_mod.shipped_configs("sdxl")
+    cfg = shipped_configs("sdxl")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(models_mod._clean(cfg["unet"]))
-        te1 = CLIPTextModel(CLIPTextConfig(**models_mod._clean(cfg["text_encoder"])))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**models_mod._clean(cfg["text_encoder_2"])))
+        unet = UNet2DConditionModel.from_config(clean_config(cfg["unet"]))
+        te1 = CLIPTextModel(CLIPTextConfig(**clean_config(cfg["text_encoder"])))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clean_config(cfg["text_encoder_2"])))
         vae = torch.nn.Linear(1, 1)
-    bundle = models_mod.ModelBundle(unet=unet, vae=vae, text_encoder=te1, tokenizer=None, noise_scheduler=None,
+    bundle = ModelBundle(unet=unet, vae=vae, text_encoder=te1, tokenizer=None, noise_scheduler=None,
                                     kind="sdxl", prediction_type="epsilon", resolution=1024, title="sdxl-meta",
                                     text_encoder_2=te2)
     sgm = _sgm_module_names(bundle)
-    spec = LoraSpec(**SPEC)
+    spec = LoraSpec(**SPEC, conv_rank=conv_rank)
     add_lora(bundle, spec)
     for module in (unet, te1, te2):
-        for _, layer in _lora_layers(module):
+        for _, layer in lora_layers(module):
             for ab in (layer.lora_A, layer.lora_B):
                 ab[ADAPTER].to_empty(device="cpu")
                 torch.nn.init.zeros_(ab[ADAPTER].weight)
@@ -197,20 +213,22 @@ def _openclip_name(hf_module: str) -> str:
     return f"transformer.resblocks.{m[1]}.{dict(sd_keys._OPENCLIP_LAYER)[m[2]]}.weight"
 
 
-def test_full_size_sdxl_keys_map_to_original_and_diffusers_layouts():
+# LoCon adds SDXL's 17 ResBlocks x (in_layers.2, out_layers.3, emb_layers.1) + 11 skip connections + 4 samplers
+@pytest.mark.parametrize("conv_rank,locon", [(0, 0), (4, 17 * 3 + 11 + 4)])
+def test_full_size_sdxl_keys_map_to_original_and_diffusers_layouts(conv_rank, locon):
     from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
                                                          _maybe_map_sgm_blocks_to_diffusers)
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, \
         convert_unet_state_dict_to_peft
 
-    bundle, spec, sgm = _full_size_bundle()
+    bundle, spec, sgm = _full_size_bundle(conv_rank)
     sd = kohya_state_dict(bundle, spec)
     kohya_modules = sorted({k.split(".")[0] for k in sd})
     by_part = {p: [m for m in kohya_modules if m.startswith(f"lora_{p}_")] for p in ("unet", "te1", "te2")}
     assert sum(map(len, by_part.values())) == len(kohya_modules)
     # SDXL: 70 transformer blocks x (4 + 4 attention + 2 ff) + 11 attentions x (proj_in, proj_out);
     # 12 + 32 CLIP layers x 4 attention projections
-    assert len(by_part["unet"]) == 70 * 10 + 11 * 2 == 722
+    assert len(by_part["unet"]) == 70 * 10 + 11 * 2 + locon == 722 + locon
     assert (len(by_part["te1"]), len(by_part["te2"])) == (12 * 4, 32 * 4)
 
     # 1. the original (SGM) layout: every name is a module of the full-size SDXL checkpoint
@@ -226,7 +244,7 @@ def test_full_size_sdxl_keys_map_to_original_and_diffusers_layouts():
     converted, alphas = _convert_non_diffusers_lora_to_diffusers(converted)   # raises on any leftover key
     peft_unet = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in converted.items()
                                                  if k.startswith("unet.")})
-    targets = {n for n, _ in _lora_layers(bundle.unet)}
+    targets = {n for n, _ in lora_layers(bundle.unet)}
     theirs_unet = {k.rsplit(".lora_", 1)[0] for k in peft_unet}
     unet_modules = dict(bundle.unet.named_modules())
     unmatched_diffusers = sorted(theirs_unet ^ targets) + [n for n in theirs_unet if n not in unet_modules]
@@ -238,7 +256,7 @@ def test_full_size_sdxl_keys_map_to_original_and_diffusers_layouts():
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
         names = {k.rsplit(".lora_", 1)[0] for k in state}
         modules = dict(module.named_modules())
-        unmatched_diffusers += sorted(names ^ {n for n, _ in _lora_layers(module)})
+        unmatched_diffusers += sorted(names ^ {n for n, _ in lora_layers(module)})
         unmatched_diffusers += [n for n in names if n not in modules]
     print(f"full-size SDXL LoRA: {len(kohya_modules)} modules ({len(by_part['unet'])} unet, "
           f"{len(by_part['te1'])} te1, {len(by_part['te2'])} te2), {len(sd)} tensors; "
@@ -253,5 +271,27 @@ def test_full_size_sdxl_keys_map_to_original_and_diffusers_layouts():
     assert sdxl_unet_module_path("up_blocks.0.attentions.2.proj_out", bundle.unet.config) == "output_blocks.2.1.proj_out"
     assert sdxl_unet_module_path("mid_block.attentions.0.transformer_blocks.9.ff.net.2", bundle.unet.config) \
         == "middle_block.1.transformer_blocks.9.ff.net.2"
+    for diffusers, sgm in (("down_blocks.0.resnets.1.conv1", "input_blocks.2.0.in_layers.2"),       # LoCon's layers
+                           ("down_blocks.1.downsamplers.0.conv", "input_blocks.6.0.op"),
+                           ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
+                           ("up_blocks.1.resnets.0.conv_shortcut", "output_blocks.3.0.skip_connection"),
+                           ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv")):
+        assert sdxl_unet_module_path(diffusers, bundle.unet.config) == sgm
     assert check_kohya(sd, {"ss_base_model_version": "sdxl_base_v1-0"})[-1].startswith("metadata missing")
     assert not [p for p in check_kohya(sd, {"ss_base_model_version": "sdxl_base_v1-0"}) if "module name" in p]
+
+
+def test_sdxl_locon_names_are_kohyas_sgm_resblock_and_sampler_layers(adapted_locon, tmp_path):
+    bundle, spec = adapted_locon
+    sd = kohya_state_dict(bundle, spec)
+    for name, kernel in (("lora_unet_input_blocks_1_0_in_layers_2", (3, 3)), ("lora_unet_input_blocks_3_0_op", (3, 3)),
+                         ("lora_unet_middle_block_2_out_layers_3", (3, 3)),
+                         ("lora_unet_output_blocks_2_2_conv", (3, 3)),
+                         ("lora_unet_output_blocks_0_0_skip_connection", (1, 1))):
+        assert tuple(sd[f"{name}.lora_down.weight"].shape[2:]) == kernel, name
+        assert float(sd[f"{name}.alpha"]) == (1.5 if kernel == (3, 3) else 2.0)
+    assert "lora_unet_middle_block_0_emb_layers_1.lora_down.weight" in sd
+    assert not any("resnets" in k or "samplers" in k for k in sd)           # SGM names only, as kohya-ss writes
+    info = inspect_lora(save_kohya_lora(tmp_path / "xl_locon.safetensors", bundle, spec, "xl_locon"))
+    assert info["compatible"], info["problems"]
+    assert (info["kind"], info["rank"], info["conv_rank"], info["conv_alpha"]) == ("sdxl", 4, 3, 1.5)

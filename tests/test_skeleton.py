@@ -136,6 +136,6 @@ def test_package_installs_only_the_library_with_all_its_data_files():
 
 def test_cli_kind_choices_are_the_model_kinds():
     from iddm_core.cli._common import KIND_CHOICES
-    from iddm_core.diffusion.models import KINDS
+    from iddm_core.diffusion.kinds import KINDS
 
     assert tuple(KIND_CHOICES) == tuple(KINDS)

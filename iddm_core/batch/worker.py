@@ -33,18 +33,22 @@ MAX_MESSAGE = 600
 # ------------------------------------------------------------------------------------------------- privacy
 def private_strings(photos) -> list[str]:
     """Every form in which the job's folder or photos could appear in a message: the folder as given and resolved,
-    its name, each file's path, name and stem (stems under 4 characters are left: they would mangle ordinary
-    words and numbers, and a name that short says little). Longest first."""
+    its name, each file's path and name, each image's stem (stems under 4 characters are left: they would mangle
+    ordinary words and numbers, and a name that short says little). The job's own settings file (iddm.json) is
+    not private: its stem would mangle every "iddm" in a message. Longest first."""
+    from ..images import IMAGE_EXTENSIONS
+    from .jobs import OVERRIDES_FILE
+
     folder = Path(photos)
-    found = {str(folder), folder.name}
+    found = {str(folder)} | ({folder.name} if len(folder.name) >= 4 else set())
     try:
         found.add(str(folder.resolve()))
-        files = list(folder.iterdir()) if folder.is_dir() else []
+        files = [f for f in folder.iterdir() if f.name != OVERRIDES_FILE] if folder.is_dir() else []
     except OSError:
         files = []
     for f in files:
         found.update((str(f), f.name))
-        if len(f.stem) >= 4:
+        if len(f.stem) >= 4 and f.suffix.lower() in IMAGE_EXTENSIONS:
             found.add(f.stem)
     return sorted((s for s in found if s and s not in (".", "/")), key=len, reverse=True)
 
@@ -53,7 +57,7 @@ def scrub(text: str, job_id: str, photos) -> str:
     """``text`` with the job's folder written as ``<photos of job ID>`` and each photo as ``<a photo>``; if any
     private form survives (say, in another spelling), the whole text is withheld."""
     strings = private_strings(photos)
-    folder_forms = {str(Path(photos)), Path(photos).name}
+    folder_forms = {str(Path(photos)), Path(photos).name}     # written as the job's folder, the rest as photos
     try:
         folder_forms.add(str(Path(photos).resolve()))
     except OSError:
@@ -110,16 +114,17 @@ def check_shared(spec: dict) -> None:
 class JobRunner:
     """Runs batch jobs one after another in this process, keeping one base model in host memory."""
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, device: str = "auto"):
         import torch
 
         if threads:
             torch.set_num_threads(int(threads))
+        self.device = device            # "cpu" for a worker given no GPU, even on a machine that has one
         self._base_key = None
         self._base = None
 
     def run(self, spec: dict) -> dict:
-        """Run one job (``spec``: runner.job_spec); returns a result dict, never raises (but a kill is a kill)."""
+        """Run one job (``spec``: made by runner.prepare); a result dict, never an exception (a kill is a kill)."""
         from ..memory import release_host_memory
 
         t0 = time.perf_counter()
@@ -132,19 +137,17 @@ class JobRunner:
         result["worker_time_s"] = round(time.perf_counter() - t0, 3)
         return result
 
-    def _bundle(self, settings: dict, device, mixed_precision: str):
-        """A fresh copy of the base model on ``device``; the base is loaded (on the host) only when it changes."""
-        from ..diffusion.models import load_model
-        from ..diffusion.precision import precision_for, weight_dtypes
+    def _bundle(self, settings: dict, device, dtypes: dict):
+        """A fresh copy of the base model on ``device``; the base is loaded (on the host, in the storage ``dtypes``
+        the job's runtime wants) only when it changes."""
+        from ..diffusion.loading import load_model
+        from ..memory import release_host_memory
 
-        dtypes = weight_dtypes(precision_for(device, mixed_precision))
         key = (settings["model"], settings.get("kind"), settings.get("tokenizer"),
                tuple(sorted((k, str(v)) for k, v in dtypes.items())))
         reused = key == self._base_key
         if not reused:
             self._base_key, self._base = None, None               # one base at a time: free the old one first
-            from ..memory import release_host_memory
-
             release_host_memory()
             self._base = load_model(settings["model"], kind=settings.get("kind"), tokenizer=settings.get("tokenizer"),
                                     device="cpu", weight_dtypes=dtypes)
@@ -152,12 +155,14 @@ class JobRunner:
         return copy.deepcopy(self._base).to(device), reused
 
     def _run(self, spec: dict) -> dict:
+        """``iddm train --resume`` (cli/iddm.py's cmd_train) for one job, minus its console output."""
         from ..cli._common import pick_device
         from ..cli.iddm import config_from_args
         from ..diffusion.fit import check_model_fits
-        from ..diffusion.models import validate_model
+        from ..diffusion.runtime import Runtime
+        from ..diffusion.validation import validate_model
         from ..protection.iddm import run_iddm
-        from ..protection.refs import check_identity, identity_note, load_private_refs
+        from ..protection.refs import load_private_refs
 
         check_shared(spec)
         settings = spec["settings"]
@@ -165,14 +170,11 @@ class JobRunner:
         info = validate_model(settings["model"], kind=settings.get("kind"), tokenizer=settings.get("tokenizer"))
         refs = load_private_refs(spec["photos"], config.resolution or info.resolution, seed=config.seed,
                                  n_reference=settings.get("n_reference"))
-        warnings = []
-        if refs.skipped:
-            warnings.append(f"no face found in {len(refs.skipped)} photo(s), not used")
-        if check_identity(refs) is not None and identity_note(refs, show_names=False):
-            warnings.append(identity_note(refs, show_names=False).removeprefix("warning: "))
-        device = pick_device("auto")
-        check_model_fits(info, device, config.mixed_precision)
-        bundle, reused = self._bundle(settings, device, config.mixed_precision)
+        warnings = _photo_warnings(refs)
+        device = pick_device(self.device)
+        runtime = Runtime.for_settings(config, device)             # what run_iddm decides from the same settings
+        check_model_fits(info, runtime)
+        bundle, reused = self._bundle(settings, device, runtime.weight_dtypes)
         try:
             result = run_iddm(bundle, refs, config, out_path=spec["out"], lora_name=spec["job_id"],
                               report_path=spec["report"], checkpoint_dir=spec["state_dir"], resume=True,
@@ -189,11 +191,23 @@ class JobRunner:
                 "warnings": [scrub(w, spec["job_id"], spec["photos"]) for w in warnings]}
 
 
+def _photo_warnings(refs) -> list[str]:
+    """What `iddm train` warns about the photos, naming photos by position, never by name."""
+    from ..protection.refs import check_identity, identity_note
+
+    warnings = []
+    if refs.skipped:
+        warnings.append(f"no face found in {len(refs.skipped)} photo(s), not used")
+    if check_identity(refs) is not None and identity_note(refs, show_names=False):
+        warnings.append(identity_note(refs, show_names=False).removeprefix("warning: "))
+    return warnings
+
+
 class BatchWorker:
     """The Ray actor (runner.py applies ``ray.remote`` with the job's CPUs and GPUs): one :class:`JobRunner`."""
 
-    def __init__(self, threads: int | None = None):
-        self.runner = JobRunner(threads)
+    def __init__(self, threads: int | None = None, device: str = "auto"):
+        self.runner = JobRunner(threads, device)
 
     def run(self, spec: dict) -> dict:
         return self.runner.run(spec)

@@ -31,7 +31,8 @@ VARIANTS = (("ASPL", {}), ("CAP fresh", {"cap": True, "ratio_probe": "fresh"}),
 
 def measure(bundle, photos, resolution: int, steps: int, seed: int, variants=VARIANTS) -> list[dict]:
     """One row per variant (the first is the reference of ``spread_vs_aspl``)."""
-    from ..protection.protect import ProtectConfig, measure_style_spread, run_protect, style_network
+    from ..protection.protect import ProtectConfig, run_protect
+    from ..protection.style import measure_style_spread, style_network
 
     net = style_network(bundle)
     clean_spread = measure_style_spread(net, photos)
@@ -61,8 +62,8 @@ def describe(row: dict) -> str:
 def run(args) -> int:
     import torch
 
-    from ..diffusion.models import load_model
-    from ..protection.protect import load_photos
+    from ..diffusion.loading import load_model
+    from ..protection.photo_files import load_photos
 
     from .. import FACES_DIR
 

@@ -37,7 +37,7 @@ def peak_rss_mib() -> float:
 
 
 def _random_configs(kind: str) -> dict:
-    from ..diffusion.models import shipped_configs
+    from ..diffusion.reading import shipped_configs
 
     return {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in shipped_configs(kind).items()}
 
@@ -47,7 +47,7 @@ def build_random_sd15():
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..diffusion.models import ModelBundle
+    from ..diffusion.bundle import ModelBundle
     from ..diffusion.tiny import build_tiny_tokenizer
 
     cfg = _random_configs("sd1")
@@ -64,7 +64,7 @@ def build_random_sdxl():
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..diffusion.models import ModelBundle
+    from ..diffusion.bundle import ModelBundle
     from ..diffusion.tiny import build_tiny_tokenizer
 
     cfg = _random_configs("sdxl")
@@ -106,8 +106,8 @@ def time_steps(bundle, resolution: int, steps: int, rank: int, precision: str = 
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     result = {"s_per_step": (time.perf_counter() - start) / steps, "peak_rss_mib": peak_rss_mib(),
-              "lora_params": sum(p.numel() for p in trainer.params), "precision": trainer.precision.name,
-              "checkpointing": trainer.checkpointing}
+              "lora_params": sum(p.numel() for p in trainer.params), "precision": trainer.runtime.precision.name,
+              "checkpointing": trainer.runtime.checkpointing}
     if bundle.device.type == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result

@@ -28,7 +28,15 @@ def register(sub) -> None:
 
     p = sub.add_parser("paper", help="no-defense DreamBooth vs IDDM at rho 0.1/0.3/0.5: FSR, ISM, BRISQUE, time",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--refs", required=True, help="folder with the user's photos (at least 3 with a face)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--refs", help="folder with the user's photos (at least 3 with a face)")
+    who.add_argument("--faces", metavar="CORPUS",
+                     help="a folder-per-identity corpus (e.g. ../shared/faces/congress): run every method per "
+                          "identity (its photos + mirror images) and print mean +- sd over identities, with R1/R5 "
+                          "against a gallery of every other corpus identity (bench/paper_corpus.py)")
+    p.add_argument("--identities", default=None,
+                   help="with --faces: 'test' (default: the demo model's held-out test identities), 'all', or ids")
+    p.add_argument("--max-identities", type=int, default=None, help="with --faces: at most this many identities")
     p.add_argument("--rhos", default="0.1,0.3,0.5", help="IDDM rho values (default 0.1,0.3,0.5)")
     p.add_argument("--K", type=int, default=2, help="IDDM outer iterations (default 2; paper 10)")
     p.add_argument("--T", type=int, default=4, help="PGD steps per iteration (default 4; paper 8)")
@@ -113,7 +121,7 @@ def parse_anti_db(text: str) -> list[str]:
 def protect_photos(args, refs, config, cap: bool, device):
     """Anti-DB: the photos perturbed by ASPL (+ CAP) against a fresh copy of the base model (its surrogate LoRA is
     dropped with it); returns the protected images at the training resolution."""
-    from ..diffusion.models import load_model
+    from ..diffusion.loading import load_model
     from ..protection.protect import ProtectConfig, run_protect
 
     surrogate = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device)
@@ -160,9 +168,9 @@ def run_method(name: str, args, clean, detector, rho: float | None, refs_cache: 
 
     from ..cli._common import pick_device
     from ..cli.evaluate import evaluate_bundle
-    from ..evaluation.evaluate import fidelity_report
+    from ..evaluation.metrics import fidelity_report
     from ..protection.iddm import run_iddm
-    from ..diffusion.models import load_model
+    from ..diffusion.loading import load_model
     from ..protection.refs import load_private_refs
 
     device = pick_device(args.device)
@@ -224,12 +232,16 @@ def cmd_paper(args) -> int:
     anti = parse_anti_db(args.anti_db)
     if args.out_json:
         check_writable(args.out_json, overwrite=True)
+    def methods(run_args, clean, detector, cache) -> list[dict]:     # every row, same seeds and budget
+        rows = [run_method(METHOD_BASELINE, run_args, clean, detector, None, cache)]
+        rows += [run_method(ANTI_DB[a], run_args, clean, detector, None, cache, anti_db=a) for a in anti]
+        rows += [run_method(f"IDDM rho={rho:g}", run_args, clean, detector, rho, cache) for rho in rhos]
+        return rows
+
+    if args.faces:
+        return corpus_table(args, methods)
     detector = get_detector("dlib")
-    clean = load_clean_refs(args.refs, detector)
-    cache: dict = {}
-    rows = [run_method(METHOD_BASELINE, args, clean, detector, None, cache)]
-    rows += [run_method(ANTI_DB[a], args, clean, detector, None, cache, anti_db=a) for a in anti]
-    rows += [run_method(f"IDDM rho={rho:g}", args, clean, detector, rho, cache) for rho in rhos]
+    rows = methods(args, load_clean_refs(args.refs, detector), detector, {})
     print(format_table(rows))
     print(rows[0]["judges"])
     warnings = sorted({w for r in rows for w in r["warnings"]})
@@ -239,4 +251,24 @@ def cmd_paper(args) -> int:
         settings = {k: getattr(args, k) for k in ("K", "T", "ft_steps", "n", "steps", "seed", "prompts")}
         settings["model"] = Path(args.model).name          # the file name only, as LoRA metadata names a base
         write_text_atomic(args.out_json, json.dumps({"settings": settings, "methods": rows}, indent=2))
+    return 0
+
+
+def corpus_table(args, methods) -> int:
+    """``--faces``: the table over identities (mean +- sd), each identity's own table, and the JSON."""
+    import json
+
+    from ..atomic import write_text_atomic
+    from .paper_corpus import format_aggregate, run_corpus
+
+    result = run_corpus(args, methods)
+    for identity, rows in result["per_identity"].items():
+        print(f"\n{identity}\n{format_table(rows)}")
+    print(f"\nmean +- sd over {len(result['identities'])} identities "
+          "(R1/R5: the user's rank among the gallery's identities, by each held-out judge)")
+    print(format_aggregate(result["table"]))
+    if args.out_json:
+        settings = {k: getattr(args, k) for k in ("K", "T", "ft_steps", "n", "steps", "seed", "prompts")}
+        settings["model"] = Path(args.model).name
+        write_text_atomic(args.out_json, json.dumps({"settings": settings, **result}, indent=2))
     return 0

@@ -62,7 +62,7 @@ def bench_images(resolution: int, n: int, offset: int = 0):
 
 
 def make_bundle(model: str, device):
-    from ..diffusion.models import load_model
+    from ..diffusion.loading import load_model
     from .finetune import RANDOM_MODELS
 
     for name, build in RANDOM_MODELS.values():
@@ -75,12 +75,12 @@ def measure_one(cfg: dict) -> dict:
     import torch
 
     from ..cli._common import pick_device
-    from ..training.finetune import encode_prompts
+    from ..training.conditioning import encode_prompts
     from ..diffusion.fit import GIB, available_bytes, cpu_memory_cap, is_out_of_memory
     from ..protection.iddm import build_ensemble
     from ..training.lora import LoraSpec, add_lora
     from ..protection.pgd import PGDConfig, pgd_two_stage
-    from ..diffusion.precision import precision_for
+    from ..diffusion.runtime import Runtime
     from .finetune import peak_rss_mib
 
     device = pick_device(cfg["device"])
@@ -92,7 +92,7 @@ def measure_one(cfg: dict) -> dict:
     ensemble.set_references(x_ref, lm_ref)
     with torch.no_grad():
         embeds = encode_prompts(bundle, ["a photo of sks person"]).detach()
-    precision = precision_for(device, cfg["precision"])
+    runtime = Runtime.decide(device, cfg["precision"], "yes" if cfg["checkpointing"] == "on" else "no")
     base_rss = peak_rss_mib()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -111,7 +111,7 @@ def measure_one(cfg: dict) -> dict:
     try:          # on the CPU an out-of-memory is an exception under the cap, not the kernel killing the child
         with cpu_memory_cap() if device.type == "cpu" else contextlib.nullcontext():
             pgd_two_stage(bundle, ensemble, x0, lm0, embeds, config, torch.Generator().manual_seed(0),
-                          on_step=on_step, precision=precision, checkpointing=cfg["checkpointing"] == "on")
+                          on_step=on_step, runtime=runtime)
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -120,7 +120,7 @@ def measure_one(cfg: dict) -> dict:
     times = [b[0] - a for a, b in zip([t0] + [s[0] for s in stamps[:-1]], stamps)]
     timed = times[cfg["warmup"]:]
     out = {**cfg, "s_per_step": sum(timed) / len(timed), "peak_rss_mib": peak_rss_mib(),
-           "base_rss_mib": base_rss, "precision_used": precision.name,
+           "base_rss_mib": base_rss, "precision_used": runtime.precision.name,
            "nonfinite": sum(s[1]["redone_fp32"] + s[1]["skipped"] for s in stamps)}
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -214,7 +214,8 @@ def run_quality(args) -> int:
     import torch
 
     from ..cli._common import pick_device
-    from ..training.finetune import encode_prompts, vae_posterior
+    from ..training.conditioning import encode_prompts
+    from ..training.latents import vae_posterior
     from ..protection.iddm import build_ensemble
     from ..protection.pgd import (PGDConfig, crop_support, cut_windows, decode_latents, face_windows, pgd_two_stage,
                        window_multiple)

@@ -10,7 +10,7 @@ recogniser it prints the ROC AUC, the equal error rate (EER) and its threshold, 
 
 Scores: the cosine of the L2-normalised embeddings (accept at or above the threshold), and for dlib also dlib's own
 rule, the Euclidean distance of its raw 128-D descriptors (accept at or below; dlib documents 0.6). The shipped
-match thresholds (``iddm_core.evaluation.evaluate.MATCH_THRESHOLDS``) are the 1 %-false-accept points this prints on the
+match thresholds (``iddm_core.evaluation.judges.MATCH_THRESHOLDS``) are the 1 %-false-accept points this prints on the
 congress corpus (docs/evaluation.md). Nothing printed names a photo or an identity.
 """
 from __future__ import annotations
@@ -180,7 +180,7 @@ def raw_descriptors(rec, photos, marks, device, batch: int = 32) -> np.ndarray:
 def cmd_verify(args) -> int:
     from ..cli._common import pick_device
     from ..errors import InputError
-    from ..evaluation.evaluate import gallery_layout
+    from ..evaluation.faces import gallery_layout
     from ..face.detect import get_detector
     from ..face.registry import default_search_dirs, discover, load_recognizer
 

@@ -85,7 +85,7 @@ def measure(make_bundle, resolution: int, args, device) -> dict:
     with torch.enable_grad():
         for _ in range(config.K):
             pgd_two_stage(bundle, ensemble, x_prot, lm_prot, trainer.prompt_embeds[0:1], config.pgd, gen,
-                          precision=trainer.precision, checkpointing=trainer.checkpointing)
+                          runtime=trainer.runtime)
     _sync(device)
     pgd = time.perf_counter() - t0
     return {"wall": wall, "finetune": ft, "pgd": pgd, "ratio": wall / (ft + pgd),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-# models.KINDS, spelled out so `--help` needs no torch import (test_skeleton checks they agree)
+# diffusion.kinds.KINDS, spelled out so `--help` needs no torch import (test_skeleton checks they agree)
 KIND_CHOICES = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
 
 

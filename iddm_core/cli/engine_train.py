@@ -19,6 +19,10 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank / network dim (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; strength scale is alpha/rank (default = rank)")
+    p.add_argument("--conv-rank", type=int, default=0,
+                   help="LoCon: also put LoRA on the UNet's ResBlock and down/upsampler convolutions with this rank "
+                        "(kohya conv_dim; default 0 = off)")
+    p.add_argument("--conv-alpha", type=float, default=None, help="LoCon alpha (kohya conv_alpha; default = conv rank)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--resolution", type=int, default=None,
                    help="training size in pixels, multiple of 8 (default: the model's native size)")
@@ -78,25 +82,27 @@ def cmd_finetune(args) -> int:
     import torch
 
     from ..training.finetune import DreamBoothTrainer, FinetuneConfig
-    from ..training.lora import LoraSpec, save_kohya_lora
+    from ..training.kohya import save_kohya_lora
+    from ..training.lora import LoraSpec
     from ..diffusion.fit import check_model_fits
-    from ..diffusion.models import load_model, validate_model
-    from ..diffusion.precision import precision_for, weight_dtypes
+    from ..diffusion.loading import load_model
+    from ..diffusion.validation import validate_model
+    from ..diffusion.runtime import Runtime
 
     spec = LoraSpec(rank=args.rank, alpha=args.alpha, include_proj=args.include_proj, include_ff=args.include_ff,
-                    train_text_encoder=args.train_text_encoder)
+                    train_text_encoder=args.train_text_encoder, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha)
     config = FinetuneConfig(instance_prompt=args.instance_prompt, class_prompt=args.class_prompt,
                             prior_preservation=not args.no_prior, num_class_images=args.num_class_images,
                             lr=args.lr, resolution=args.resolution, seed=args.seed)
     device = pick_device(args.device)
-    check_model_fits(validate_model(args.model, kind=args.kind, tokenizer=args.tokenizer), device,
-                     config.mixed_precision)
+    runtime = Runtime.for_settings(config, device)
+    check_model_fits(validate_model(args.model, kind=args.kind, tokenizer=args.tokenizer), runtime)
     bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device,
-                        weight_dtypes=weight_dtypes(precision_for(device, config.mixed_precision)))
+                        weight_dtypes=runtime.weight_dtypes)
     images = load_training_photos(args.refs, config.resolution or bundle.resolution)
     progress = ConsoleProgress()
     trainer = DreamBoothTrainer(bundle, spec, config, class_images=args.class_images,
-                                class_cache_dir=args.class_cache)
+                                class_cache_dir=args.class_cache, runtime=runtime)
     losses = trainer.train(images, args.steps, callback=progress)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
     save_kohya_lora(out, bundle, spec, output_name=out.stem, comment=args.comment, overwrite=args.overwrite,
@@ -106,7 +112,8 @@ def cmd_finetune(args) -> int:
 
 
 def format_report(info: dict) -> str:
-    lines = [f"kind: {info['kind']}", f"rank: {info['rank']}  alpha: {info['alpha']}  dtype: {info['dtype']}",
+    lines = [f"kind: {info['kind']}", f"rank: {info['rank']}  alpha: {info['alpha']}  dtype: {info['dtype']}"
+             + (f"  conv rank: {info['conv_rank']}  conv alpha: {info['conv_alpha']}" if info["conv_rank"] else ""),
              f"modules: unet {info['modules']['unet']}, text encoder {info['modules']['te']} "
              f"({info['tensors']} tensors, {info['size_bytes']} bytes)", "metadata:"]
     lines += [f"  {k}: {v}" for k, v in sorted(info["metadata"].items())]
@@ -116,7 +123,7 @@ def format_report(info: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from ..training.lora import inspect_lora
+    from ..training.kohya_check import inspect_lora
 
     info = inspect_lora(args.file)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_report(info))

@@ -91,7 +91,7 @@ def generate_for_prompts(bundle, prompts, n: int, seed: int, steps: int, guidanc
     import torch
 
     from ..events import Emitter
-    from ..training.finetune import generate_images
+    from ..training.sampling import generate_images
 
     emit = Emitter(callback, total=len(prompts))
     out, labels = [], []
@@ -116,13 +116,13 @@ def load_clean_refs(folder, detector, resolution: int = REF_RESOLUTION):
 
 def sheet_tiles(images, result: dict) -> list:
     """Generated images as uint8 tiles labelled with the first evaluation recogniser's similarity."""
-    from ..evaluation.evaluate import _uint8
-    from ..evaluation.leak_render import annotate, enlarge, label_text, verdict_color
+    from ..evaluation.faces import uint8_images as _uint8
+    from ..evaluation.leak_render import annotate, enlarge, label_text, match_color
 
     name = result["eval_recognizers"][0]
-    entry = result["recognizers"][name]
-    return [annotate(enlarge(rgb), label_text(s, name), verdict_color(s, entry["threshold"]))
-            for rgb, s in zip(_uint8(images), entry["similarity"])]
+    entry = result["recognizers"][name]      # red where the judge's own rule matched (dlib: distance <= 0.6)
+    return [annotate(enlarge(rgb), label_text(s, name), match_color(m))
+            for rgb, s, m in zip(_uint8(images), entry["similarity"], entry["matched"])]
 
 
 def write_outputs(result: dict, images, n_columns: int, json_path, sheet_path=None, overwrite: bool = False) -> None:
@@ -155,7 +155,7 @@ def run_surrogates(args) -> list[str]:
     lora = getattr(args, "lora", None)
     if lora:
         from ..protection.iddm import surrogates_from_comment
-        from ..training.lora import read_lora_metadata
+        from ..training.kohya_check import read_lora_metadata
 
         named = surrogates_from_comment(read_lora_metadata(lora).get("ss_training_comment", ""))
         if named:
@@ -182,7 +182,7 @@ def evaluate_bundle(bundle, clean, args, callback=None) -> tuple[dict, "torch.Te
 def cmd_evaluate(args) -> int:
     from ..atomic import check_writable
     from ..face.detect import get_detector
-    from ..diffusion.models import load_model
+    from ..diffusion.loading import load_model
     from ._common import ConsoleProgress, pick_device
 
     check_generation_args(args)

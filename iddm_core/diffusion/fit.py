@@ -112,15 +112,15 @@ def check_weights_fit(parameter_counts: dict, dtypes: dict, device, what: str) -
             + ".")
 
 
-def advice(batch: int, gradient: str | None, precision_name: str, checkpointing: bool, resolution: int) -> list[str]:
+def advice(batch: int, gradient: str | None, runtime, resolution: int) -> list[str]:
     """What would lower memory, given what is already set (most effective first). ``gradient``: IDDM's PGD gradient
-    mode, None for attacks that have none (protect)."""
+    mode, None for attacks that have none (protect); ``runtime``: the run's runtime.Runtime."""
     tips = []
     if batch > 1:
         tips.append("pgd_batch 1")
-    if not checkpointing:
+    if not runtime.checkpointing:
         tips.append("gradient checkpointing on (--checkpointing yes)")
-    if precision_name == "fp32":
+    if runtime.precision.name == "fp32":
         tips.append("mixed precision (--precision auto on a GPU)")
     if gradient in ("full", "sds"):
         tips.append("gradient 'fast' (Stage II on a window around the face)")
@@ -137,26 +137,23 @@ def memory_text(device) -> str:
     return "" if have is None else f" ({have / GIB:.1f} GiB of RAM + swap were available before the trial)"
 
 
-def check_model_fits(info, device, precision_mode: str = "auto") -> None:
-    """:func:`check_weights_fit` for a ``models.ModelInfo`` as ``load_model`` will store it on ``device`` under
-    the precision policy (``precision.weight_dtypes``)."""
-    from .precision import precision_for, weight_dtypes
-
-    check_weights_fit(info.parameters, weight_dtypes(precision_for(device, precision_mode)), device,
-                      f"the model {info.title!r} ({info.kind})")
+def check_model_fits(info, runtime) -> None:
+    """:func:`check_weights_fit` for a ``models.ModelInfo`` as ``load_model`` will store it on the device of
+    ``runtime`` (a runtime.Runtime) in its ``weight_dtypes``."""
+    check_weights_fit(info.parameters, runtime.weight_dtypes, runtime.device, f"the model {info.title!r} ({info.kind})")
 
 
-def check_fits(trial_finetune, trial_pgd, batch: int, gradient: str | None, precision_name: str,
-               checkpointing: bool, resolution: int, device, pgd_step: str = "a Stage II PGD step",
-               callback=None) -> None:
-    """Run the two trial steps; raise InputError with advice if either runs out of memory. ``batch``/``gradient``:
-    the PGD micro-batch and gradient mode in effect (None: the attack has no modes); ``pgd_step`` names the second
-    trial in the message. ``callback(Event)``: a ``"setup"`` event (stage ``"trial"``) before each trial, which
-    may raise to cancel (events.report_setup)."""
+def check_fits(trial_finetune, trial_pgd, runtime, batch: int, gradient: str | None, resolution: int,
+               pgd_step: str = "a Stage II PGD step", callback=None) -> None:
+    """Run the two trial steps on ``runtime.device``; raise InputError with advice if either runs out of memory.
+    ``batch``/``gradient``: the PGD micro-batch and gradient mode in effect (None: the attack has no modes);
+    ``pgd_step`` names the second trial in the message. ``callback(Event)``: a ``"setup"`` event (stage
+    ``"trial"``) before each trial, which may raise to cancel (events.report_setup)."""
     from ..events import report_setup
 
+    device = runtime.device
     before = memory_text(device)
-    on_cpu = torch.device(device).type == "cpu"
+    on_cpu = device.type == "cpu"
     for what, trial in (("a fine-tune step", trial_finetune), (pgd_step, trial_pgd)):
         report_setup(callback, "trial", f"trial step (will it fit in memory?): {what}")
         try:
@@ -165,16 +162,16 @@ def check_fits(trial_finetune, trial_pgd, batch: int, gradient: str | None, prec
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
-            if torch.device(device).type == "cuda":
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
-            tips = advice(batch, gradient, precision_name, checkpointing, resolution)
+            tips = advice(batch, gradient, runtime, resolution)
             mode = f", gradient {gradient}" if gradient is not None else ""
             raise InputError(
                 f"not enough memory for these settings: {what} ran out of memory at {resolution}px, "
-                f"pgd_batch {batch}, precision {precision_name}, checkpointing "
-                f"{'on' if checkpointing else 'off'}{mode}{before}. Nothing was trained. "
+                f"pgd_batch {batch}, precision {runtime.precision.name}, checkpointing "
+                f"{'on' if runtime.checkpointing else 'off'}{mode}{before}. Nothing was trained. "
                 + (f"Try: {'; '.join(tips)}." if tips else "")) from None
-    if torch.device(device).type == "cuda":
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
 

@@ -67,6 +67,7 @@ def check_setting(setting: str) -> str:
 
 
 def use_checkpointing(setting: str, device) -> bool:
-    """"auto" = on for CUDA (memory is the limit there), off on CPU (it costs ~30% time); "yes" / "no"."""
+    """"auto" = on for CUDA (memory is the limit there), off elsewhere (it costs ~30% time); "yes" / "no".
+    A run asks once, through runtime.Runtime.decide."""
     check_setting(setting)
     return setting == "yes" or (setting == "auto" and torch.device(device).type == "cuda")

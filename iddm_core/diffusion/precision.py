@@ -100,11 +100,16 @@ def weight_dtypes(precision: Precision) -> dict:
     return {part: precision.dtype for part in FROZEN_HALF_PARTS}
 
 
-def precision_for(device, mode: str = "auto") -> Precision:
-    """:func:`choose_precision` for a real ``torch.device`` (reads the CUDA capability)."""
+def cuda_capability(device) -> Optional[tuple]:
+    """The CUDA compute capability of ``device`` (e.g. (8, 6)); None for any other device."""
     device = torch.device(device)
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return choose_precision(device.type, capability, mode)
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def precision_for(device, mode: str = "auto") -> Precision:
+    """:func:`choose_precision` for a real ``torch.device``: the precision alone, for code that has no run (a run
+    decides its whole :class:`~.runtime.Runtime` once instead)."""
+    return choose_precision(torch.device(device).type, cuda_capability(device), mode)
 
 
 class LossScale:

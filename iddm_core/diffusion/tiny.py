@@ -27,6 +27,11 @@ from ..requirements_check import require  # noqa: E402
 
 require("diffusers")   # a diffusers that cannot import with this torch fails here, naming the fix
 
+from ..atomic import check_writable  # noqa: E402
+from .bundle import ModelBundle  # noqa: E402
+from .kinds import KINDS, SDXL_KINDS  # noqa: E402
+from .writing import save_diffusers, save_single_file  # noqa: E402
+
 TINY_RESOLUTION = 64
 TINY_TITLE = "tiny"
 TINY_SDXL_TITLE = "tiny-sdxl"
@@ -250,8 +255,6 @@ def build_tiny_sdxl_bundle(seed: int = 0, kind: str = "sdxl"):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import ModelBundle
-
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
     tokenizer_2.pad_token = "!"
     n = len(tokenizer)
@@ -272,9 +275,7 @@ def build_tiny_sdxl_bundle(seed: int = 0, kind: str = "sdxl"):
 
 
 def build_tiny_bundle(seed: int = 0, kind: str = "sd1"):
-    """The tiny model as a :class:`~iddm_core.diffusion.models.ModelBundle` (float32, CPU; SD1-shaped by default)."""
-    from .models import KINDS, SDXL_KINDS, ModelBundle
-
+    """The tiny model as a :class:`~iddm_core.diffusion.bundle.ModelBundle` (float32, CPU; SD1-shaped by default)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     if kind in SDXL_KINDS:
@@ -290,14 +291,11 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, kind: str = "sd1
     """Write the tiny model as ``out_dir/tiny`` (diffusers folder) and ``out_dir/tiny.safetensors``.
 
     The single file uses the original SD key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.diffusion.models.bundle_to_original`. Both are
+    ``cond_stage_model.transformer.*``), produced by :func:`iddm_core.diffusion.writing.bundle_to_original`. Both are
     written to temporary names and renamed at the end, so a failure leaves nothing half-written.
     ``kind="sdxl"``: the tiny SDXL model as ``out_dir/tiny-sdxl`` (with tokenizer/ and tokenizer_2/) and
     ``out_dir/tiny-sdxl.safetensors`` (SGM layout: ``conditioner.embedders.0/1``).
     """
-    from ..atomic import check_writable
-    from .models import save_single_file, save_diffusers
-
     if kind not in ("sd1", "sdxl"):
         raise ValueError(f"kind={kind!r}: the tiny model is written as 'sd1' or 'sdxl'")
     title = TINY_SDXL_TITLE if kind == "sdxl" else TINY_TITLE

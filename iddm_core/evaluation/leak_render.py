@@ -14,10 +14,14 @@ RED, GREEN, GREY = (200, 40, 40), (30, 150, 60), (110, 110, 110)
 MIN_TILE = 128          # tiles are enlarged (nearest) to at least this size so labels stay readable
 
 
+def match_color(matched: Optional[bool]) -> tuple[int, int, int]:
+    """Red: recognised as the user; green: not; grey: no face."""
+    return GREY if matched is None else RED if matched else GREEN
+
+
 def verdict_color(similarity: Optional[float], threshold: float) -> tuple[int, int, int]:
-    if similarity is None:
-        return GREY
-    return RED if similarity >= threshold else GREEN
+    """The colour of a cosine ``similarity`` against a cosine ``threshold``."""
+    return match_color(None if similarity is None else similarity >= threshold)
 
 
 def label_text(similarity: Optional[float], name: str = "") -> str:
@@ -67,9 +71,10 @@ def contact_sheet(tiles: Sequence[np.ndarray], columns: int, gap: int = 4) -> np
 
 
 def bar_chart(values: Sequence[Optional[float]], threshold: float, title: str = "",
-              width: int = 512, height: int = 256) -> np.ndarray:
+              width: int = 512, height: int = 256, matched: Optional[Sequence[Optional[bool]]] = None) -> np.ndarray:
     """One bar per image (cosine similarity on a fixed [-0.2, 1] axis), a dashed threshold line, grey stubs
-    for images without a face. Returns uint8 H x W x 3."""
+    for images without a face. ``matched``: each bar's verdict when a rule other than the cosine threshold decides
+    (dlib's distance); by default a bar at or above the threshold is red. Returns uint8 H x W x 3."""
     from PIL import Image, ImageDraw
 
     lo, hi = -0.2, 1.0
@@ -94,7 +99,7 @@ def bar_chart(values: Sequence[Optional[float]], threshold: float, title: str = 
             draw.rectangle([x0, y_of(0.0) - 2, x1, y_of(0.0) + 2], fill=GREY)
         else:
             draw.rectangle([x0, min(y_of(v), y_of(0.0)), x1, max(y_of(v), y_of(0.0))],
-                           fill=verdict_color(v, threshold))
+                           fill=verdict_color(v, threshold) if matched is None else match_color(matched[i]))
         if n <= 32:
             draw.text((x0, bottom + 3), str(i), fill=(60, 60, 60), font=font)
     yt = y_of(threshold)

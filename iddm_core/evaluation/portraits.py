@@ -47,15 +47,16 @@ def check_sampling(count: int, steps: int, guidance: float) -> None:
         raise InputError(f"guidance={guidance}: must be 0 or more")
 
 
+# 9 parameters: the sampler's settings, each with a default, as the Portraits node and the tab pass them.
 def portraits(bundle, prompt: str, count: int, seed: int = 0, steps: int = 25, guidance: float = 5.0,
               lora=None, callback=None, batch: int = 4):
     """``count`` images ``[count, 3, H, W]`` in [0, 1] of ``prompt`` from ``bundle`` with the kohya LoRA file
     ``lora`` applied in place (None: the base model as it is), deterministic DDIM from ``seed`` (the same images
-    as :func:`~iddm_core.training.finetune.generate_images` with that seed). ``callback`` gets an event before the LoRA is
+    as :func:`~iddm_core.training.sampling.generate_images` with that seed). ``callback`` gets an event before the LoRA is
     applied (a setup event) and after each batch; it may raise to cancel."""
     import torch
 
-    from ..training.finetune import generate_image_batches
+    from ..training.sampling import generate_image_batches
 
     check_sampling(count, steps, guidance)
     emit = Emitter(callback, total=count)

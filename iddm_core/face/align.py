@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .landmarks import arcface_points, check_landmarks
+
 # The usual ArcFace / insightface 5-point template for a 112 x 112 crop, in LANDMARK_NAMES order (x, y).
 ARCFACE_TEMPLATE_112 = np.array(
     [[38.2946, 51.6963],
@@ -76,9 +78,10 @@ def warp_to_template(images: torch.Tensor, landmarks: torch.Tensor, template, si
 
     images [N, 3, H, W] in [0, 1]; landmarks [N, 5, 2] in those images' pixel coordinates (pixel centres at
     integers, as detectors and OpenCV report them), or [N, 10, 2] with dlib's parts after them (ignored here).
-    Sampling is bilinear, so the crop is a linear function of the pixels and gradients reach ``images``. Outside the photo the crop is black (``padding_mode="zeros"``): that
-    is what insightface's ``cv2.warpAffine`` and dlib's chip extractor give the recognisers at training time;
-    ``"border"`` (edge replication) is available for photos cropped tightly around the face.
+    Sampling is bilinear, so the crop is a linear function of the pixels and gradients reach ``images``. Outside
+    the photo the crop is black (``padding_mode="zeros"``): that is what insightface's ``cv2.warpAffine`` and
+    dlib's chip extractor give the recognisers at training time; ``"border"`` (edge replication) is available for
+    photos cropped tightly around the face.
     The warp runs in float32 even under autocast: half precision coordinates are off by whole pixels on large
     photos.
     """
@@ -86,8 +89,6 @@ def warp_to_template(images: torch.Tensor, landmarks: torch.Tensor, template, si
 
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"warp_to_template: images must be [N, 3, H, W], got {tuple(images.shape)}")
-    from .base import arcface_points, check_landmarks
-
     landmarks = torch.as_tensor(landmarks, device=images.device)
     if landmarks.dim() == 2:
         landmarks = landmarks.unsqueeze(0)

@@ -1,4 +1,7 @@
-"""The two contracts the face stack is built on: a detected :class:`Face` and a :class:`Recognizer` module."""
+"""The two contracts the face stack is built on: a detected :class:`Face` and a :class:`Recognizer` module.
+
+The landmark conventions both rely on (point order, [N, 5 | 10, 2] layouts) are in face/landmarks.py.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,22 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Landmark order used everywhere in this package (the ArcFace / insightface order), in image pixel coords (x, y):
-# 0 left eye, 1 right eye, 2 nose tip, 3 left mouth corner, 4 right mouth corner — "left" meaning the image's left.
-LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-
-# Landmark tensors are [N, 5, 2] (the ArcFace points above) or [N, 10, 2]: the ArcFace points, then the 5 parts of
-# dlib's 5-point shape predictor (image-right eye outer/inner corner, image-left eye outer/inner corner, nose
-# base) when the detector has them. Only dlib's recogniser uses the extra parts (it cuts dlib's own chip from them,
-# face/dlib_chip.py); every other consumer reads the first 5 points (:func:`arcface_points`).
-ARCFACE_POINTS = 5
-WITH_DLIB_PARTS = 10
+from .align import warp_to_template
 
 
 @dataclass
 class Face:
     box: tuple[float, float, float, float]   # x0, y0, x1, y1 in pixels
-    landmarks: np.ndarray                     # [5, 2] float32, LANDMARK_NAMES order
+    landmarks: np.ndarray                     # [5, 2] float32, landmarks.LANDMARK_NAMES order
     score: float = 1.0
     dlib_parts: np.ndarray | None = None      # [5, 2] float32, dlib's 5-point shape parts (dlib detector only)
 
@@ -43,25 +37,6 @@ class Face:
         return np.concatenate([self.landmarks, self.dlib_parts]).astype(np.float32)
 
 
-def check_landmarks(landmarks, n: int | None = None) -> None:
-    """ValueError unless ``landmarks`` is [n, 5, 2] or [n, 10, 2] (``n`` unchecked when None)."""
-    shape = tuple(landmarks.shape)
-    ok = len(shape) == 3 and shape[1] in (ARCFACE_POINTS, WITH_DLIB_PARTS) and shape[2] == 2
-    if not ok or (n is not None and shape[0] != n):
-        want = "N" if n is None else n
-        raise ValueError(f"landmarks must be [{want}, 5, 2] or [{want}, 10, 2], got {shape}")
-
-
-def arcface_points(landmarks):
-    """The ArcFace-order points [N, 5, 2] of a landmark tensor [N, 5 or 10, 2]."""
-    return landmarks[:, :ARCFACE_POINTS]
-
-
-def dlib_parts(landmarks):
-    """dlib's 5 shape parts [N, 5, 2] of a landmark tensor, or None when it has only the ArcFace points."""
-    return landmarks[:, ARCFACE_POINTS:] if landmarks.shape[1] == WITH_DLIB_PARTS else None
-
-
 class Recognizer(torch.nn.Module):
     """A differentiable face recogniser.
 
@@ -78,10 +53,8 @@ class Recognizer(torch.nn.Module):
         raise NotImplementedError
 
     def align(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """images [N, 3, H, W] in [0, 1], landmarks [N, 5, 2] (or [N, 10, 2], see :func:`dlib_parts`; the first 5
-        are used) in those images' pixels -> crops [N, 3, s, s]."""
-        from .align import warp_to_template
-
+        """images [N, 3, H, W] in [0, 1], landmarks [N, 5, 2] (or [N, 10, 2], see :func:`.landmarks.dlib_parts`;
+        the first 5 are used) in those images' pixels -> crops [N, 3, s, s]."""
         return warp_to_template(images, landmarks, self.template, self.input_size)
 
     def embed(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:

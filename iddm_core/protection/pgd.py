@@ -10,7 +10,8 @@ opposite sign, on purpose. x0_hat is the VAE-decoded one-step clean prediction f
 Memory and precision (see docs/DESIGN.md, "PGD at real size"):
 - X0 is processed in micro-batches of ``PGDConfig.batch`` images. Every image owns a random stream (its VAE
   posterior noise, t and eps), so X' is the same whatever the micro-batch size.
-- Activation checkpointing (grad_checkpoint.py) and the precision policy (precision.py) are passed in.
+- Activation checkpointing (grad_checkpoint.py) and the precision policy (precision.py) are passed in, as the
+  run's diffusion.runtime.Runtime.
 - A micro-batch whose gradient is not finite is redone in fp32 with the same noise, and skipped (left as it
   was) if it is still not finite; each case is counted in the step record. X' never becomes NaN.
 
@@ -27,16 +28,20 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 from ..face.attack import sign_pgd_step
-from ..training.finetune import unet_conditioning, vae_posterior
+from ..face.transfer import Draws, TransferOptions, steer
+from ..face.transfer import draw as draw_transfer
+from ..training.conditioning import unet_conditioning
+from ..training.latents import vae_posterior
 from ..diffusion.grad_checkpoint import activation_checkpointing
 from ..diffusion.precision import FP32_CPU, LossScale, Precision, all_finite
+from ..diffusion.runtime import FP32, Runtime
 
 STAGE_REC = "rec"
 STAGE_ID = "id"
@@ -54,6 +59,8 @@ class PGDConfig:
     gradient: str = "full"  # full (paper) | sds | face | fast (= face + sds)
     batch: int = 1          # micro-batch: protected images per forward/backward pass (memory ~ batch, not N)
     face_margin: int = 32   # face mode: pixels added around the recognisers' crops (VAE receptive field)
+    # Stage II transfer options (momentum, crop diversity, landmark jitter, smoothing; face/transfer.py), all off
+    transfer: TransferOptions = field(default_factory=TransferOptions)
 
     def validate(self) -> "PGDConfig":
         if not isinstance(self.T, int) or self.T < 1:
@@ -72,6 +79,9 @@ class PGDConfig:
             raise InputError(f"pgd_batch={self.batch!r} must be an integer >= 1 (1 = least memory)")
         if not isinstance(self.face_margin, int) or self.face_margin < 0:
             raise InputError(f"face_margin={self.face_margin!r} must be an integer >= 0 (pixels)")
+        if not isinstance(self.transfer, TransferOptions):
+            raise InputError(f"transfer={self.transfer!r} must be a TransferOptions (face/transfer.py)")
+        self.transfer.validate()
         return self
 
     @property
@@ -161,18 +171,20 @@ def one_step_clean(z_t: torch.Tensor, model_out: torch.Tensor, alpha_bar: torch.
 
 def unet_predict(bundle, z_t: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
     """UNet output in float32; inputs cast to the UNet's dtype (a half-precision bundle works without autocast).
-    ``embeds``: hidden states, or for SDXL a finetune.SDXLConditioning (pooled text embedding and time ids too)."""
+    ``embeds``: hidden states, or for SDXL a conditioning.SDXLConditioning (pooled text embedding and time ids too)."""
     dtype = next(bundle.unet.parameters()).dtype
     return bundle.unet(z_t.to(dtype), t, **unet_conditioning(embeds, dtype)).sample.float()
 
 
 @dataclass
 class Noise:
-    """The random draws of one PGD step for a micro-batch: posterior noise, timesteps, diffusion noise."""
+    """The random draws of one PGD step for a micro-batch: posterior noise, timesteps, diffusion noise, and in
+    Stage II the transfer options' landmark jitter and crop transforms (None when those are off)."""
 
     posterior: torch.Tensor
     t: torch.Tensor
     eps: torch.Tensor
+    transfer: Draws | None = None
 
     @classmethod
     def draw(cls, gens, latent_shape, n_train: int, t_max: float, device) -> "Noise":
@@ -298,18 +310,22 @@ def cut_windows(x: torch.Tensor, side: int, corners) -> torch.Tensor:
 # ---- one gradient ---------------------------------------------------------------------------------------------
 
 def _stage_loss(bundle, ensemble, x, landmarks, embeds, stage, noise, config, precision, predict_clean, window):
-    """(loss to differentiate, loss value, {recogniser: similarities [n]}) for one micro-batch."""
+    """(loss to differentiate, loss value, ({recogniser: similarities [n]}, {recogniser: weights [n]})) for one
+    micro-batch (both empty in Stage I)."""
     if stage == STAGE_REC:
         loss, value = rec_loss(bundle, x, embeds, noise, precision, sds=config.sds)
-        return loss, value, {}
+        return loss, value, ({}, {})
     if window is not None:
         side, corners = window
         x = cut_windows(x, side, corners)
         offsets = torch.tensor([[c[1], c[0]] for c in corners], dtype=landmarks.dtype, device=landmarks.device)
         landmarks = landmarks - offsets.unsqueeze(1)
     x0_hat = predict_clean(bundle, x, embeds, noise, precision, config.sds)
-    loss, sims = ensemble(x0_hat.float(), landmarks)
-    return loss, loss.detach(), sims
+    if not hasattr(ensemble, "identity_loss"):     # any (images, landmarks) -> (loss, similarities), e.g. a stand-in
+        loss, sims = ensemble(x0_hat.float(), landmarks)
+        return loss, loss.detach(), (sims, {})
+    out = ensemble.identity_loss(x0_hat.float(), landmarks, noise.transfer)
+    return out.loss, out.loss.detach(), (out.similarity, out.weights)
 
 
 def _gradient(compute, x, precision: Precision, scale: LossScale):
@@ -325,9 +341,11 @@ def _gradient(compute, x, precision: Precision, scale: LossScale):
 
 # ---- the two-stage attack ------------------------------------------------------------------------------------
 
+# 11 parameters: the attack's inputs (model, recognisers, photos, landmarks, prompt, settings, noise), then
+# optional keywords (progress, the run's runtime, a test's stand-in, IDDM's starting point)
 def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, embeds,
-                  config: PGDConfig, generator: torch.Generator, on_step=None, precision: Precision | None = None,
-                  checkpointing: bool = False, predict_clean=None, x_init: torch.Tensor | None = None) -> torch.Tensor:
+                  config: PGDConfig, generator: torch.Generator, on_step=None, runtime: Runtime | None = None,
+                  predict_clean=None, x_init: torch.Tensor | None = None) -> torch.Tensor:
     """Run T sign-PGD steps on the protected images ``x0`` (in micro-batches of ``config.batch``) and return X'.
 
     ``x_init`` (default ``x0``) is where the steps start: IDDM passes the previous iteration's X' ("X0 <- X'"),
@@ -335,14 +353,16 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
     growing by eta per outer iteration (the same choice as Anti-DreamBooth's ASPL).
 
     ``ensemble`` is a FaceEnsembleLoss whose references are already set; ``landmarks`` are those of the clean x0.
-    ``embeds`` are the instance-prompt embeddings (batch 1 or N); for SDXL a finetune.SDXLConditioning (its time ids
+    ``embeds`` are the instance-prompt embeddings (batch 1 or N); for SDXL a conditioning.SDXLConditioning (its time ids
     are the training resolution's, also for a face window). ``on_step(record)`` is called after every step
-    with {t, stage, loss, similarity, linf, redone_fp32, skipped}; it may raise to cancel.
+    with {t, stage, loss, similarity, weights (Stage II), linf, redone_fp32, skipped}; it may raise to cancel.
     ``predict_clean(bundle, x, embeds, noise, precision, sds)`` replaces the one-step clean prediction (default
-    :func:`predict_clean_image`; tests use x0_hat := x'). ``precision`` defaults to fp32.
+    :func:`predict_clean_image`; tests use x0_hat := x'). ``runtime`` (diffusion.runtime.Runtime: precision and
+    activation checkpointing) defaults to fp32 without checkpointing.
     """
     predict_clean = predict_clean or predict_clean_image
-    precision = precision or FP32_CPU
+    runtime = runtime or FP32
+    precision = runtime.precision
     config.validate()
     x0 = x0.detach()
     x = (x0 if x_init is None else x_init.detach()).clone()
@@ -359,10 +379,12 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
         for lo in range(0, n, config.batch):
             windows[lo] = face_windows(support[lo:lo + config.batch], config.face_margin, window_multiple(bundle))
     scale = LossScale(precision.scales_loss)
-    with attacking(bundle, checkpointing):
+    velocity = torch.zeros_like(x) if config.transfer.momentum > 0 else None     # MI-FGSM, Stage II steps only
+    with attacking(bundle, runtime.checkpointing):
         for t in range(1, config.T + 1):
             stage = config.stage(t)
-            values, sims, counts = [], {}, {"redone_fp32": 0, "skipped": 0}
+            transfer = config.transfer if stage == STAGE_ID else None
+            values, sims, weights, counts = [], {}, {}, {"redone_fp32": 0, "skipped": 0}
             for lo in range(0, n, config.batch):
                 sl = slice(lo, min(n, lo + config.batch))
                 part_gens = gens[sl]
@@ -371,6 +393,7 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
                 shape = _latent_shape(bundle, part_window[0], part_window[0]) if part_window else latent_shape
                 noise = Noise.draw(part_gens, shape, n_train,
                                    config.id_t_max if stage == STAGE_ID else 1.0, x.device)
+                noise.transfer = draw_transfer(transfer, part_gens, landmarks.shape[1])
 
                 def compute(xb, sl=sl, noise=noise, part_window=part_window, precision_=precision):
                     return _stage_loss(bundle, ensemble, xb, landmarks[sl], embeds[sl], stage, noise, config,
@@ -387,17 +410,24 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
                 if grad is None:
                     counts["skipped"] += 1
                 else:
+                    grad = steer(grad, transfer, None if velocity is None else velocity[sl])
                     x[sl] = sign_pgd_step(x0[sl], x[sl], grad, config.alpha, config.eta)
                 values.append(float(value) * (sl.stop - sl.start))
-                for name, s in part_sims.items():
-                    sims.setdefault(name, []).append(s.detach().float())
+                for into, got in zip((sims, weights), part_sims):
+                    for name, v in got.items():
+                        into.setdefault(name, []).append(v.detach().float())
             if on_step is not None:
                 on_step({
                     "t": t, "stage": stage, "loss": sum(values) / n,
-                    "similarity": {name: float(torch.cat(v).mean()) for name, v in sims.items()},
+                    "similarity": _means(sims), **({"weights": _means(weights)} if weights else {}),
                     "linf": float((x - x0).abs().max()), **counts,
                 })
     return x.detach()
+
+
+def _means(parts: dict) -> dict:
+    """{name: [tensors]} -> {name: mean over all of them}."""
+    return {name: float(torch.cat(v).mean()) for name, v in parts.items()}
 
 
 def _fp32(precision: Precision) -> Precision:

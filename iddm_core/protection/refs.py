@@ -105,6 +105,8 @@ def prepare_photos(photos: list[Photo], resolution: int, detector, crop_factor: 
     return torch.stack(images), torch.stack(landmarks), names, skipped
 
 
+# 9 parameters: the photo folder's options (split, framing, faceless photos), each with a default, which the
+# CLI, the nodes, the tab and the batch worker pass by name.
 def load_private_refs(folder: str | os.PathLike, resolution: int, detector=None, seed: int = 0,
                       n_reference: int | None = None, reference_files: list[str] | None = None,
                       protect_files: list[str] | None = None, crop_factor: float = DEFAULT_CROP_FACTOR,
@@ -125,6 +127,7 @@ def load_private_refs(folder: str | os.PathLike, resolution: int, detector=None,
                             crop_factor, skip_faceless=skip_faceless, source=str(folder))
 
 
+# 10 parameters: load_private_refs's, for photos already in memory, plus the folder named in errors.
 def refs_from_photos(photos: list[Photo], resolution: int, detector, seed: int = 0, n_reference: int | None = None,
                      reference_files: list[str] | None = None, protect_files: list[str] | None = None,
                      crop_factor: float = DEFAULT_CROP_FACTOR, skip_faceless: bool = True,

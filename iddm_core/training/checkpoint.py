@@ -13,12 +13,16 @@ every RNG state and the report so far. So:
   of the weight files of a diffusers folder; else of the loaded weights), the photo set, its split into Xc / X0
   (pixels + landmarks of each image, in order), the class images and every setting. Resuming with any part
   different is refused before any work, naming the parts (:class:`StateMismatch`).
+
+A run holds its state as a :class:`RunState` (IDDM's loop in protection/iddm.py, protect's in protection/protect.py):
+opened before any work, saved after every finished unit (an IDDM iteration, a protect round), cleared after success.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +34,9 @@ FORMAT_VERSION = 2
 PARTS = ("base model", "photos", "split", "class images", "settings")
 DIR_MODE, FILE_MODE = 0o700, 0o600
 _CHUNK = 8 << 20
+# Settings added after FORMAT_VERSION 2 -> their default: left out of the fingerprint while at it, so a state written
+# before the setting existed still matches a run that leaves it alone (and one that sets it is another run)
+LATER_SETTINGS = {"conv_rank": 0, "conv_alpha": None}
 
 
 class StateMismatch(InputError):
@@ -179,7 +186,8 @@ def run_fingerprint(bundle, refs, config, class_images=None, model_source=None) 
     so covered by those two parts). Photo names and paths never enter a hash input."""
     ref = _image_digests(*refs.reference())
     prot = _image_digests(*refs.protect())
-    settings = config.to_dict()
+    settings = {k: v for k, v in config.to_dict().items()
+                if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
     s = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     s.update("\n".join(config.surrogates).encode())   # recogniser tokens with their paths: hashed, not stored
     if not config.prior_preservation:
@@ -311,3 +319,50 @@ def clear_state(directory) -> None:
             directory.rmdir()
         except OSError:          # not empty: a folder the user named holds other files
             pass
+
+
+@dataclass(frozen=True)
+class ResumeOptions:
+    """How a run keeps its state: ``directory`` (None: no state), ``resume`` (continue a saved state of the same run;
+    False deletes any), ``on_mismatch`` (see :func:`open_state`), ``model_source`` (the file or folder the model was
+    loaded from, hashed into the fingerprint) and ``stop_after`` (end after that iteration or round, keeping the
+    state: tests simulate an interruption with it)."""
+
+    directory: object = None
+    resume: bool = False
+    on_mismatch: str = "error"
+    model_source: object = None
+    stop_after: int | None = None
+
+    def stops_after(self, k: int) -> bool:
+        return self.stop_after is not None and k >= self.stop_after
+
+
+@dataclass
+class RunState:
+    """The resume state of one run in ``directory`` (None: the run keeps none). ``saved``: the state to continue,
+    read and checked by :func:`open_state` before any work; ``info``: what happened to an old state ({} or
+    {"discarded": why}; a run adds {"resumed_after": ...} when it continues one)."""
+
+    directory: object = None
+    fingerprint: dict | None = None
+    saved: dict | None = None
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, options: ResumeOptions, fingerprint: dict) -> "RunState":
+        saved, info = open_state(options.directory, options.resume, fingerprint, options.on_mismatch)
+        return cls(options.directory, fingerprint, saved, info)
+
+    @property
+    def kept(self) -> bool:
+        """Whether the run keeps a state at all (it was given a folder)."""
+        return self.directory is not None
+
+    def save(self, **state) -> None:
+        """Write ``state`` with the run's fingerprint (:func:`save_state`: private folder, atomic)."""
+        save_state(self.directory, {"fingerprint": self.fingerprint, **state})
+
+    def clear(self) -> None:
+        if self.kept:
+            clear_state(self.directory)

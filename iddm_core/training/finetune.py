@@ -8,10 +8,10 @@ owned by the trainer, so ``train(x, 3); train(x, 3)`` equals ``train(x, 6)`` and
 LoRA on CPU. The loss follows diffusers' ``train_dreambooth_lora.py``: MSE to the noise (epsilon models) or to
 the velocity (v-prediction), plus ``prior_loss_weight`` times the same loss on class images.
 
-SDXL: every UNet call (training, prior preservation, sampling, and PGD's in pgd.py) takes its conditioning from
-:func:`sdxl_conditioning` through :func:`unet_conditioning` (both encoders' penultimate hidden states, the pooled
-text embedding, size/crop ids at the training resolution); ``train_text_encoder`` trains the LoRA that
-lora.add_lora puts on both encoders. SD 1/2 calls are unchanged.
+How it runs (precision, activation checkpointing) is the run's diffusion.runtime.Runtime. The conditioning of
+every UNet call comes from conditioning.py (SDXL: both encoders, pooled embedding, size ids; ``train_text_encoder``
+trains the LoRA that lora.add_lora puts on both encoders), image latents from latents.py, class images from
+sampling.py.
 """
 from __future__ import annotations
 
@@ -25,11 +25,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.grad_checkpoint import activation_checkpointing, check_setting
+from ..diffusion.precision import MODES
+from ..diffusion.runtime import Runtime
 from ..errors import InputError
 from ..events import Emitter, Event, report_setup
-from ..diffusion.grad_checkpoint import activation_checkpointing, check_setting, use_checkpointing
+from .conditioning import cat_conditioning, is_sdxl, sdxl_conditioning, unet_conditioning
+from .latents import Posterior, encode_posterior
 from .lora import LoraSpec, add_lora, get_lora_state, lora_disabled, lora_parameters, set_lora_state
-from ..diffusion.precision import MODES, precision_for
+from .sampling import generate_images
 
 
 @dataclass
@@ -61,184 +65,7 @@ class FinetuneConfig:
             raise InputError(f"resolution must be a multiple of 8 (got {self.resolution})")
 
 
-# ---------------------------------------------------------------- small pure helpers
-
-def is_sdxl(bundle) -> bool:
-    return getattr(bundle, "text_encoder_2", None) is not None
-
-
-@dataclass(frozen=True)
-class SDXLConditioning:
-    """What the SDXL UNet is conditioned on, one row per prompt:
-
-    - ``context`` ``[N, 77, D1 + D2]``: the penultimate hidden states of both text encoders, concatenated;
-    - ``text_embeds`` ``[N, P]``: the pooled, projected embedding of ``text_encoder_2``;
-    - ``time_ids`` ``[N, 6]``: original size (h, w), crop top-left (0, 0), target size (h, w), all the resolution.
-
-    It answers the few tensor operations the SD1 code applies to its hidden-state tensor (``shape``, row indexing,
-    ``expand`` of one row, ``to`` / ``float`` / ``detach`` / ``clone``), so that code takes either unchanged;
-    :func:`unet_conditioning` turns either into the UNet's keyword arguments.
-    """
-
-    context: torch.Tensor
-    text_embeds: torch.Tensor
-    time_ids: torch.Tensor
-
-    def _map(self, fn) -> "SDXLConditioning":
-        return SDXLConditioning(fn(self.context), fn(self.text_embeds), fn(self.time_ids))
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.context.shape
-
-    def __len__(self) -> int:
-        return int(self.context.shape[0])
-
-    def __getitem__(self, rows) -> "SDXLConditioning":
-        return self._map(lambda t: t[rows])
-
-    def expand(self, n: int, *_) -> "SDXLConditioning":
-        """Rows repeated to ``n`` (a view, like ``Tensor.expand``); the other sizes stay."""
-        return self._map(lambda t: t.expand(n, *t.shape[1:]))
-
-    def to(self, *args, **kwargs) -> "SDXLConditioning":
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def float(self) -> "SDXLConditioning":
-        return self._map(lambda t: t.float())
-
-    def detach(self) -> "SDXLConditioning":
-        return self._map(lambda t: t.detach())
-
-    def clone(self) -> "SDXLConditioning":
-        return self._map(lambda t: t.clone())
-
-    def unconditional(self) -> "SDXLConditioning":
-        """The negative of classifier-free guidance for an empty negative prompt: zero text (context and pooled
-        embedding), the same size conditioning (as StableDiffusionXLPipeline's force_zeros_for_empty_prompt)."""
-        return SDXLConditioning(torch.zeros_like(self.context), torch.zeros_like(self.text_embeds), self.time_ids)
-
-
-def sdxl_time_ids(resolution: int, n: int, device=None) -> torch.Tensor:
-    """SDXL's micro-conditioning ``[n, 6]`` for square training images: original size = target size =
-    ``resolution``, crop top-left (0, 0) (photos are resized whole, never cropped at random)."""
-    r = float(resolution)
-    return torch.tensor([[r, r, 0.0, 0.0, r, r]], device=device).expand(n, 6).clone()
-
-
-def sdxl_conditioning(bundle, prompts: list[str], resolution: Optional[int] = None) -> SDXLConditioning:
-    """The SDXL conditioning of ``prompts`` at ``resolution`` (default: the model's): both encoders' penultimate
-    hidden states, text_encoder_2's pooled projection, and the size/crop ids. The only place it is built."""
-    def encode(tokenizer, encoder):
-        tok = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt")
-        return encoder(tok.input_ids.to(bundle.device), output_hidden_states=True)
-
-    out_1 = encode(bundle.tokenizer, bundle.text_encoder)
-    out_2 = encode(bundle.tokenizer_2, bundle.text_encoder_2)
-    context = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-    time_ids = sdxl_time_ids(resolution or bundle.resolution, len(prompts), bundle.device).to(context.dtype)
-    return SDXLConditioning(context, out_2.text_embeds, time_ids)
-
-
-def encode_prompts(bundle, prompts: list[str], resolution: Optional[int] = None):
-    """CLIP hidden states ``[len(prompts), 77, D]`` (padded to the tokenizer's max length, as SD expects); for
-    SDXL an :class:`SDXLConditioning` (``resolution``, default the model's, sets its size conditioning)."""
-    if is_sdxl(bundle):
-        return sdxl_conditioning(bundle, prompts, resolution)
-    tok = bundle.tokenizer(prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-    return bundle.text_encoder(tok.input_ids.to(bundle.device))[0]
-
-
-def cat_conditioning(parts: list):
-    """Rows of several conditionings (hidden-state tensors or :class:`SDXLConditioning`) in one."""
-    if isinstance(parts[0], SDXLConditioning):
-        return SDXLConditioning(*(torch.cat([getattr(p, f) for p in parts])
-                                  for f in ("context", "text_embeds", "time_ids")))
-    return torch.cat(parts)
-
-
-def unet_conditioning(cond, dtype) -> dict:
-    """Keyword arguments of ``bundle.unet(...)`` for a conditioning, cast to the UNet's ``dtype``: SD 1/2 get
-    ``encoder_hidden_states``; SDXL also ``added_cond_kwargs`` (pooled text embedding and time ids)."""
-    if isinstance(cond, SDXLConditioning):
-        cond = cond.to(dtype)
-        return {"encoder_hidden_states": cond.context,
-                "added_cond_kwargs": {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}}
-    return {"encoder_hidden_states": cond.to(dtype)}
-
-
-@dataclass(frozen=True)
-class Posterior:
-    """VAE posterior (mean, std) of a fixed image set, unscaled, float32: computed once, sampled every step."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.mean.shape[0])
-
-
-def vae_posterior(bundle, images: torch.Tensor):
-    """(mean, std) of the VAE posterior of ``images`` in [0, 1], float32, differentiable."""
-    vae = bundle.vae
-    dist = vae.encode((images * 2 - 1).to(bundle.device, next(vae.parameters()).dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
-
-
-@torch.no_grad()
-def encode_posterior(bundle, images: torch.Tensor, chunk: int = 4) -> Posterior:
-    """Posterior of ``images`` in [0, 1], a few images at a time (the encoder's activations are large)."""
-    parts = [vae_posterior(bundle, c) for c in images.split(chunk)]
-    return Posterior(torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts]))
-
-
-@torch.no_grad()
-def generate_images(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
-                    resolution: Optional[int] = None, batch: int = 4,
-                    on_step: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """Sample ``n`` images ``[n, 3, H, W]`` in [0, 1] from the bundle with deterministic DDIM (eta = 0) and
-    classifier-free guidance. Runs whatever adapters are active: wrap in :func:`lora_disabled` for the base.
-    ``on_step(done, total)``: after every sampler step of every batch (may raise to stop)."""
-    return torch.cat(list(generate_image_batches(bundle, prompt, n, seed, steps, guidance_scale, resolution, batch,
-                                                 on_step)))
-
-
-def generate_image_batches(bundle, prompt: str, n: int, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
-                           resolution: Optional[int] = None, batch: int = 4,
-                           on_step: Optional[Callable[[int, int], None]] = None):
-    """:func:`generate_images` one batch at a time (``[m, 3, H, W]`` each; one noise stream for all), so a caller
-    can report progress and cancel between batches; ``on_step(done, total)`` is called after every sampler step
-    (``total`` = batches x steps) and may raise to stop within one UNet call."""
-    from diffusers import DDIMScheduler
-
-    res = resolution or bundle.resolution
-    sched = DDIMScheduler.from_config(bundle.noise_scheduler.config)
-    sched.set_timesteps(steps)
-    gen = torch.Generator().manual_seed(seed)
-    cond = encode_prompts(bundle, [prompt], res).float()
-    uncond = cond.unconditional() if isinstance(cond, SDXLConditioning) else encode_prompts(bundle, [""]).float()
-    dtype = next(bundle.unet.parameters()).dtype
-    size = res // bundle.vae_scale_factor
-    done, total = 0, -(-n // batch) * len(sched.timesteps)
-    for start in range(0, n, batch):
-        m = min(batch, n - start)
-        latents = torch.randn((m, bundle.unet.config.in_channels, size, size), generator=gen)
-        latents = latents.to(bundle.device) * sched.init_noise_sigma
-        ctx = unet_conditioning(cat_conditioning([uncond.expand(m, -1, -1), cond.expand(m, -1, -1)]), dtype)
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(torch.cat([latents] * 2), t).to(dtype)
-            pred_u, pred_c = bundle.unet(inp, t, **ctx).sample.float().chunk(2)
-            pred = pred_u + guidance_scale * (pred_c - pred_u)
-            latents = sched.step(pred, t, latents).prev_sample
-            done += 1
-            if on_step is not None:
-                on_step(done, total)
-        vae_dtype = next(bundle.vae.parameters()).dtype
-        decoded = bundle.vae.decode((latents / bundle.scaling_factor).to(vae_dtype)).sample.float()
-        yield ((decoded + 1) / 2).clamp(0, 1).cpu()
-
+# ---------------------------------------------------------------- inputs
 
 def class_cache_key(title: str, prompt: str, n: int, resolution: int, seed: int, steps: int) -> str:
     """File-name-safe key for cached class images (hashed: the title and prompt are not echoed to disk)."""
@@ -274,12 +101,13 @@ class DreamBoothTrainer:
     ``class_images``: a tensor ``[M, 3, H, W]`` in [0, 1], a folder of images, or None to sample
     ``config.num_class_images`` from the base model once (cached on disk under ``class_cache_dir`` if given).
     ``callback(Event)``: setup events while class images are made (after every sampler step; it may raise to
-    cancel, and then nothing is cached).
+    cancel, and then nothing is cached). ``runtime``: the run's diffusion.runtime.Runtime (default: decided from
+    ``config.mixed_precision`` / ``config.gradient_checkpointing`` and the bundle's device).
     """
 
     def __init__(self, bundle, lora_spec: LoraSpec, config: FinetuneConfig | None = None,
                  class_images: torch.Tensor | str | None = None, class_cache_dir=None,
-                 callback: Optional[Callable[[Event], None]] = None):
+                 callback: Optional[Callable[[Event], None]] = None, runtime: Runtime | None = None):
         xl = is_sdxl(bundle)
         self.bundle, self.spec = bundle, lora_spec
         self.config = config = config or FinetuneConfig()
@@ -290,9 +118,8 @@ class DreamBoothTrainer:
             self.params = add_lora(bundle, lora_spec, seed=config.seed)
             self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.precision = precision_for(self.device, config.mixed_precision)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scales_loss else None
-        self.checkpointing = use_checkpointing(config.gradient_checkpointing, self.device)
+        self.runtime = runtime or Runtime.for_settings(config, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.runtime.precision.scales_loss else None
         self.skipped_steps = 0           # optimiser steps skipped because the gradient was not finite
         self.input_ids = bundle.tokenizer(
             [config.instance_prompt, config.class_prompt], padding="max_length", truncation=True,
@@ -351,7 +178,7 @@ class DreamBoothTrainer:
         change between bursts (the references Xc, the class images) is encoded once per run, not once per step."""
         if isinstance(images, Posterior):
             return images
-        with torch.inference_mode(False), self.precision.vae():
+        with torch.inference_mode(False), self.runtime.precision.vae():
             x = check_images(images, self.resolution).to(self.device)
             return encode_posterior(self.bundle, x)
 
@@ -423,7 +250,7 @@ class DreamBoothTrainer:
                           generator=self.generator).to(self.device)
         noisy = sched.add_noise(latents, noise, t)
         target = sched.get_velocity(latents, noise, t) if bundle.prediction_type == "v_prediction" else noise
-        with self.precision.autocast():
+        with self.runtime.precision.autocast():
             te_cond = self._text_conditioning(self.config.batch_size, latents.shape[0] - self.config.batch_size)
             cond = te_cond if te_cond is not None else cond
             unet_dtype = next(p for p in bundle.unet.parameters() if not p.requires_grad).dtype
@@ -499,7 +326,7 @@ class DreamBoothTrainer:
                     te.train()
                 trained += encoders
             try:
-                with activation_checkpointing(*trained, enabled=self.checkpointing):
+                with activation_checkpointing(*trained, enabled=self.runtime.checkpointing):
                     yield
             finally:
                 for m, mode in zip((unet, *encoders), modes):

@@ -144,7 +144,7 @@ def _find_checkpoint(title: str):
 
 
 def resolve_checkpoint(choice: str) -> str:
-    """A dropdown choice -> the path for ``iddm_core.diffusion.models.load_model`` (or ``"demo"``)."""
+    """A dropdown choice -> the path for ``iddm_core.diffusion.loading.load_model`` (or ``"demo"``)."""
     from iddm_core.errors import InputError, ModelError
 
     if choice == DEMO_CHOICE:

@@ -14,43 +14,18 @@ personalises: the base model has only seen the other identities and non-face ima
 """
 from __future__ import annotations
 
-from pathlib import Path
+# where the shipped files lie is the diffusion side's to know (the loaders read them); the demo package trains them
+from ...diffusion.builtin import (ASSET_DIR, ASSET_DIR_V2, DEMO_TITLE, DEMO_V2_TITLE, TOKENIZER_DIR,  # noqa: F401
+                                  WEIGHTS_NAME, weights_path)
 
-DEMO_TITLE = "demo"
 DEMO_RESOLUTION = 128
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
-# demo model v2 (issue 26): trained on a GPU on the congress portraits too; ships here once trained
-DEMO_V2_TITLE = "demo-v2"
-ASSET_DIR_V2 = ASSET_DIR.parent / "demo_model_v2"
-WEIGHTS_NAME = "demo.safetensors"
-TOKENIZER_DIR = "tokenizer"
 
 
-def weights_path(folder: Path | None = None) -> Path:
-    return (folder or ASSET_DIR) / WEIGHTS_NAME
+def __getattr__(name: str):
+    """``load_demo_bundle`` / ``load_demo_v2_bundle`` live in diffusion.loading (they need torch and diffusers, which
+    importing this package does not); they are still found here, as in iddm_core 0.2."""
+    if name in ("load_demo_bundle", "load_demo_v2_bundle"):
+        from ...diffusion import loading
 
-
-def load_demo_bundle(folder: Path | None = None, title: str = DEMO_TITLE):
-    """The shipped demo model as a float32 CPU :class:`~iddm_core.diffusion.models.ModelBundle` (title ``demo``): the
-    single-file loader copies the fp16 weights into float32 modules in eval mode."""
-    from ...errors import ModelError
-    from ...diffusion.models import load_single_file
-
-    folder = Path(folder or ASSET_DIR)
-    path = weights_path(folder)
-    if not path.is_file():
-        raise ModelError(f"demo model weights missing: {path} (rebuild with `python -m iddm_core.demo.model train`)")
-    bundle = load_single_file(path, kind="sd1", tokenizer=folder / TOKENIZER_DIR)
-    bundle.title = title
-    return bundle
-
-
-def load_demo_v2_bundle(folder: Path | None = None):
-    """Demo model v2 (``iddm_core/assets/demo_model_v2/``, title ``demo-v2``), as :func:`load_demo_bundle`."""
-    from ...errors import ModelError
-
-    folder = Path(folder or ASSET_DIR_V2)
-    if not weights_path(folder).is_file():
-        raise ModelError(f"demo model v2 weights missing: {weights_path(folder)} (train them with "
-                         f"tools/gpu_train_demo_v2.sh, see docs/DESIGN.md)")
-    return load_demo_bundle(folder, title=DEMO_V2_TITLE)
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

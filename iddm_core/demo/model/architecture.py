@@ -17,7 +17,7 @@ force_offline()
 
 import torch  # noqa: E402
 
-from ...diffusion.models import ZERO_TERMINAL_SNR  # noqa: E402
+from ...diffusion.kinds import ZERO_TERMINAL_SNR  # noqa: E402
 from ...diffusion.tiny import SCHEDULER_CONFIG, _text_config, build_tiny_tokenizer  # noqa: E402
 from ...diffusion.tiny import UNET_CONFIG as TINY_UNET_CONFIG, VAE_CONFIG as TINY_VAE_CONFIG  # noqa: E402
 from . import DEMO_RESOLUTION, DEMO_TITLE  # noqa: E402
@@ -88,8 +88,8 @@ def build_scheduler(v_zero_snr: bool = True):
 
 
 def assemble(unet, vae, text_encoder, tokenizer):
-    """A :class:`~iddm_core.diffusion.models.ModelBundle` of trained parts (SD1 kind with v-prediction, title ``demo``)."""
-    from ...diffusion.models import ModelBundle
+    """A :class:`~iddm_core.diffusion.bundle.ModelBundle` of trained parts (SD1 kind with v-prediction, title ``demo``)."""
+    from ...diffusion.bundle import ModelBundle
 
     return ModelBundle(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                        noise_scheduler=build_scheduler(), kind="sd1", prediction_type="v_prediction",

@@ -241,21 +241,10 @@ def read_identity_list(path=None) -> list[str]:
     return ids
 
 
-def prepare_crops(faces_dir, out_dir, test_ids=(), detector=None, size: int = CROP_SIZE,
-                  margin: float = CROP_MARGIN, quality: int = 93, overwrite: bool = False, progress=None) -> dict:
-    """Write ``out_dir/<id>/<n>.jpg`` (``size`` px, JPEG) for every photo of ``faces_dir/<id>/`` in which dlib finds
-    a face (the largest), skipping ``test_ids`` entirely, plus ``manifest.json``: the crops, the framing, the
-    counts, and the detected boxes of the public-domain training faces (so training needs no detector)."""
-    import json
-
-    from PIL import Image
-
-    from ...atomic import atomic_write, write_text_atomic
+def _identity_folders(faces_dir: Path, out_dir: Path, size: int, overwrite: bool) -> list[Path]:
+    """The identity folders of ``faces_dir``, or an InputError naming the option at fault."""
     from ...errors import InputError
-    from ...images import load_rgb
-    from ...protection.refs import DEFAULT_CROP_FACTOR
 
-    faces_dir, out_dir = Path(faces_dir), Path(out_dir)
     if not faces_dir.is_dir():
         raise InputError(f"--faces: {faces_dir} is not a folder")
     folders = sorted(p for p in faces_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -268,6 +257,55 @@ def prepare_crops(faces_dir, out_dir, test_ids=(), detector=None, size: int = CR
         raise InputError(f"--out: {out_dir} is not empty (pass --overwrite to replace its crops)")
     if not 64 <= size <= 512:
         raise InputError(f"--size must be 64..512, got {size}")
+    return folders
+
+
+def _crop_identity(folder: Path, out_dir: Path, detector, size: int, margin: float, quality: int):
+    """Write the face crops of one identity folder: (manifest entries, "id/photo" names without a face)."""
+    from PIL import Image
+
+    from ...atomic import atomic_write
+    from ...images import load_rgb
+    from ...protection.refs import DEFAULT_CROP_FACTOR
+
+    entries, no_face = [], []
+    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _PHOTO_SUFFIXES)
+    for photo in photos:
+        rgb = load_rgb(photo)
+        faces = detector.detect(rgb)
+        if not faces:
+            no_face.append(f"{folder.name}/{photo.name}")
+            continue
+        face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+        x0, y0, x1, y1 = face.box
+        side = DEFAULT_CROP_FACTOR * max(x1 - x0, y1 - y0) * margin
+        cx, cy = face.landmarks.mean(axis=0)
+        big = int(round(side))
+        crop = edge_crop(rgb, int(round(cx - big / 2)), int(round(cy - big / 2)), big)
+        img = Image.fromarray(crop).resize((size, size), Image.LANCZOS)
+        rel = f"{folder.name}/{len(entries)}.jpg"
+        (out_dir / folder.name).mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / rel, lambda tmp: img.save(tmp, format="JPEG", quality=quality), overwrite=True)
+        entries.append({"identity": folder.name, "file": rel, "source": photo.name,
+                        "face_px": round(float(max(x1 - x0, y1 - y0)), 1), "score": round(float(face.score), 3)})
+    return entries, no_face
+
+
+# 9 parameters: the `prepare` command's options (corpus, output, held-out identities, framing, JPEG quality),
+# each with a default, plus the detector and progress hooks the tests replace.
+def prepare_crops(faces_dir, out_dir, test_ids=(), detector=None, size: int = CROP_SIZE,
+                  margin: float = CROP_MARGIN, quality: int = 93, overwrite: bool = False, progress=None) -> dict:
+    """Write ``out_dir/<id>/<n>.jpg`` (``size`` px, JPEG) for every photo of ``faces_dir/<id>/`` in which dlib finds
+    a face (the largest), skipping ``test_ids`` entirely, plus ``manifest.json``: the crops, the framing, the
+    counts, and the detected boxes of the public-domain training faces (so training needs no detector)."""
+    import json
+
+    from ...atomic import write_text_atomic
+    from ...errors import InputError
+    from ...protection.refs import DEFAULT_CROP_FACTOR
+
+    faces_dir, out_dir = Path(faces_dir), Path(out_dir)
+    folders = _identity_folders(faces_dir, out_dir, size, overwrite)
     test_ids = set(test_ids)
     if detector is None:
         from ...face.detect import get_detector
@@ -281,27 +319,9 @@ def prepare_crops(faces_dir, out_dir, test_ids=(), detector=None, size: int = CR
         if folder.name in test_ids:
             skipped += 1
             continue
-        photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _PHOTO_SUFFIXES)
-        n = 0
-        for photo in photos:
-            rgb = load_rgb(photo)
-            faces = detector.detect(rgb)
-            if not faces:
-                no_face.append(f"{folder.name}/{photo.name}")
-                continue
-            face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-            x0, y0, x1, y1 = face.box
-            side = DEFAULT_CROP_FACTOR * max(x1 - x0, y1 - y0) * margin
-            cx, cy = face.landmarks.mean(axis=0)
-            big = int(round(side))
-            crop = edge_crop(rgb, int(round(cx - big / 2)), int(round(cy - big / 2)), big)
-            img = Image.fromarray(crop).resize((size, size), Image.LANCZOS)
-            rel = f"{folder.name}/{n}.jpg"
-            (out_dir / folder.name).mkdir(parents=True, exist_ok=True)
-            atomic_write(out_dir / rel, lambda tmp: img.save(tmp, format="JPEG", quality=quality), overwrite=True)
-            entries.append({"identity": folder.name, "file": rel, "source": photo.name,
-                            "face_px": round(float(max(x1 - x0, y1 - y0)), 1), "score": round(float(face.score), 3)})
-            n += 1
+        found, faceless = _crop_identity(folder, out_dir, detector, size, margin, quality)
+        entries += found
+        no_face += faceless
     if not entries:
         raise InputError(f"--faces: no face found in any photo of {faces_dir}")
     public = {}

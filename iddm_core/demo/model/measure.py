@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...evaluation.evaluate import _uint8 as uint8_images  # noqa: F401  (uint8 H x W x 3 arrays of a [N, 3, H, W] batch)
+from ...evaluation.faces import uint8_images
 from .data import FACE_DIR, HELD_OUT
 
 IDENTITIES = {"demo person": HELD_OUT, "biden": ("biden.jpg",), "astronaut": ("astronaut.jpg",)}
 ONE_STEP_TIMESTEPS = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800)
 KEEP_DISTANCE = 0.5
 DENOISE_TIMESTEPS = (10, 50, 100, 200, 400)    # where the denoising error is compared
-
-
 
 
 def native_distance(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -62,7 +60,7 @@ def latent_shape(bundle, images: torch.Tensor) -> tuple:
 @torch.no_grad()
 def one_step_predictions(bundle, images: torch.Tensor, t: int, seed: int, prompt: str) -> torch.Tensor:
     """x0_hat of each image at timestep t: the decoded one-step clean prediction PGD's Stage II scores."""
-    from ...training.finetune import encode_prompts
+    from ...training.conditioning import encode_prompts
     from ...protection.pgd import Noise, predict_clean_image
 
     gen = torch.Generator().manual_seed(seed)
@@ -81,7 +79,7 @@ def denoising_error(bundle, images: torch.Tensor, t: int, seed: int, prompt: str
     of ``images`` at timestep ``t``, latents at the posterior mean, averaged over
     ``draws`` noise draws. Predicting zero scores about 1.0: above that the model does not denoise these images, it pulls
     them elsewhere."""
-    from ...training.finetune import encode_prompts
+    from ...training.conditioning import encode_prompts
     from ...protection.pgd import Noise, rec_loss
 
     gen = torch.Generator().manual_seed(seed)
@@ -97,7 +95,8 @@ def denoising_error(bundle, images: torch.Tensor, t: int, seed: int, prompt: str
 
 def identity_prototypes(recognizer, detector) -> dict[str, torch.Tensor]:
     """Prototype embedding (pipeline dlib recogniser) of every identity, from its whole photos."""
-    from ...evaluation.evaluate import embed_photos, prototype
+    from ...evaluation.faces import embed_photos
+    from ...evaluation.metrics import prototype
     from ...images import load_rgb
 
     return {who: prototype(embed_photos(recognizer, [load_rgb(FACE_DIR / n) for n in files], detector))
@@ -130,7 +129,8 @@ def identity_scores(images: torch.Tensor, protos: dict, recognizer, detector=Non
                     scan=None):
     """FSR, ISM per identity and linked share of ``images``; faces found by ``detector``, or given as ``scan``
     (an ``evaluate.scan_faces`` result of these images, so several judges share one detection pass)."""
-    from ...evaluation.evaluate import cosine_to, embed, scan_faces
+    from ...evaluation.faces import embed, scan_faces
+    from ...evaluation.metrics import cosine_to
 
     scan = scan if scan is not None else scan_faces(images, detector)
     fsr = sum(scan.found) / len(scan.found)
@@ -168,7 +168,7 @@ def full_dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, prompt:
     (``pgd.rec_loss``: epsilon or v target, uniform timesteps), batch = all images, AdamW. Changes ``bundle.unet``
     in place. Not the pack's product path (that is the DreamBooth-*LoRA* of ``finetune``): the demo model's LoRA
     is too small to learn a new face (docs/DESIGN.md), its whole UNet is not."""
-    from ...training.finetune import encode_prompts
+    from ...training.conditioning import encode_prompts
     from ...protection.pgd import Noise, rec_loss
 
     unet = bundle.unet.train()
@@ -192,13 +192,14 @@ def full_dreambooth(bundle, images: torch.Tensor, steps: int, lr: float, prompt:
 def protection_effect(args, protos: dict, sample_detector) -> None:
     """Item 5: the demo's IDDM run, then a full-UNet DreamBooth on the clean photos (Xc + X0) and on the protected
     ones (Xc + X'), each from the shipped model; samples scored by every judge in ``protos``."""
-    from ..story import demo_config, demo_photos
-    from ...evaluation.evaluate import psnr
+    from ...evaluation.metrics import psnr
+    from ..inputs import demo_config, demo_photos
     from ...face.detect import get_detector
-    from ...training.finetune import generate_images
+    from ...training.sampling import generate_images
     from ...protection.iddm import run_iddm
     from ...protection.refs import refs_from_photos
-    from . import ASSET_DIR, load_demo_bundle
+    from ...diffusion.builtin import ASSET_DIR
+    from ...diffusion.loading import load_demo_bundle
 
     base = load_demo_bundle(Path(args.model) if args.model else ASSET_DIR)
     config = demo_config().validate()
@@ -219,11 +220,13 @@ def protection_effect(args, protos: dict, sample_detector) -> None:
 
 
 def cmd_measure(args) -> int:
-    from ...evaluation.evaluate import psnr, sample_detector_name
+    from ...evaluation.faces import sample_detector_name
+    from ...evaluation.metrics import psnr
     from ...face.detect import get_detector
     from ...face.registry import load_recognizer, parse_surrogates
-    from ...training.finetune import generate_images
-    from . import ASSET_DIR, load_demo_bundle
+    from ...training.sampling import generate_images
+    from ...diffusion.builtin import ASSET_DIR
+    from ...diffusion.loading import load_demo_bundle
 
     t_start = time.time()
     torch.manual_seed(0)

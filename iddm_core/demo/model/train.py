@@ -271,6 +271,8 @@ def latent_pool(cfg: UNetTrainConfig, vae, corpus=None, chunk: int = 16):
     return mean, std, list(words)
 
 
+# 10 parameters: the phase's settings, the three frozen parts, the UNet and latent pool it starts from (each
+# built here when None) and the run's clock, precision and log interval, which the stages pass per phase.
 def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer, unet=None, pool=None, corpus=None,
                seconds: float | None = None, amp: bool = False, log_every: int = 100):
     """Train ``unet`` (default: a new one from the architecture) on the VAE latents of augmented face crops
@@ -278,7 +280,7 @@ def train_unet(cfg: UNetTrainConfig, vae, text_encoder, tokenizer, unet=None, po
     spent; ``amp``: bf16 autocast on CUDA."""
     from diffusers.training_utils import EMAModel
 
-    from ...training.finetune import encode_prompts
+    from ...training.conditioning import encode_prompts
     from .architecture import build_scheduler, build_unet, assemble
 
     torch.manual_seed(cfg.seed)
@@ -342,7 +344,7 @@ def export(bundle, folder: Path, overwrite: bool = True, data: dict | None = Non
     into the work folder), named in the README."""
     import copy
 
-    from ...diffusion.models import save_single_file
+    from ...diffusion.writing import save_single_file
     from ...diffusion.tiny import write_tiny_tokenizer
 
     folder = Path(folder)
