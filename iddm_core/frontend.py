@@ -244,7 +244,7 @@ def result_summary(file_name: str, report: dict, where: str = COMFY_LORA_PLACE) 
              f"rank={cfg.get('rank')} at {report.get('resolution')}px, "
              f"{report.get('n_reference')} reference + {report.get('n_protect')} protected photos"]
     sims = report.get("final_similarity") or {}
-    if sims:      # iddm._final_similarity: the recognisers on X' itself; the PGD steps' numbers are on x0_hat
+    if sims:      # iddm_report.final_similarity: the recognisers on X' itself; the PGD steps' numbers are on x0_hat
         lines.append("face similarity of the protected photos X' after the last iteration (mean cosine similarity "
                      "to your clean reference photos, per attacked recogniser; lower = harder to link to you): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in sims.items()))
