@@ -309,6 +309,8 @@ def cut_windows(x: torch.Tensor, side: int, corners) -> torch.Tensor:
 
 # ---- one gradient ---------------------------------------------------------------------------------------------
 
+# 11 parameters, private to pgd_two_stage's step: one micro-batch (x, landmarks, embeds, noise, window), its stage, and
+# the step's fixed parts (bundle, ensemble, config, precision, predict_clean), passed flat so the hot loop builds no object
 def _stage_loss(bundle, ensemble, x, landmarks, embeds, stage, noise, config, precision, predict_clean, window):
     """(loss to differentiate, loss value, ({recogniser: similarities [n]}, {recogniser: weights [n]})) for one
     micro-batch (both empty in Stage I)."""
