@@ -77,3 +77,22 @@ def test_transfer_bench_runs_with_dlib(tmp_path, faces_dir):
     assert "irse50 not installed" in proc.stdout and "| dlib |" in proc.stdout and "PSNR" in proc.stdout
     assert "obama" not in proc.stdout and "biden" not in proc.stdout     # photos are never named
     assert "obama" not in out.read_text()
+
+
+def test_iddm_train_and_batch_take_the_transfer_options():
+    """`iddm train` (and so every `iddm batch` job, whose settings are train's options) reaches PGDConfig.transfer;
+    off unless asked, so a default run and its resume fingerprint are those of 0.2; a bad value names itself."""
+    from iddm_core.batch.jobs import override_types
+    from iddm_core.cli import build_parser
+    from iddm_core.cli.iddm import config_from_args
+    from iddm_core.errors import InputError
+    from iddm_core.face.transfer import TransferOptions
+
+    base = ["train", "--refs", "x", "--out", "y.safetensors"]
+    assert config_from_args(build_parser().parse_args(base)).pgd.transfer == TransferOptions()
+    on = config_from_args(build_parser().parse_args(base + ["--momentum", "1", "--diversity", "0.5",
+                                                            "--samples", "2"]))
+    assert on.pgd.transfer == TransferOptions(momentum=1.0, diversity=0.5, samples=2)
+    with pytest.raises(InputError, match="diversity"):
+        config_from_args(build_parser().parse_args(base + ["--diversity", "2"]))
+    assert {"momentum", "diversity", "jitter", "smooth", "samples"} <= set(override_types())

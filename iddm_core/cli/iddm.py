@@ -23,6 +23,12 @@ def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated recognisers: dlib, arcface:PATH.onnx, irse50:PATH, ir152:PATH, "
                         "mobileface_zoo:PATH, facenet:PATH, mobileface:PATH.json, faceres:PATH.json "
                         "(default dlib)")
+    from ..face.transfer import TransferOptions
+    from .face import add_transfer_arguments
+
+    add_transfer_arguments(p.add_argument_group(
+        "Stage II transfer to unseen recognisers (face/transfer.py; off by default in IDDM, face-attack uses "
+        "--momentum 1 --diversity 0.5 --samples 2)"), TransferOptions())
     m = p.add_argument_group("speed and memory")
     m.add_argument("--gradient", choices=GRADIENTS, default=None,
                    help="PGD gradient: full (paper, default), sds (no UNet backward), face (Stage II on a window "
@@ -97,11 +103,13 @@ def register(sub) -> None:
 def config_from_args(args):
     from ..protection.iddm import IDDMConfig, preset_values
     from ..protection.pgd import PGDConfig
+    from .face import transfer_options
 
     fixed = preset_values(args.preset) if args.preset else {}
     rho = args.rho if args.rho is not None else fixed.get("rho", 0.1)
     gradient = args.gradient or fixed.get("gradient", "full")
-    pgd = PGDConfig(T=args.T, rho=rho, eta=args.eta, alpha=args.alpha, gradient=gradient, batch=args.pgd_batch)
+    pgd = PGDConfig(T=args.T, rho=rho, eta=args.eta, alpha=args.alpha, gradient=gradient, batch=args.pgd_batch,
+                    transfer=transfer_options(args))
     return IDDMConfig(K=args.K, pgd=pgd, tau=args.tau, surrogates=tuple(s.strip() for s in args.surrogates.split(",")
                                                                       if s.strip()),
                       ft_steps=args.ft_steps, rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr,
