@@ -239,7 +239,7 @@ def test_ctrl_c_leaves_every_job_resumable(tmp_path, ray_cluster, small_faces_di
     fired = []
     watcher = _interrupt_when_a_state_is_saved(state, fired)
     assert main(argv) == 130
-    watcher.join(timeout=5)
+    watcher.join(timeout=HANG_S)
     assert fired
     captured = capfd.readouterr()
     assert "run the same command again to continue" in captured.err

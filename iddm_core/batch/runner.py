@@ -29,6 +29,9 @@ BUILTIN_MODELS = ("tiny", "demo", "demo-v2")
 MARKER = ".iddm-batch"
 
 
+STOP_WAIT_S = 1800     # waiting for killed workers' jobs to end: a hang guard, not a time limit
+
+
 def import_ray():
     """``ray``, or an InputError naming the optional extra that brings it."""
     try:
@@ -216,7 +219,8 @@ class Scheduler:
 
     def _stop_actors(self) -> None:
         """Kill every actor (not asked: a running job may be mid-iteration; its last saved state is whole), then
-        wait (10 s at most) until their running jobs have ended, so no worker writes after the batch returns."""
+        wait until their running jobs have ended, so no worker writes after the batch returns (killed actors end at
+        once; STOP_WAIT_S only stops a hang, and a second Ctrl-C ends the wait)."""
         refs = list(self.inflight)
         for actor in self.actors:
             try:
@@ -225,7 +229,7 @@ class Scheduler:
                 pass
         if refs:
             try:
-                self.ray.wait(refs, num_returns=len(refs), timeout=10)
+                self.ray.wait(refs, num_returns=len(refs), timeout=STOP_WAIT_S)
             except Exception:  # noqa: BLE001 - best effort
                 pass
         self.inflight.clear()

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..face.attack import DLIB_MATCH_THRESHOLD
+from ..face.ensemble import CALIBRATION, UNCALIBRATED
 
 # ------------------------------------------------------------------------------------------- match rules
 
@@ -27,9 +28,10 @@ from ..face.attack import DLIB_MATCH_THRESHOLD
 # raw descriptors <= 0.6, sits at the same place (its 1 %-false-accept distance there is 0.610), and it is the rule
 # dlib's matches are decided by (MATCH_RULES); dlib's cosine threshold stays the level its similarity bars are drawn
 # against. ArcFace-family models (arcface, glintr100, irse50, ir152, mobileface_zoo, facenet) are not installable
-# here and keep the common 0.4.
-MATCH_THRESHOLDS = {"dlib": 0.911, "faceres": 0.615, "mobileface": 0.379, "faceres-deep": 0.784}
-DEFAULT_MATCH_THRESHOLD = 0.4
+# here and keep the common 0.4. The numbers are stated once, in face/ensemble.py's CALIBRATION (whose same/different
+# means the fair ensemble also uses).
+MATCH_THRESHOLDS = {name: cal.threshold for name, cal in CALIBRATION.items()}
+DEFAULT_MATCH_THRESHOLD = UNCALIBRATED.threshold
 
 
 def match_threshold(name: str) -> float:

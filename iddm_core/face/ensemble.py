@@ -57,7 +57,7 @@ class Calibration:
         return self.same - self.different
 
 
-# docs/evaluation.md, "Match thresholds, calibrated" (the thresholds are evaluation.judges.MATCH_THRESHOLDS).
+# docs/evaluation.md, "Match thresholds, calibrated"; evaluation.judges.MATCH_THRESHOLDS is read from here.
 CALIBRATION = {"dlib": Calibration(0.911, 0.964, 0.839),
                "faceres": Calibration(0.615, 0.771, 0.430),
                "mobileface": Calibration(0.379, 0.571, 0.086),
