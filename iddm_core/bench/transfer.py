@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--judges", default="all", help="comma-separated recognisers that judge (default: all installed)")
     p.add_argument("--eta", type=float, default=0.08, help="L_inf budget (default 0.08)")
     p.add_argument("--alpha", type=float, default=None, help="step size (default 2.5 eta / steps: reaches eta)")
+    p.add_argument("--psnr", type=float, default=None,
+                   help="also keep the face box, and the rest of the photo, each at PSNR >= this many dB (L2 "
+                        "balls, L2-PGD steps); default: L_inf budget only")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"attack steps (default {DEFAULT_STEPS})")
     p.add_argument("--tau", type=float, default=0.03, help="ensemble softmax temperature (default 0.03)")
     p.add_argument("--scale", default="calibrated", choices=("calibrated", "cosine"),
@@ -232,6 +235,7 @@ def attack_set(loss_fn, trials: dict, detector, args, transfer, device) -> Prote
 
     from ..evaluation.metrics import psnr, ssim
     from ..face.attack import face_attack
+    from ..face.budget import box_regions
 
     out, first, last, own, quality = [], [], [], [], []
     for f in trials.values():
@@ -241,8 +245,9 @@ def attack_set(loss_fn, trials: dict, detector, args, transfer, device) -> Prote
         refs = probe if mirror_face is None else torch.cat([probe, mirror])
         ref_lm = lm if mirror_face is None else torch.cat([lm, _landmarks([mirror_face]).to(lm.dtype)])
         loss_fn.set_references(refs.to(device), ref_lm.to(device))
+        regions = box_regions([f.found[2].box], *probe.shape[-2:]) if args.psnr is not None else None
         result = face_attack(probe.to(device), lm.to(device), loss_fn, args.eta, args.alpha, args.steps,
-                             transfer=transfer)
+                             transfer=transfer, psnr=args.psnr, regions=regions)
         x = quantize(result.image).cpu()
         rows, cols = box_slices(f.found[2].box, probe.shape[-1])
         a, b = x[..., rows, cols], probe[..., rows, cols]
@@ -285,7 +290,9 @@ def _weights(w: dict) -> str:
 
 def format_tables(settings: dict, levels: dict, cells: list[Cell], protected: dict) -> str:
     judges = list(levels)
-    lines = [f"face attack: eta {settings['eta']}, alpha {settings['alpha']:.4g}, {settings['steps']} steps, tau "
+    budget = f"eta {settings['eta']}, alpha {settings['alpha']:.4g}" if settings.get("psnr") is None else \
+        f"eta {settings['eta']} and face-box PSNR >= {settings['psnr']:g} dB (L2-PGD)"
+    lines = [f"face attack: {budget}, {settings['steps']} steps, tau "
              f"{settings['tau']} ({settings['scale']} scale), transfer options: {settings['transfer']}",
              f"{settings['trials']} trials (references: one photo of the person + its mirror; probe: another photo), "
              f"{settings['resolution']} px crops; every judge detects the face again on the saved probe",
@@ -333,9 +340,11 @@ def cmd_transfer(args) -> int:
     from ..errors import InputError
     from ..evaluation.faces import gallery_layout
     from ..face.attack import check_budget, step_size
+    from ..face.budget import check_psnr
     from ..face.detect import get_detector
 
     check_budget(args.eta, args.alpha, args.steps)
+    check_psnr(args.psnr)
     transfer = transfer_options(args)
     if args.identities < 0:
         raise InputError(f"--identities must be >= 0 (0 = all), got {args.identities}")
@@ -365,7 +374,8 @@ def cmd_transfer(args) -> int:
                               verified_share(after, lv["threshold"]), sum(a is None for a in after), j not in sset))
         print(f"set {'+'.join(sset)} done", flush=True)
 
-    settings = {"eta": args.eta, "alpha": step_size(args.eta, args.steps, args.alpha), "steps": args.steps,
+    settings = {"eta": args.eta, "alpha": step_size(args.eta, args.steps, args.alpha), "psnr": args.psnr,
+                "steps": args.steps,
                 "tau": args.tau, "scale": args.scale, "transfer": transfer.text(), "transfer_options": asdict(transfer),
                 "resolution": args.resolution, "trials": len(trials)}
     print(format_tables(settings, levels, cells, protected))

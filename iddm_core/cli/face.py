@@ -28,6 +28,9 @@ def register(sub) -> None:
     a.add_argument("--alpha", type=float, default=None,
                    help="step size (default 2.5 eta / steps: the steps reach the edge of the budget)")
     a.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"attack steps (default {DEFAULT_STEPS})")
+    a.add_argument("--psnr", type=float, default=None, metavar="DB",
+                   help="also keep the face box, and the rest of the photo, each at PSNR >= DB (L2 balls; "
+                        "L2-PGD steps); default: the L_inf budget alone")
     a.add_argument("--tau", type=float, default=0.03, help="softmax temperature of the ensemble weights")
     add_transfer_arguments(a, DEFAULT_TRANSFER)
     a.add_argument("--max-side", type=int, default=0, help="downscale the photo to this longest side first (0: keep)")
@@ -112,6 +115,17 @@ def _downscale(rgb, max_side: int):
     return np.array(Image.fromarray(rgb).resize(size, Image.LANCZOS))
 
 
+def _box_psnr(a, b, box):
+    """PSNR (dB) of two uint8 photos inside a detector box (None where they are equal there)."""
+    import numpy as np
+
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    y0, x0 = max(0, y0), max(0, x0)
+    diff = a[y0:y1, x0:x1].astype(np.float64) - b[y0:y1, x0:x1].astype(np.float64)
+    mse = float(np.mean(diff ** 2)) / 255.0 ** 2
+    return None if mse == 0 else 10 * float(np.log10(1 / mse))
+
+
 def run_attack(args) -> int:
     import numpy as np
     import torch
@@ -121,12 +135,14 @@ def run_attack(args) -> int:
     from ._common import ConsoleProgress, pick_device
     from ..face.attack import (DLIB_MATCH_THRESHOLD, check_budget, dlib_distance, dlib_prototype, face_attack,
                                step_size)
+    from ..face.budget import box_regions, check_psnr
     from ..face.detect import detect_one, get_detector
     from ..face.ensemble import FaceEnsembleLoss, build_references
     from ..face.registry import load_recognizer, parse_surrogates
     from ..images import load_folder, load_rgb, to_tensor, to_uint8
 
     check_budget(args.eta, args.alpha, args.steps)
+    check_psnr(args.psnr)
     transfer = transfer_options(args)
     if args.tau <= 0:
         raise InputError(f"--tau must be > 0, got {args.tau}")
@@ -148,14 +164,16 @@ def run_attack(args) -> int:
     loss_fn.set_references(ref_images.to(device), ref_landmarks.to(device))
     x0 = to_tensor(rgb)[None].to(device)
     landmarks = torch.from_numpy(face.points())[None].to(device)
+    regions = box_regions([face.box], *rgb.shape[:2]) if args.psnr is not None else None
     result = face_attack(x0, landmarks, loss_fn, args.eta, args.alpha, args.steps, callback=ConsoleProgress(),
-                         transfer=transfer)
+                         transfer=transfer, psnr=args.psnr, regions=regions)
 
     protected = to_uint8(result.image[0])
     linf_png = float(np.abs(protected.astype(np.int16) - rgb.astype(np.int16)).max()) / 255.0
     prototype = dlib_prototype([to_uint8(img) for img in ref_images])
     report = {
         "surrogates": loss_fn.names, "eta": args.eta, "alpha": step_size(args.eta, args.steps, args.alpha),
+        "psnr_floor": args.psnr, "face_box_psnr": _box_psnr(protected, rgb, face.box),
         "steps": args.steps, "tau": args.tau, "transfer": transfer.to_dict(),
         "width_height": [int(rgb.shape[1]), int(rgb.shape[0])], "references": len(photos),
         "history": result.history, "final": result.final, "linf_png": linf_png,
@@ -169,7 +187,8 @@ def run_attack(args) -> int:
         write_text_atomic(args.report, json.dumps(report, indent=2), overwrite=args.overwrite)
     before, after = report["dlib_distance_before"], report["dlib_distance_after"]
     print(f"dlib distance to the references: before {_fmt(before)}, after {_fmt(after)} "
-          f"(> {DLIB_MATCH_THRESHOLD} = not matched); L_inf after PNG {linf_png:.4f}", file=sys.stderr)
+          f"(> {DLIB_MATCH_THRESHOLD} = not matched); L_inf after PNG {linf_png:.4f}, face-box PSNR "
+          f"{report['face_box_psnr'] or float('inf'):.1f} dB", file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,9 @@ def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
                    help="share of Stage I (fidelity) PGD steps, in (0,1); default 0.1; smaller = more privacy")
     g.add_argument("--eta", type=float, default=0.08, help="L_inf budget, pixels in [0,1] (default 0.08)")
     g.add_argument("--alpha", type=float, default=0.008, help="PGD step size (default 0.008)")
+    g.add_argument("--psnr", type=float, default=None, metavar="DB",
+                   help="also keep every protected photo at PSNR >= DB against its clean original (an L2 ball; "
+                        "steps become normalised-gradient steps of alpha/eta of its radius); default: L_inf only")
     g.add_argument("--tau", type=float, default=0.03, help="ensemble softmax temperature (default 0.03)")
     g.add_argument("--surrogates", default="dlib",
                    help="comma-separated recognisers: dlib, arcface:PATH.onnx, irse50:PATH, ir152:PATH, "
@@ -109,7 +112,7 @@ def config_from_args(args):
     rho = args.rho if args.rho is not None else fixed.get("rho", 0.1)
     gradient = args.gradient or fixed.get("gradient", "full")
     pgd = PGDConfig(T=args.T, rho=rho, eta=args.eta, alpha=args.alpha, gradient=gradient, batch=args.pgd_batch,
-                    transfer=transfer_options(args))
+                    transfer=transfer_options(args), psnr=args.psnr)
     return IDDMConfig(K=args.K, pgd=pgd, tau=args.tau, surrogates=tuple(s.strip() for s in args.surrogates.split(",")
                                                                       if s.strip()),
                       ft_steps=args.ft_steps, rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr,

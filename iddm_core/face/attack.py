@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..events import Callback, Emitter
+from .budget import check_psnr, l2_pgd_step, l2_radius
 from .transfer import DEFAULT_STEPS, TransferOptions, draw, steer
 
 DLIB_MATCH_THRESHOLD = 0.6   # dlib's documented same-person threshold on descriptor distance
@@ -67,18 +68,29 @@ def _summary(out) -> dict:
 
 def face_attack(x0: torch.Tensor, landmarks: torch.Tensor, loss_fn, eta: float = 0.08, alpha: Optional[float] = None,
                 steps: int = DEFAULT_STEPS, callback: Optional[Callback] = None,
-                transfer: Optional[TransferOptions] = None) -> AttackResult:
+                transfer: Optional[TransferOptions] = None, psnr: Optional[float] = None,
+                regions: Optional[torch.Tensor] = None) -> AttackResult:
     """Minimise the identity loss of ``loss_fn`` (a FaceEnsembleLoss with references set) over
     x = clip01(x0 + delta), |delta|_inf <= eta, by ``steps`` sign-gradient steps of size ``alpha`` (default
     :func:`step_size`). ``transfer`` adds momentum, crop diversity, landmark jitter, gradient smoothing
     (face/transfer.py); its random draws come from a generator seeded 0 per image, so a run is repeatable.
+
+    With ``psnr`` (dB) the budget is also an L2 ball, PSNR >= ``psnr`` on each of ``regions`` ([N, R, H, W]
+    disjoint masks, e.g. :func:`~.budget.box_regions`: the face box and the rest of the photo; default the whole
+    image); pixels in no region stay as they are, and the steps are normalised-gradient (L2-PGD) steps of length
+    2.5 radius / steps (face/budget.py).
     Emits one ``pgd`` Event per step; the history records the similarities and ensemble weights per step."""
     check_budget(eta, alpha, steps)
+    check_psnr(psnr)
     alpha = step_size(eta, steps, alpha)
     transfer = (transfer or TransferOptions()).validate()
     x0 = x0.detach()
     landmarks = landmarks.to(x0.device)
     x = x0.clone()
+    if psnr is not None:
+        regions = (torch.ones_like(x0[:, :1]) if regions is None else regions).to(x0.device, x0.dtype)
+        radius = l2_radius(regions, x0.shape[1], psnr)
+        l2_step = 2.5 * radius.norm(dim=1) / steps
     gens = [torch.Generator().manual_seed(0) for _ in range(x0.shape[0])]
     velocity = torch.zeros_like(x0) if transfer.momentum > 0 else None
     emit = Emitter(callback, total=steps)
@@ -88,7 +100,11 @@ def face_attack(x0: torch.Tensor, landmarks: torch.Tensor, loss_fn, eta: float =
         with _autocast(x.device):
             out = loss_fn.identity_loss(x, landmarks, draw(transfer, gens, landmarks.shape[1]))
         (grad,) = torch.autograd.grad(out.loss, x)
-        x = sign_pgd_step(x0, x.detach(), steer(grad, transfer, velocity), alpha, eta)
+        direction = steer(grad, transfer, velocity)
+        if psnr is None:
+            x = sign_pgd_step(x0, x.detach(), direction, alpha, eta)
+        else:
+            x = l2_pgd_step(x0, x.detach(), direction, l2_step, eta, radius, regions)
         linf = float((x - x0).abs().max())
         record = {"t": t, **_summary(out), "linf": linf}
         history.append(record)

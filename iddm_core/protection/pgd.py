@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..face.attack import sign_pgd_step
+from ..face.budget import check_psnr, l2_pgd_step, l2_radius
 from ..face.transfer import Draws, TransferOptions, steer
 from ..face.transfer import draw as draw_transfer
 from ..training.conditioning import unet_conditioning
@@ -61,6 +62,9 @@ class PGDConfig:
     face_margin: int = 32   # face mode: pixels added around the recognisers' crops (VAE receptive field)
     # Stage II transfer options (momentum, crop diversity, landmark jitter, smoothing; face/transfer.py), all off
     transfer: TransferOptions = field(default_factory=TransferOptions)
+    # PSNR floor of X' against the clean photos, dB (None: the L_inf budget alone). Set, the budget is also an L2
+    # ball and every step is a normalised-gradient step of length alpha / eta of its radius (face/budget.py)
+    psnr: float | None = None
 
     def validate(self) -> "PGDConfig":
         if not isinstance(self.T, int) or self.T < 1:
@@ -82,6 +86,7 @@ class PGDConfig:
         if not isinstance(self.transfer, TransferOptions):
             raise InputError(f"transfer={self.transfer!r} must be a TransferOptions (face/transfer.py)")
         self.transfer.validate()
+        check_psnr(self.psnr)
         return self
 
     @property
@@ -382,6 +387,7 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
             windows[lo] = face_windows(support[lo:lo + config.batch], config.face_margin, window_multiple(bundle))
     scale = LossScale(precision.scales_loss)
     velocity = torch.zeros_like(x) if config.transfer.momentum > 0 else None     # MI-FGSM, Stage II steps only
+    radius = None if config.psnr is None else l2_radius(torch.ones_like(x[:, :1]), x.shape[1], config.psnr)
     with attacking(bundle, runtime.checkpointing):
         for t in range(1, config.T + 1):
             stage = config.stage(t)
@@ -413,7 +419,11 @@ def pgd_two_stage(bundle, ensemble, x0: torch.Tensor, landmarks: torch.Tensor, e
                     counts["skipped"] += 1
                 else:
                     grad = steer(grad, transfer, None if velocity is None else velocity[sl])
-                    x[sl] = sign_pgd_step(x0[sl], x[sl], grad, config.alpha, config.eta)
+                    if radius is None:
+                        x[sl] = sign_pgd_step(x0[sl], x[sl], grad, config.alpha, config.eta)
+                    else:
+                        x[sl] = l2_pgd_step(x0[sl], x[sl], grad, radius[sl] * (config.alpha / config.eta),
+                                            config.eta, radius[sl])
                 values.append(float(value) * (sl.stop - sl.start))
                 for into, got in zip((sims, weights), part_sims):
                     for name, v in got.items():

@@ -37,6 +37,7 @@ _CHUNK = 8 << 20
 # Settings added after FORMAT_VERSION 2 -> their default: left out of the fingerprint while at it, so a state written
 # before the setting existed still matches a run that leaves it alone (and one that sets it is another run)
 LATER_SETTINGS = {"conv_rank": 0, "conv_alpha": None}
+LATER_PGD_SETTINGS = {"psnr": None}
 
 
 class StateMismatch(InputError):
@@ -179,6 +180,12 @@ def _image_digests(images: torch.Tensor, landmarks: torch.Tensor) -> list[str]:
     return [tensor_digest(x.float(), lm.float()) for x, lm in zip(images, landmarks)]
 
 
+def _without_later_defaults(settings: dict, later: dict) -> dict:
+    """``settings`` without the settings added later while they keep their default (an older state still
+    resumes)."""
+    return {k: v for k, v in settings.items() if not (k in later and v == later[k])}
+
+
 def run_fingerprint(bundle, refs, config, class_images=None, model_source=None) -> dict:
     """{"parts": {part: hash}, "settings": config.to_dict()} of one IDDM run (see the module docstring).
 
@@ -186,8 +193,9 @@ def run_fingerprint(bundle, refs, config, class_images=None, model_source=None) 
     so covered by those two parts). Photo names and paths never enter a hash input."""
     ref = _image_digests(*refs.reference())
     prot = _image_digests(*refs.protect())
-    settings = {k: v for k, v in config.to_dict().items()
-                if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+    settings = _without_later_defaults(config.to_dict(), LATER_SETTINGS)
+    if isinstance(settings.get("pgd"), dict):
+        settings["pgd"] = _without_later_defaults(settings["pgd"], LATER_PGD_SETTINGS)
     s = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     s.update("\n".join(config.surrogates).encode())   # recogniser tokens with their paths: hashed, not stored
     if not config.prior_preservation:
