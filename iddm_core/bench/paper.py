@@ -41,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--K", type=int, default=2, help="IDDM outer iterations (default 2; paper 10)")
     p.add_argument("--T", type=int, default=4, help="PGD steps per iteration (default 4; paper 8)")
     p.add_argument("--ft-steps", type=int, default=5, help="fine-tune steps per burst (default 5; paper 40)")
+    p.add_argument("--conv-rank", type=int, default=0,
+                   help="LoCon for the no-defense and IDDM LoRAs: conv LoRA of this rank on the ResBlocks too "
+                        "(default 0: attention only)")
     p.add_argument("--train-resolution", type=int, default=None, help="training size (default: model's native)")
     p.add_argument("--num-class-images", type=int, default=2, help="prior-preservation class images (default 2)")
     p.add_argument("--no-prior", action="store_true", help="disable prior preservation (no class images)")
@@ -139,7 +142,8 @@ def train_baseline(bundle, refs, args, config) -> None:
     from ..training.finetune import DreamBoothTrainer, FinetuneConfig
     from ..training.lora import LoraSpec
 
-    spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha)
+    spec = LoraSpec(rank=config.rank, alpha=config.lora_alpha, conv_rank=config.conv_rank,
+                    conv_alpha=config.conv_alpha)
     ft = FinetuneConfig(lr=config.lr, seed=config.seed, resolution=refs.resolution,
                         prior_preservation=config.prior_preservation, num_class_images=config.num_class_images)
     trainer = DreamBoothTrainer(bundle, spec, ft)
@@ -152,7 +156,7 @@ def iddm_config(args, rho: float):
 
     return IDDMConfig(K=args.K, pgd=PGDConfig(T=args.T, rho=rho), ft_steps=args.ft_steps,
                       resolution=args.train_resolution, num_class_images=args.num_class_images,
-                      prior_preservation=not args.no_prior,
+                      prior_preservation=not args.no_prior, conv_rank=args.conv_rank,
                       surrogates=tuple(s for s in args.surrogates.split(",") if s.strip()) or ("dlib",),
                       seed=args.seed).validate()
 

@@ -7,8 +7,10 @@ sub-folder per identity, or a flat folder whose file names carry it: ``obama.jpg
 person) with at least two photos gives one trial: its first photo and that photo's mirror image are the
 *references* (what the stranger already has), its last photo is the one the person protects (the *probe*). Each
 photo is cropped around its face as the pipeline crops a user's photos. The probe is protected by the face attack
-(sign-PGD on the pixels: IDDM's Stage II loss without the diffusion model) against a prototype of the probe itself
-and its mirror (all the person needs), once per surrogate set, then rounded to 8 bits as it would be saved.
+(PGD on the pixels: IDDM's Stage II loss without the diffusion model; by default L2 steps under a 30 dB PSNR floor
+on the face box and on the rest, within eta) against a prototype of the probe itself and its mirror (all the person
+needs), once per surrogate set, then rounded to 8 bits as it would be saved. ``--skip N`` leaves out the first N
+identities, so settings chosen on some identities can be checked on the others.
 
 Each judge (every installed recogniser by default) then **detects the face again** on the saved probe (dlib's
 detector, as a judge would: not the clean landmarks the attack used), embeds it and compares it with the prototype
@@ -31,6 +33,7 @@ DEFAULT_SETS = "dlib;mobileface;dlib+mobileface;all"
 
 def register(sub) -> None:
     from ..cli.face import add_transfer_arguments
+    from ..face.budget import DEFAULT_PSNR
     from ..face.transfer import DEFAULT_STEPS, DEFAULT_TRANSFER
 
     p = sub.add_parser("transfer", help="face attack with each surrogate set, judged by every recogniser",
@@ -44,10 +47,13 @@ def register(sub) -> None:
                         f"(default {DEFAULT_SETS!r})")
     p.add_argument("--judges", default="all", help="comma-separated recognisers that judge (default: all installed)")
     p.add_argument("--eta", type=float, default=0.08, help="L_inf budget (default 0.08)")
-    p.add_argument("--alpha", type=float, default=None, help="step size (default 2.5 eta / steps: reaches eta)")
-    p.add_argument("--psnr", type=float, default=None,
-                   help="also keep the face box, and the rest of the photo, each at PSNR >= this many dB (L2 "
-                        "balls, L2-PGD steps); default: L_inf budget only")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="sign step size with --psnr 0 (default 2.5 eta / steps: reaches eta)")
+    p.add_argument("--psnr", type=float, default=DEFAULT_PSNR,
+                   help="keep the face box, and the rest of the photo, each at PSNR >= this many dB (L2 balls, "
+                        f"L2-PGD steps) inside the L_inf budget (default {DEFAULT_PSNR:g}; 0: L_inf sign-PGD alone)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N identities with two photos (e.g. those settings were chosen on)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"attack steps (default {DEFAULT_STEPS})")
     p.add_argument("--tau", type=float, default=0.03, help="ensemble softmax temperature (default 0.03)")
     p.add_argument("--scale", default="calibrated", choices=("calibrated", "cosine"),
@@ -89,9 +95,10 @@ def parse_sets(text: str, installed: list[str]) -> tuple[list[tuple[str, ...]], 
     return sets, notes
 
 
-def trials_of(layout: dict, limit: int = 0) -> list[str]:
-    """The identities with two photos or more, in folder order, the first ``limit`` of them (0: all)."""
-    paired = [who for who, files in layout.items() if len(files) >= 2]
+def trials_of(layout: dict, limit: int = 0, skip: int = 0) -> list[str]:
+    """The identities with two photos or more, in folder order, after the first ``skip``, the first ``limit`` of
+    them (0: all)."""
+    paired = [who for who, files in layout.items() if len(files) >= 2][skip:]
     return paired[:limit] if limit else paired
 
 
@@ -340,19 +347,21 @@ def cmd_transfer(args) -> int:
     from ..errors import InputError
     from ..evaluation.faces import gallery_layout
     from ..face.attack import check_budget, step_size
-    from ..face.budget import check_psnr
+    from ..face.budget import psnr_option
     from ..face.detect import get_detector
 
     check_budget(args.eta, args.alpha, args.steps)
-    check_psnr(args.psnr)
+    args.psnr = psnr_option(args.psnr, args.alpha)
     transfer = transfer_options(args)
     if args.identities < 0:
         raise InputError(f"--identities must be >= 0 (0 = all), got {args.identities}")
+    if args.skip < 0:
+        raise InputError(f"--skip must be >= 0, got {args.skip}")
     if args.out_json:
         check_writable(args.out_json, overwrite=True)
     models, sets, judges, notes, device = _load_models(args)
     layout = gallery_layout(args.photos)
-    paired = trials_of(layout, args.identities)
+    paired = trials_of(layout, args.identities, args.skip)
     detector = get_detector("dlib")
     trials = load_trials(layout, paired, args.resolution, detector)
     if not trials:
@@ -374,10 +383,11 @@ def cmd_transfer(args) -> int:
                               verified_share(after, lv["threshold"]), sum(a is None for a in after), j not in sset))
         print(f"set {'+'.join(sset)} done", flush=True)
 
-    settings = {"eta": args.eta, "alpha": step_size(args.eta, args.steps, args.alpha), "psnr": args.psnr,
+    alpha = step_size(args.eta, args.steps, args.alpha) if args.psnr is None else None   # L2 steps: no sign step
+    settings = {"eta": args.eta, "alpha": alpha, "psnr": args.psnr,
                 "steps": args.steps,
                 "tau": args.tau, "scale": args.scale, "transfer": transfer.text(), "transfer_options": asdict(transfer),
-                "resolution": args.resolution, "trials": len(trials)}
+                "resolution": args.resolution, "trials": len(trials), "skipped_identities": args.skip}
     print(format_tables(settings, levels, cells, protected))
     for note in notes:
         print(f"note: {note}")

@@ -1,4 +1,4 @@
-"""Face commands: ``face-attack`` (sign-PGD on one photo), ``face-embed`` (print a descriptor), ``face-models``.
+"""Face commands: ``face-attack`` (PGD on one photo), ``face-embed`` (print a descriptor), ``face-models``.
 
 Heavy imports (torch, dlib, the recognisers) happen inside the handlers so ``--help`` stays instant. Nothing
 printed or written here contains a photo's name or path.
@@ -18,19 +18,21 @@ def _add_model_dirs(p) -> None:
 
 
 def register(sub) -> None:
+    from ..face.budget import DEFAULT_PSNR
     from ..face.transfer import DEFAULT_STEPS, DEFAULT_TRANSFER
 
-    a = sub.add_parser("face-attack", help="protect one photo directly with sign-PGD against face recognisers")
+    a = sub.add_parser("face-attack", help="protect one photo directly with PGD against face recognisers")
     a.add_argument("--refs", required=True, metavar="DIR", help="folder of clean photos of the person")
     a.add_argument("--image", required=True, metavar="IMG", help="the photo to protect")
     a.add_argument("--surrogates", default="dlib", help="recognisers, e.g. 'dlib,irse50:/path/irse50.pth,arcface'")
     a.add_argument("--eta", type=float, default=0.08, help="L_inf budget in [0, 1] pixel scale")
     a.add_argument("--alpha", type=float, default=None,
-                   help="step size (default 2.5 eta / steps: the steps reach the edge of the budget)")
+                   help="sign step size with --psnr 0 (default 2.5 eta / steps: the steps reach the edge of the "
+                        "budget)")
     a.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"attack steps (default {DEFAULT_STEPS})")
-    a.add_argument("--psnr", type=float, default=None, metavar="DB",
-                   help="also keep the face box, and the rest of the photo, each at PSNR >= DB (L2 balls; "
-                        "L2-PGD steps); default: the L_inf budget alone")
+    a.add_argument("--psnr", type=float, default=DEFAULT_PSNR, metavar="DB",
+                   help="keep the face box, and the rest of the photo, each at PSNR >= DB (L2 balls, L2-PGD "
+                        f"steps) inside the L_inf budget (default {DEFAULT_PSNR:g}; 0: L_inf sign-PGD alone)")
     a.add_argument("--tau", type=float, default=0.03, help="softmax temperature of the ensemble weights")
     add_transfer_arguments(a, DEFAULT_TRANSFER)
     a.add_argument("--max-side", type=int, default=0, help="downscale the photo to this longest side first (0: keep)")
@@ -135,14 +137,14 @@ def run_attack(args) -> int:
     from ._common import ConsoleProgress, pick_device
     from ..face.attack import (DLIB_MATCH_THRESHOLD, check_budget, dlib_distance, dlib_prototype, face_attack,
                                step_size)
-    from ..face.budget import box_regions, check_psnr
+    from ..face.budget import box_regions, psnr_option
     from ..face.detect import detect_one, get_detector
     from ..face.ensemble import FaceEnsembleLoss, build_references
     from ..face.registry import load_recognizer, parse_surrogates
     from ..images import load_folder, load_rgb, to_tensor, to_uint8
 
     check_budget(args.eta, args.alpha, args.steps)
-    check_psnr(args.psnr)
+    args.psnr = psnr_option(args.psnr, args.alpha)
     transfer = transfer_options(args)
     if args.tau <= 0:
         raise InputError(f"--tau must be > 0, got {args.tau}")

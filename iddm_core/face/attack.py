@@ -1,8 +1,9 @@
-"""Direct face attack: sign-PGD on one photo's pixels against a FaceEnsembleLoss.
+"""Direct face attack: PGD on one photo's pixels against a FaceEnsembleLoss.
 
 This is IDDM's Stage II with the diffusion model taken out (the one-step prediction x0_hat is the perturbed
-image itself). It is useful on its own, to check a surrogate ensemble and a budget (eta, alpha, steps) on real
-photos in seconds, and :func:`sign_pgd_step` is the update the IDDM algorithm reuses.
+image itself). It is useful on its own, to check a surrogate ensemble and a budget (eta, alpha, steps, PSNR
+floor) on real photos in seconds, and :func:`sign_pgd_step` is the update the IDDM algorithm reuses. Under the
+L_inf budget alone the steps are sign steps; with a PSNR floor (face/budget.py) they are L2 steps.
 
 Landmarks are detected once on the clean photo and reused at every step: re-detecting on the perturbed image
 would let the attack move the crop instead of changing the face, and detectors are not differentiable. A judge

@@ -21,6 +21,18 @@ import torch
 from ..errors import InputError
 
 MIN_PSNR, MAX_PSNR = 10.0, 80.0
+DEFAULT_PSNR = 30.0     # face-attack and bench transfer (0 there: the L_inf budget alone); IDDM: off unless asked
+
+
+def psnr_option(value: Optional[float], alpha: Optional[float], flag: str = "--psnr") -> Optional[float]:
+    """A command line's PSNR floor: 0 -> None (off); checked; an explicit sign step (``alpha``) needs it off,
+    since with a floor the steps are L2 steps of 2.5 radius / steps."""
+    value = None if value is None or value == 0 else float(value)
+    check_psnr(value)
+    if value is not None and alpha:
+        raise InputError(f"--alpha is the L_inf sign step; with {flag} {value:g} the steps are L2 steps (2.5 x the "
+                         f"ball's radius / steps): leave --alpha out, or pass {flag} 0 for the L_inf attack")
+    return value
 
 
 def check_psnr(psnr: Optional[float]) -> None:
