@@ -84,9 +84,10 @@ class TransferOptions:
 # The face attack's defaults (``face-attack``, ``bench transfer``; IDDM keeps every option off), chosen by
 # ``bench transfer`` on the first 30 congress identities with faceres held out (docs/evaluation.md, "Transfer").
 # Under the L_inf budget alone momentum and crop diversity took faceres from 0.527 to 0.392, at face-box PSNR 23 dB.
-# Under the default PSNR floor (30 dB on the face box and on the rest, face/budget.py) momentum hurt (0.502 with,
-# 0.481 without, 50 steps, diversity 1, 4 draws) and smoothing hurt (0.531); every crop transformed with 4 draws over
-# 50 steps gave 0.450 (3 % verified) where 20 steps with momentum, diversity 0.5 and 2 draws gave 0.495 (7 %).
+# Under a 30 dB PSNR floor (face/budget.py) momentum hurt (face box only: 0.502 with, 0.481 without, 50 steps,
+# diversity 1, 4 draws) and smoothing hurt (0.531); with the floor on the face box and on the rest of the photo,
+# every crop transformed with 4 draws over 50 steps gave 0.450 (3 % verified) where 20 steps with momentum,
+# diversity 0.5 and 2 draws gave 0.495 (7 %); on the 105 identities after those 30, 0.449 (0 %, dlib+mobileface).
 DEFAULT_STEPS = 50
 DEFAULT_TRANSFER = TransferOptions(diversity=1.0, samples=4)
 
