@@ -43,3 +43,14 @@ def test_the_library_imports_no_host():
     host = re.compile(r"^\s*(from|import)\s+(comfy|folder_paths|server|nodes|modules|gradio)\b", re.M)
     hits = [str(p.relative_to(ROOT)) for p in (ROOT / "iddm_core").rglob("*.py") if host.search(p.read_text())]
     assert hits == []
+
+
+def test_only_the_commands_import_the_command_line():
+    """cli/ and bench/ are command layers over the library; the rest (batch included: a job's options are defined
+    in protection/options.py) never imports them."""
+    cli = re.compile(r"^\s*from\s+(\.\.?cli\b|iddm_core\.cli\b)|^\s*import\s+iddm_core\.cli\b", re.M)
+    lib = ROOT / "iddm_core"
+    commands = (lib / "cli", lib / "bench")
+    hits = [str(p.relative_to(ROOT)) for p in lib.rglob("*.py")
+            if not any(c in p.parents for c in commands) and p.name != "__main__.py" and cli.search(p.read_text())]
+    assert hits == []

@@ -54,15 +54,15 @@ _KIND_WORDS = {int: "an integer", float: "a number", _bool: "yes/no (1/0, true/f
 @functools.lru_cache(maxsize=1)
 def override_types() -> dict:
     """{setting: (convert, choices or None)}: what a csv column or iddm.json key may set. Every algorithm option of
-    `iddm train` (cli/iddm.py's ``_add_algorithm_args``, so a new option is a per-job setting too, by its
+    `iddm train` (protection/options.py's ``add_algorithm_args``, so a new option is a per-job setting too, by its
     argparse name: ``ft_steps``, ``no_prior``) converted as that option converts its value, plus
     :data:`MODEL_SETTINGS`."""
     import argparse
 
-    from ..cli.iddm import _add_algorithm_args
+    from ..protection.options import add_algorithm_args
 
     parser = argparse.ArgumentParser(add_help=False)
-    _add_algorithm_args(parser)
+    add_algorithm_args(parser)
     types = {name: (convert, None) for name, convert in MODEL_SETTINGS.items()}
     for action in parser._actions:
         if action.nargs == 0 and action.const is True:              # a store_true flag

@@ -75,7 +75,7 @@ def _absolute(settings: dict) -> dict:
 
 def _check_settings(job: Job, settings: dict) -> str | None:
     """The job's settings error (the message of `iddm train`'s own check), or None."""
-    from ..cli.iddm import config_from_args
+    from ..protection.options import config_from_args
 
     if job.error:
         return job.error

@@ -156,10 +156,9 @@ class JobRunner:
 
     def _run(self, spec: dict) -> dict:
         """``iddm train --resume`` (cli/iddm.py's cmd_train) for one job, minus its console output."""
-        from ..cli._common import pick_device
-        from ..cli.iddm import config_from_args
+        from ..protection.options import config_from_args
         from ..diffusion.fit import check_model_fits
-        from ..diffusion.runtime import Runtime
+        from ..diffusion.runtime import Runtime, pick_device
         from ..diffusion.validation import validate_model
         from ..protection.iddm import run_iddm
         from ..protection.refs import load_private_refs

@@ -32,7 +32,7 @@ DEFAULT_SETS = "dlib;mobileface;dlib+mobileface;all"
 
 
 def register(sub) -> None:
-    from ..cli.face import add_transfer_arguments
+    from ..protection.options import add_transfer_arguments
     from ..face.budget import DEFAULT_PSNR
     from ..face.transfer import DEFAULT_STEPS, DEFAULT_TRANSFER
 
@@ -343,7 +343,7 @@ def json_report(settings: dict, levels: dict, cells: list[Cell], protected: dict
 
 def cmd_transfer(args) -> int:
     from ..atomic import check_writable, write_text_atomic
-    from ..cli.face import transfer_options
+    from ..protection.options import transfer_options
     from ..errors import InputError
     from ..evaluation.faces import gallery_layout
     from ..face.attack import check_budget, step_size
@@ -410,7 +410,7 @@ def _ensemble(recognizers, args, device):
 
 def _load_models(args):
     """(models by name, surrogate sets, judge names, notes, device): every installed recogniser a set or judge needs."""
-    from ..cli._common import pick_device
+    from ..diffusion.runtime import pick_device
     from ..face.registry import default_search_dirs, discover, load_recognizer, parse_surrogates
 
     dirs = list(args.models_dir) + default_search_dirs()

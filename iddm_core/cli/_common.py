@@ -9,11 +9,9 @@ KIND_CHOICES = ("sd1", "sd2", "sd2v", "sdxl", "sdxl-v")
 
 
 def pick_device(name: str = "auto"):
-    import torch
+    from ..diffusion.runtime import pick_device as pick
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return pick(name)
 
 
 class ConsoleProgress:

@@ -9,6 +9,7 @@ import json
 import sys
 
 from ..errors import InputError
+from ..protection.options import add_transfer_arguments, transfer_options
 
 
 def _add_model_dirs(p) -> None:
@@ -74,28 +75,6 @@ def register(sub) -> None:
     i.add_argument("--force", action="store_true",
                    help="download and write the files again even when the right ones are already installed")
     i.set_defaults(func=run_install_faceres)
-
-
-def add_transfer_arguments(p, defaults) -> None:
-    """--momentum, --diversity, --jitter, --smooth, --samples (face/transfer.py): face-attack and bench transfer."""
-    p.add_argument("--momentum", type=float, default=defaults.momentum,
-                   help=f"MI-FGSM momentum decay, 0 = off (default {defaults.momentum:g})")
-    p.add_argument("--diversity", type=float, default=defaults.diversity,
-                   help="probability of a random zoom/shift/rotation/mirror of each aligned crop per draw, 0 = off "
-                        f"(default {defaults.diversity:g})")
-    p.add_argument("--jitter", type=float, default=defaults.jitter,
-                   help=f"landmark noise, share of the eye distance, 0 = off (default {defaults.jitter:g})")
-    p.add_argument("--smooth", type=float, default=defaults.smooth,
-                   help=f"Gaussian blur of the gradient in pixels (TI-FGSM), 0 = off (default {defaults.smooth:g})")
-    p.add_argument("--samples", type=int, default=defaults.samples,
-                   help=f"random draws per step, losses averaged (default {defaults.samples})")
-
-
-def transfer_options(args):
-    from ..face.transfer import TransferOptions
-
-    return TransferOptions(momentum=args.momentum, diversity=args.diversity, jitter=args.jitter,
-                           smooth=args.smooth, samples=args.samples).validate()
 
 
 def _search_dirs(dirs: list[str]) -> list[str]:

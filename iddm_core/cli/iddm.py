@@ -4,61 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..protection.options import add_algorithm_args as _add_algorithm_args
+from ..protection.options import config_from_args  # noqa: F401 (cmd_train below; tests)
 from ._common import KIND_CHOICES
-
-def _add_algorithm_args(p: argparse.ArgumentParser) -> None:
-    from ..protection.iddm import PRESET_HELP, PRESETS
-    from ..protection.pgd import GRADIENTS
-
-    g = p.add_argument_group("IDDM algorithm (paper defaults)")
-    g.add_argument("--K", type=int, default=10, help="outer iterations (default 10)")
-    g.add_argument("--T", type=int, default=8, help="PGD steps per iteration (default 8)")
-    g.add_argument("--preset", choices=list(PRESETS), help=PRESET_HELP + " (--rho / --gradient override it)")
-    g.add_argument("--rho", type=float, default=None,
-                   help="share of Stage I (fidelity) PGD steps, in (0,1); default 0.1; smaller = more privacy")
-    g.add_argument("--eta", type=float, default=0.08, help="L_inf budget, pixels in [0,1] (default 0.08)")
-    g.add_argument("--alpha", type=float, default=0.008, help="PGD step size (default 0.008)")
-    g.add_argument("--psnr", type=float, default=None, metavar="DB",
-                   help="also keep every protected photo at PSNR >= DB against its clean original (an L2 ball; "
-                        "steps become normalised-gradient steps of alpha/eta of its radius); default: L_inf only")
-    g.add_argument("--tau", type=float, default=0.03, help="ensemble softmax temperature (default 0.03)")
-    g.add_argument("--surrogates", default="dlib",
-                   help="comma-separated recognisers: dlib, arcface:PATH.onnx, irse50:PATH, ir152:PATH, "
-                        "mobileface_zoo:PATH, facenet:PATH, mobileface:PATH.json, faceres:PATH.json "
-                        "(default dlib)")
-    from ..face.transfer import TransferOptions
-    from .face import add_transfer_arguments
-
-    add_transfer_arguments(p.add_argument_group(
-        "Stage II transfer to unseen recognisers (face/transfer.py; off by default in IDDM, face-attack uses "
-        "--momentum 1 --diversity 0.5 --samples 2)"), TransferOptions())
-    m = p.add_argument_group("speed and memory")
-    m.add_argument("--gradient", choices=GRADIENTS, default=None,
-                   help="PGD gradient: full (paper, default), sds (no UNet backward), face (Stage II on a window "
-                        "around the face), fast (face + sds)")
-    m.add_argument("--pgd-batch", type=int, default=1,
-                   help="protected photos per PGD forward/backward pass (default 1 = least memory; same result)")
-    m.add_argument("--precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                   help="auto: bf16 on GPUs with compute capability >= 8.0, fp16 (loss-scaled, VAE in fp32) on "
-                        "older GPUs, fp32 on CPU; no = fp32 everywhere")
-    m.add_argument("--checkpointing", choices=["auto", "yes", "no"], default="auto",
-                   help="activation checkpointing of UNet and VAE (auto: on for CUDA): less memory, ~30%% slower")
-    f = p.add_argument_group("fine-tuning")
-    f.add_argument("--ft-steps", type=int, default=40, help="DreamBooth-LoRA steps per burst, 2 bursts per iteration")
-    f.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
-    f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank)")
-    f.add_argument("--conv-rank", type=int, default=0,
-                   help="LoCon: also put LoRA on the UNet's ResBlock and down/upsampler convolutions with this rank "
-                        "(kohya conv_dim; default 0 = off)")
-    f.add_argument("--conv-alpha", type=float, default=None, help="LoCon alpha (kohya conv_alpha; default = conv rank)")
-    f.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    f.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: model's native)")
-    f.add_argument("--seed", type=int, default=0, help="seed for split, noise and training (default 0)")
-    f.add_argument("--class-images", default=None, help="folder of class images for prior preservation "
-                                                        "(default: generated once by the base model and cached)")
-    f.add_argument("--num-class-images", type=int, default=8, help="class images to generate (default 8)")
-    f.add_argument("--no-prior", action="store_true", help="disable prior preservation")
-    f.add_argument("--train-text-encoder", action="store_true", help="also train text-encoder LoRA")
 
 
 def _add_io_args(p: argparse.ArgumentParser) -> None:
@@ -101,25 +49,6 @@ def register(sub) -> None:
                    help="folder for the two LoRAs, report.json and contact_sheet.png")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     d.set_defaults(func=cmd_demo)
-
-
-def config_from_args(args):
-    from ..protection.iddm import IDDMConfig, preset_values
-    from ..protection.pgd import PGDConfig
-    from .face import transfer_options
-
-    fixed = preset_values(args.preset) if args.preset else {}
-    rho = args.rho if args.rho is not None else fixed.get("rho", 0.1)
-    gradient = args.gradient or fixed.get("gradient", "full")
-    pgd = PGDConfig(T=args.T, rho=rho, eta=args.eta, alpha=args.alpha, gradient=gradient, batch=args.pgd_batch,
-                    transfer=transfer_options(args), psnr=args.psnr)
-    return IDDMConfig(K=args.K, pgd=pgd, tau=args.tau, surrogates=tuple(s.strip() for s in args.surrogates.split(",")
-                                                                      if s.strip()),
-                      ft_steps=args.ft_steps, rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr,
-                      resolution=args.resolution, seed=args.seed, prior_preservation=not args.no_prior,
-                      num_class_images=args.num_class_images, train_text_encoder=args.train_text_encoder,
-                      mixed_precision=args.precision, gradient_checkpointing=args.checkpointing,
-                      conv_rank=args.conv_rank, conv_alpha=args.conv_alpha).validate()
 
 
 def _split_list(text):

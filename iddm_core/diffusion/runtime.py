@@ -22,6 +22,13 @@ from .grad_checkpoint import use_checkpointing
 from .precision import FP32_CPU, Precision, choose_precision, cuda_capability, weight_dtypes
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The device a run computes on, its precision policy and whether activations are checkpointed."""
