@@ -132,3 +132,34 @@ def test_iddm_pgd_under_a_psnr_floor(one_thread):
     assert float(psnr(plain, x0).min()) < floor - 3       # the sign steps spend the L_inf box, not a PSNR
     with pytest.raises(InputError, match="psnr"):
         PGDConfig(psnr=1.0).validate()
+
+
+def test_resume_fingerprint_leaves_the_default_psnr_out():
+    """A resume state written before PGDConfig.psnr existed still matches a run without a floor; a floor is
+    another run."""
+    import dataclasses
+
+    from iddm_core.protection.iddm import IDDMConfig
+    from iddm_core.training import checkpoint as ckpt
+    from test_lora import build_tiny_bundle
+
+    class Refs:
+        def reference(self):
+            return torch.zeros(1, 3, 8, 8), torch.zeros(1, 5, 2)
+
+        protect = reference
+
+    class OldConfig(IDDMConfig):          # what to_dict gave before the floor existed
+        def to_dict(self):
+            d = super().to_dict()
+            d["pgd"] = {k: v for k, v in d["pgd"].items() if k != "psnr"}
+            return d
+
+    bundle = build_tiny_bundle(0)
+    old = ckpt.run_fingerprint(bundle, Refs(), OldConfig())
+    assert "psnr" in IDDMConfig().to_dict()["pgd"]
+    assert ckpt.run_fingerprint(bundle, Refs(), IDDMConfig()) == old
+    base = IDDMConfig()
+    floor = ckpt.run_fingerprint(bundle, Refs(), dataclasses.replace(base, pgd=dataclasses.replace(base.pgd,
+                                                                                                  psnr=30.0)))
+    assert floor["parts"]["settings"] != old["parts"]["settings"] and floor["settings"]["pgd"]["psnr"] == 30.0

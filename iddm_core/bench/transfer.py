@@ -32,9 +32,9 @@ DEFAULT_SETS = "dlib;mobileface;dlib+mobileface;all"
 
 
 def register(sub) -> None:
-    from ..protection.options import add_transfer_arguments
     from ..face.budget import DEFAULT_PSNR
     from ..face.transfer import DEFAULT_STEPS, DEFAULT_TRANSFER
+    from ..protection.options import add_transfer_arguments
 
     p = sub.add_parser("transfer", help="face attack with each surrogate set, judged by every recogniser",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,7 +298,7 @@ def _weights(w: dict) -> str:
 def format_tables(settings: dict, levels: dict, cells: list[Cell], protected: dict) -> str:
     judges = list(levels)
     budget = f"eta {settings['eta']}, alpha {settings['alpha']:.4g}" if settings.get("psnr") is None else \
-        f"eta {settings['eta']} and face-box PSNR >= {settings['psnr']:g} dB (L2-PGD)"
+        f"eta {settings['eta']} and PSNR >= {settings['psnr']:g} dB on the face box and on the rest (L2-PGD)"
     lines = [f"face attack: {budget}, {settings['steps']} steps, tau "
              f"{settings['tau']} ({settings['scale']} scale), transfer options: {settings['transfer']}",
              f"{settings['trials']} trials (references: one photo of the person + its mirror; probe: another photo), "
@@ -343,12 +343,12 @@ def json_report(settings: dict, levels: dict, cells: list[Cell], protected: dict
 
 def cmd_transfer(args) -> int:
     from ..atomic import check_writable, write_text_atomic
-    from ..protection.options import transfer_options
     from ..errors import InputError
     from ..evaluation.faces import gallery_layout
     from ..face.attack import check_budget, step_size
     from ..face.budget import psnr_option
     from ..face.detect import get_detector
+    from ..protection.options import transfer_options
 
     check_budget(args.eta, args.alpha, args.steps)
     args.psnr = psnr_option(args.psnr, args.alpha)

@@ -15,7 +15,7 @@ name jobs by id only, never by folder or photo name. Needs Ray: pip install -e '
 
 
 def register(sub) -> None:
-    from .iddm import _add_algorithm_args
+    from ..protection.options import add_algorithm_args
 
     p = sub.add_parser("batch", help="many identities: one IDDM LoRA each, on Ray (resumable per identity)",
                        description=DESCRIPTION)
@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--kind", choices=KIND_CHOICES, default=None, help="override model-kind detection")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (for single-file checkpoints)")
     p.add_argument("--n-reference", type=int, default=None, help="size of the reference set Xc (default: half)")
-    _add_algorithm_args(p)
+    add_algorithm_args(p)
     p.set_defaults(func=cmd_batch)
 
 

@@ -153,7 +153,8 @@ def run_attack(args) -> int:
     linf_png = float(np.abs(protected.astype(np.int16) - rgb.astype(np.int16)).max()) / 255.0
     prototype = dlib_prototype([to_uint8(img) for img in ref_images])
     report = {
-        "surrogates": loss_fn.names, "eta": args.eta, "alpha": step_size(args.eta, args.steps, args.alpha),
+        "surrogates": loss_fn.names, "eta": args.eta,
+        "alpha": step_size(args.eta, args.steps, args.alpha) if args.psnr is None else None,   # L2 steps: none
         "psnr_floor": args.psnr, "face_box_psnr": _box_psnr(protected, rgb, face.box),
         "steps": args.steps, "tau": args.tau, "transfer": transfer.to_dict(),
         "width_height": [int(rgb.shape[1]), int(rgb.shape[0])], "references": len(photos),

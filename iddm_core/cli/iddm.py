@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..protection.options import add_algorithm_args as _add_algorithm_args
+from ..protection.options import add_algorithm_args
 from ..protection.options import config_from_args  # noqa: F401 (cmd_train below; tests)
 from ._common import KIND_CHOICES
 
@@ -39,7 +39,7 @@ def register(sub) -> None:
                         "success")
     p.add_argument("--save-protected", default=None, help="also write the final protected images X' to this folder")
     _add_io_args(p)
-    _add_algorithm_args(p)
+    add_algorithm_args(p)
     p.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="no-defense LoRA vs IDDM LoRA on the embedded demo model (~1 min, CPU)",

@@ -1,4 +1,4 @@
-"""The perturbation budget of a pixel attack: an L_inf box, and optionally a PSNR floor on a region.
+"""The perturbation budget of a pixel attack: an L_inf box, and optionally a PSNR floor on one or more regions.
 
 Sign-PGD under |delta|_inf <= eta fills nearly every pixel it touches with +-eta: at eta 0.08 the face box ends at
 about 23 dB PSNR, and lowering eta until the box reaches 30 dB (eta ~0.04) spends the budget evenly on pixels that
@@ -8,9 +8,10 @@ Both constraints hold together. The floor can hold on several disjoint regions a
 face attack: the face box, and the rest of the photo), so a photo is never at a lower PSNR in any of them; pixels
 in no region are not changed.
 
-Projection onto the intersection is done in two exact-for-feasibility moves: clamp to the L_inf box, then scale
-the whole perturbation down into the L2 ball. Scaling keeps the box, and the final clip to [0, 1] only shrinks
-|delta| (x0 is in [0, 1]), so the result satisfies all three.
+Projection onto the intersection is done in two moves that keep every constraint (a feasible point, not the
+nearest one): clamp to the L_inf box, then scale each region's part of the perturbation down into its own ball.
+Scaling keeps the box, and the final clip to [0, 1] only shrinks |delta| (x0 is in [0, 1]), so the result
+satisfies all of them.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The IDDM algorithm's command-line options, defined once: `iddm train`, `iddm protect`'s shared ones, every
-`iddm batch` job's settings (parsed with these very definitions) and the benches read them from here.
+"""The IDDM algorithm's command-line options, defined once: `iddm train`, `iddm batch` (and every job's settings,
+parsed with these very definitions), and the transfer options of `face-attack` and `bench transfer`.
 
 Argparse definitions and the one function that turns parsed options into a validated :class:`~.iddm.IDDMConfig`.
 Nothing heavy is imported at module level, so ``--help`` stays instant.
